@@ -1,0 +1,25 @@
+"""Connect to a listener's backend: ``host:port`` or ``unix:/path``, under a timeout."""
+
+from __future__ import annotations
+
+import trio
+
+from proxy.config import TCPAddress, UnixAddress
+
+
+class BackendError(Exception):
+    """The backend could not be reached; the message says why, for the log."""
+
+
+async def connect_backend(address: TCPAddress | UnixAddress, timeout: float) -> trio.abc.HalfCloseableStream:
+    try:
+        with trio.fail_after(timeout):
+            if isinstance(address, UnixAddress):
+                return await trio.open_unix_socket(str(address.path))
+            # open_tcp_stream sets TCP_NODELAY: small writes go out at once.
+            return await trio.open_tcp_stream(address.host, address.port)
+    except trio.TooSlowError:
+        raise BackendError(f"connect to {address} timed out after {timeout:g}s") from None
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise BackendError(f"connect to {address} failed: {reason}") from None

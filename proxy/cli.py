@@ -1,0 +1,206 @@
+"""Command line: ``mtls-proxy run | check | demo | certs init``.
+
+Exit codes: 0 ok, 2 bad config or arguments (a message, never a traceback),
+1 runtime failure (for example a port already in use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import trio
+
+from proxy import config as cfg
+from proxy.config import Config, ConfigError
+from proxy.logs import setup_logging
+from proxy.materials import ListenerMaterials, load_all
+from proxy.server import ListenError, Proxy
+
+log = logging.getLogger("proxy.cli")
+
+EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
+
+
+def _error(message: str) -> None:
+    print(f"mtls-proxy: error: {message}", file=sys.stderr)
+
+
+def _load_checked(path: str) -> tuple[Config, tuple[ListenerMaterials, ...], Proxy]:
+    """Config, every file it names, and the TLS contexts: what run and check share."""
+    config = cfg.load(path)
+    materials = load_all(config, source=path)
+    # Building the proxy builds every TLS context, so settings OpenSSL
+    # refuses (a cipher string, say) are caught here too, before binding.
+    proxy = Proxy(config, materials)
+    return config, materials, proxy
+
+
+# ---- run ---------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from proxy.lifecycle import run_until_signalled
+
+    try:
+        config, materials, proxy = _load_checked(args.config)
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_CONFIG
+    setup_logging(config.log.level, config.log.format)
+    for i, mat in enumerate(materials):
+        for warning in mat.warnings:
+            log.warning("listeners[%d]: %s", i, warning)
+    proxy.drain_timeout = args.drain_timeout
+    try:
+        trio.run(run_until_signalled, proxy)
+    except ListenError as exc:
+        _error(str(exc))
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        return EXIT_RUNTIME
+    return EXIT_OK
+
+
+# ---- check -------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        config, materials, _ = _load_checked(args.config)
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_CONFIG
+    print(f"{args.config}: OK")
+    print(f"admin endpoint: http://{config.admin.listen}/metrics")
+    for listener, mat in zip(config.listeners, materials):
+        print(_describe_listener(listener, mat))
+    return EXIT_OK
+
+
+def _days_left(when: datetime) -> str:
+    days = (when - datetime.now(timezone.utc)).days
+    return f"expires {when:%Y-%m-%d}, in {days} days"
+
+
+def _describe_listener(listener: cfg.ListenerConfig, mat: ListenerMaterials) -> str:
+    auth = listener.client_auth
+    leaf = mat.server.leaf
+    lines = [
+        f"listener {listener.name}: {listener.listen} -> {listener.backend.address} ({listener.backend.protocol})",
+        f"  server certificate: {leaf.subject.rfc4514_string()} ({_days_left(leaf.not_valid_after_utc)})",
+        f"  TLS {listener.tls.min_version}..{listener.tls.max_version}",
+        f"  client auth: {auth.mode}",
+    ]
+    if auth.mode != "none":
+        lines.append(f"  trusted CAs: {len(mat.trusted_ca)}, verify depth {auth.verify_depth}")
+        lines.append("  CA names advertised in CertificateRequest:")
+        lines += [f"    - {ca.subject.rfc4514_string()}" for ca in mat.advertised_ca]
+        lines.append(f"  allow: {_describe_allow(auth.allow)}")
+    lines += [f"  warning: {w}" for w in mat.warnings]
+    return "\n".join(lines)
+
+
+def _describe_allow(allow: cfg.AllowConfig | None) -> str:
+    if allow is None:
+        return "any verified client"
+    rules = [
+        f"{name}={value}"
+        for name in ("subjects", "issuers", "common_names", "organizational_units", "dns_sans", "uri_sans",
+                     "sha256_fingerprints")
+        for value in getattr(allow, name)
+    ]
+    return "; ".join(rules)
+
+
+# ---- certs init --------------------------------------------------------------
+
+
+def cmd_certs_init(args: argparse.Namespace) -> int:
+    from proxy.pki import write_dev_pki
+
+    try:
+        pki = write_dev_pki(Path(args.dir), overwrite=args.force)
+    except FileExistsError as exc:
+        _error(f"{exc.filename} already exists (use --force to overwrite)")
+        return EXIT_CONFIG
+    except OSError as exc:
+        _error(f"cannot write {args.dir}: {exc.strerror or exc}")
+        return EXIT_RUNTIME
+    print(f"wrote a development PKI to {pki.dir}:")
+    for label, path in (
+        ("CA certificate (trust this)", pki.ca_cert),
+        ("CA key", pki.ca_key),
+        ("server certificate", pki.server_cert),
+        ("server key", pki.server_key),
+        ("client certificate", pki.client_cert),
+        ("client key", pki.client_key),
+    ):
+        print(f"  {label:28} {path}")
+    print("These are for development only: the keys are unencrypted.")
+    return EXIT_OK
+
+
+# ---- demo --------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from proxy.demo import run_demo
+
+    directory = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="mtls-proxy-demo-"))
+    setup_logging("info", "text")
+    try:
+        trio.run(run_demo, directory, args.port, args.admin_port)
+    except ListenError as exc:
+        _error(f"{exc} (pick other ports with --port / --admin-port)")
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if not args.dir:
+            shutil.rmtree(directory, ignore_errors=True)
+    return EXIT_OK
+
+
+# ---- main --------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mtls-proxy", description="An mTLS-terminating reverse proxy with Prometheus metrics."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="serve until SIGTERM/SIGINT (SIGHUP reloads certificates)")
+    run.add_argument("--config", required=True, metavar="FILE")
+    run.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                     help="how long open connections may finish after SIGTERM (default 30)")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check", help="validate the config and every file it names")
+    check.add_argument("--config", required=True, metavar="FILE")
+    check.set_defaults(func=cmd_check)
+
+    demo = sub.add_parser("demo", help="a throwaway PKI, a sample backend and the proxy on 127.0.0.1")
+    demo.add_argument("--port", type=int, default=8443, help="TLS port (default 8443; 0 = any free port)")
+    demo.add_argument("--admin-port", type=int, default=9090, help="admin port (default 9090; 0 = any free port)")
+    demo.add_argument("--dir", help="keep the demo PKI in this folder instead of a temporary one")
+    demo.set_defaults(func=cmd_demo)
+
+    certs = sub.add_parser("certs", help="development certificates")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True, metavar="SUBCOMMAND")
+    init = certs_sub.add_parser("init", help="write a dev PKI (CA, server cert for localhost, client cert)")
+    init.add_argument("dir", metavar="DIR")
+    init.add_argument("--force", action="store_true", help="overwrite existing files")
+    init.set_defaults(func=cmd_certs_init)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

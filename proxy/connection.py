@@ -1,0 +1,195 @@
+"""One client connection: handshake -> identify -> authorize -> connect -> pump -> close.
+
+Each phase has its own deadline: the handshake timeout covers accept to a
+verified, authorized client; the backend connect has its own timeout; the pump
+has the idle timeout. Whatever happens, the connection ends with both sockets
+closed, the gauges back where they were, and exactly one access-log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import trio
+from OpenSSL import SSL
+
+from proxy.backend import BackendError, connect_backend
+from proxy.config import ListenerConfig
+from proxy.identity import PeerIdentity, identity_from_cert
+from proxy.logs import ACCESS
+from proxy.metrics import ListenerMetrics
+from proxy.pump import pump
+from proxy.tls.classify import HandshakeFailure, classify
+from proxy.tls.context import HandshakeRecord, ServerTLS
+from proxy.tls.stream import TLSStream
+
+log = logging.getLogger("proxy.connection")
+
+# How long closing may take (sending close_notify to a client that does not
+# read): after this the socket is closed regardless.
+CLOSE_TIMEOUT = 1.0
+
+
+@dataclass
+class ListenerRuntime:
+    """What a listener's connections need; ``tls`` is swapped on reload."""
+
+    config: ListenerConfig
+    tls: ServerTLS
+    metrics: ListenerMetrics
+
+
+@dataclass
+class _Outcome:
+    """Everything the access-log line reports, filled in as phases pass."""
+
+    outcome: str = "ok"  # ok | handshake_failed | backend_failed | error
+    reason: str | None = None
+    detail: str | None = None
+    version: str | None = None
+    cipher: str | None = None
+    resumed: bool | None = None
+    alpn: str | None = None
+    identity: PeerIdentity | None = None
+    handshake_seconds: float | None = None
+    ended_by: str | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        addr = stream.socket.getpeername()
+    except OSError:
+        return "unknown"
+    if isinstance(addr, tuple):
+        host, port = addr[0], addr[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(addr) or "unix"
+
+
+async def handle_connection(transport: trio.SocketStream, rt: ListenerRuntime) -> None:
+    m = rt.metrics
+    started = trio.current_time()
+    client = _peer(transport)
+    tls = rt.tls  # the generation current at accept; a reload does not touch us
+    conn, record = tls.new_connection()
+    stream = TLSStream(transport, conn)
+    out = _Outcome()
+    m.connections.inc()
+    m.active.inc()
+    try:
+        await _serve(stream, record, tls, rt, out)
+    except Exception as exc:  # a bug: log it, never let it reach the server
+        out.outcome, out.reason, out.detail = "error", "other", f"{type(exc).__name__}: {exc}"
+        log.exception("connection from %s failed unexpectedly", client)
+    finally:
+        with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+            scope.shield = True  # closing must happen even when we are cancelled
+            await stream.aclose()
+        m.active.dec()
+        elapsed = trio.current_time() - started
+        m.connection_duration.observe(elapsed)
+        _log_access(rt.config.name, client, out, elapsed)
+
+
+async def _serve(stream: TLSStream, record: HandshakeRecord, tls: ServerTLS, rt: ListenerRuntime, out: _Outcome) -> None:
+    m = rt.metrics
+    cfg = rt.config
+    started = trio.current_time()
+    try:
+        with trio.fail_after(cfg.timeouts.handshake):
+            await stream.do_handshake()
+        failure = _authorize_resumed(stream, record, tls)
+    except Exception as exc:  # trio.Cancelled is not an Exception: shutdown passes through
+        failure = classify(exc, record, stream.first_bytes)
+    elapsed = trio.current_time() - started
+    out.handshake_seconds = elapsed
+    out.identity = record.identity or _rejected_identity(record)
+    if failure is not None:
+        out.outcome, out.reason, out.detail = "handshake_failed", failure.reason, failure.detail
+        m.handshake_failed(failure.reason, elapsed)
+        return
+
+    out.version, out.cipher, out.resumed, out.alpn = stream.version, stream.cipher, stream.resumed, stream.alpn_protocol
+    m.handshake_succeeded(
+        elapsed, version=out.version, cipher=out.cipher or "", resumed=out.resumed, presented=record.identity is not None
+    )
+
+    connect_started = trio.current_time()
+    try:
+        backend = await connect_backend(cfg.backend.address, cfg.backend.connect_timeout)
+    except BackendError as exc:
+        m.backend_failures.inc()
+        out.outcome, out.reason, out.detail = "backend_failed", "backend_connect", str(exc)
+        return
+    m.backend_connect_duration.observe(trio.current_time() - connect_started)
+
+    try:
+        result = await pump(stream, backend, idle_timeout=cfg.timeouts.idle, on_up=m.bytes_up.inc, on_down=m.bytes_down.inc)
+    finally:
+        with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+            scope.shield = True
+            await backend.aclose()
+    out.ended_by, out.bytes_up, out.bytes_down = result.ended_by, result.bytes_up, result.bytes_down
+
+
+def _authorize_resumed(stream: TLSStream, record: HandshakeRecord, tls: ServerTLS) -> HandshakeFailure | None:
+    """Fill in the identity of a resumed session, where no verification ran.
+
+    A resumed session was verified and authorized when it was first
+    established, under the same Context (a reload makes a new Context and new
+    ticket keys, so old sessions do not resume). The rules are applied again
+    anyway: it is cheap, and it keeps the identity in the log.
+    """
+    if record.identity is not None or tls.client_auth == "none":
+        return None
+    cert = stream.connection.get_peer_certificate(as_cryptography=True)
+    if cert is None:
+        return None  # optional mode, anonymous client
+    record.identity = identity_from_cert(cert)
+    record.decision = tls.policy.authorize(record.identity)
+    if not record.decision.allowed:
+        return HandshakeFailure("forbidden", "verified client certificate matches no allow rule")
+    return None
+
+
+def _rejected_identity(record: HandshakeRecord) -> PeerIdentity | None:
+    """The identity of a certificate that failed verification, for the log."""
+    if record.leaf is None:
+        return None
+    try:
+        return identity_from_cert(record.leaf)
+    except Exception:
+        return None
+
+
+def _log_access(listener: str, client: str, out: _Outcome, elapsed: float) -> None:
+    fields = {
+        "listener": listener,
+        "client": client,
+        "outcome": out.outcome,
+        "reason": out.reason,
+        "detail": out.detail,
+        "tls_version": out.version,
+        "cipher": out.cipher,
+        "resumed": out.resumed,
+        "alpn": out.alpn,
+    }
+    if out.identity is not None:
+        fields.update({f"client_{k}": v for k, v in out.identity.log_fields().items()})
+    fields.update(
+        {
+            "bytes_up": out.bytes_up,
+            "bytes_down": out.bytes_down,
+            "ended_by": out.ended_by,
+            "handshake_ms": None if out.handshake_seconds is None else round(out.handshake_seconds * 1000, 3),
+            "duration_ms": round(elapsed * 1000, 3),
+        }
+    )
+    fields = {k: v for k, v in fields.items() if v is not None}
+    level = logging.INFO if out.outcome == "ok" else logging.WARNING
+    ACCESS.log(level, "connection closed", extra={"fields": fields})

@@ -1,0 +1,53 @@
+"""Logging setup: one JSON object (or one key=value line) per record.
+
+The access log is the ``proxy.access`` logger: one record per connection,
+whose fields travel in ``extra={"fields": {...}}``. Other loggers carry plain
+messages and, where they absorb an error, the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+
+ACCESS = logging.getLogger("proxy.access")
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    return datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": _timestamp(record), "level": record.levelname.lower(), "logger": record.name,
+               "msg": record.getMessage()}
+        out.update(getattr(record, "fields", None) or {})
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, separators=(",", ":"))
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        parts = [_timestamp(record), record.levelname.lower(), record.name, record.getMessage()]
+        for key, value in (getattr(record, "fields", None) or {}).items():
+            if value is None or value == "":
+                continue
+            text = str(value)
+            parts.append(f"{key}={json.dumps(text) if (' ' in text or '=' in text or not text) else text}")
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup_logging(level: str = "info", fmt: str = "json", stream=None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())

@@ -1,0 +1,161 @@
+"""Every metric the proxy exports, defined in one place on an injected registry.
+
+The names and labels are a public contract (dashboards and alert rules use
+them; DESIGN.md section 4): extend, never rename. Tests build a fresh
+``CollectorRegistry`` each, so nothing here is global.
+
+Per-listener children are resolved once (``ListenerMetrics``), so the hot path
+does an attribute lookup and an ``inc()``, not a label lookup. Every failure
+reason is created at zero up front: ``rate()`` and alert rules then work from
+the first scrape, before the first failure of that kind.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from cryptography import x509
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from proxy.tls.classify import REASONS
+
+PREFIX = "mtls_proxy_"
+
+# Handshakes take ~1 ms on loopback and up to the handshake timeout (10 s by
+# default) when a client stalls.
+HANDSHAKE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+CONNECT_BUCKETS = HANDSHAKE_BUCKETS
+# Connections last from milliseconds (one request) to hours (streams).
+CONNECTION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0)
+
+
+class Metrics:
+    """The metric families, registered on ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        L = ("listener",)
+        self.handshakes = Counter(
+            PREFIX + "handshakes", "TLS handshakes by result (authorization included).", L + ("result",), registry=r
+        )
+        self.handshake_failures = Counter(
+            PREFIX + "handshake_failures", "Failed handshakes by reason.", L + ("reason",), registry=r
+        )
+        self.handshake_duration = Histogram(
+            PREFIX + "handshake_duration_seconds",
+            "Time from accept to a verified, authorized client (or to the failure).",
+            L + ("result",),
+            buckets=HANDSHAKE_BUCKETS,
+            registry=r,
+        )
+        self.tls_sessions = Counter(
+            PREFIX + "tls_sessions",
+            "Successful handshakes by negotiated version, cipher and resumption.",
+            L + ("version", "cipher", "resumed"),
+            registry=r,
+        )
+        self.client_certificates = Counter(
+            PREFIX + "client_certificates",
+            "Successful handshakes by whether the client presented a certificate.",
+            L + ("presented",),
+            registry=r,
+        )
+        self.active_connections = Gauge(
+            PREFIX + "active_connections", "Client connections currently open.", L, registry=r
+        )
+        self.connections = Counter(PREFIX + "connections", "Client connections accepted.", L, registry=r)
+        self.connection_duration = Histogram(
+            PREFIX + "connection_duration_seconds",
+            "Lifetime of client connections, accept to close.",
+            L,
+            buckets=CONNECTION_BUCKETS,
+            registry=r,
+        )
+        self.bytes = Counter(
+            PREFIX + "bytes", "Decrypted bytes forwarded, by direction.", L + ("direction",), registry=r
+        )
+        self.backend_connect_failures = Counter(
+            PREFIX + "backend_connect_failures", "Backend connections that failed or timed out.", L, registry=r
+        )
+        self.backend_connect_duration = Histogram(
+            PREFIX + "backend_connect_duration_seconds",
+            "Time to connect to the backend.",
+            L,
+            buckets=CONNECT_BUCKETS,
+            registry=r,
+        )
+        self.certificate_expiry = Gauge(
+            PREFIX + "certificate_expiry_timestamp_seconds",
+            "notAfter of the loaded server certificate and trusted CAs, as a Unix timestamp.",
+            L + ("role", "subject"),
+            registry=r,
+        )
+        self.reloads = Counter(PREFIX + "reloads", "Certificate and configuration reloads.", ("result",), registry=r)
+        for result in ("success", "failure"):
+            self.reloads.labels(result=result)
+
+    def for_listener(self, name: str) -> ListenerMetrics:
+        return ListenerMetrics(self, name)
+
+
+class ListenerMetrics:
+    """The children of one listener, resolved once."""
+
+    def __init__(self, metrics: Metrics, listener: str) -> None:
+        self.family = metrics
+        self.listener = listener
+        m = metrics
+        self.handshake_success = m.handshakes.labels(listener, "success")
+        self.handshake_failure = m.handshakes.labels(listener, "failure")
+        self.failures = {reason: m.handshake_failures.labels(listener, reason) for reason in REASONS}
+        self.handshake_duration_success = m.handshake_duration.labels(listener, "success")
+        self.handshake_duration_failure = m.handshake_duration.labels(listener, "failure")
+        self.cert_presented = m.client_certificates.labels(listener, "true")
+        self.cert_absent = m.client_certificates.labels(listener, "false")
+        self.active = m.active_connections.labels(listener)
+        self.connections = m.connections.labels(listener)
+        self.connection_duration = m.connection_duration.labels(listener)
+        self.bytes_up = m.bytes.labels(listener, "client_to_backend")
+        self.bytes_down = m.bytes.labels(listener, "backend_to_client")
+        self.backend_failures = m.backend_connect_failures.labels(listener)
+        self.backend_connect_duration = m.backend_connect_duration.labels(listener)
+        self._sessions: dict[tuple[str, str, bool], object] = {}
+
+    def handshake_failed(self, reason: str, seconds: float) -> None:
+        self.handshake_failure.inc()
+        self.failures[reason].inc()
+        self.handshake_duration_failure.observe(seconds)
+
+    def handshake_succeeded(self, seconds: float, *, version: str, cipher: str, resumed: bool, presented: bool) -> None:
+        self.handshake_success.inc()
+        self.handshake_duration_success.observe(seconds)
+        key = (version, cipher, resumed)
+        child = self._sessions.get(key)
+        if child is None:
+            child = self.family.tls_sessions.labels(self.listener, version, cipher, "true" if resumed else "false")
+            self._sessions[key] = child
+        child.inc()
+        (self.cert_presented if presented else self.cert_absent).inc()
+
+    def set_certificate_expiry(self, server_leaf: x509.Certificate, trusted_ca: tuple[x509.Certificate, ...]) -> None:
+        """Publish notAfter of the loaded material, replacing the previous set."""
+        gauge = self.family.certificate_expiry
+        for labels in list(_children_of(gauge, self.listener)):
+            gauge.remove(*labels)
+        gauge.labels(self.listener, "server", server_leaf.subject.rfc4514_string()).set(_ts(server_leaf.not_valid_after_utc))
+        for ca in trusted_ca:
+            gauge.labels(self.listener, "trusted_ca", ca.subject.rfc4514_string()).set(_ts(ca.not_valid_after_utc))
+
+
+def _ts(when: datetime) -> float:
+    return when.timestamp()
+
+
+def _children_of(gauge: Gauge, listener: str):
+    # prometheus_client keeps children in a private dict; collect() is the
+    # public way to enumerate them.
+    for family in gauge.collect():
+        for sample in family.samples:
+            if sample.labels.get("listener") == listener:
+                yield (sample.labels["listener"], sample.labels["role"], sample.labels["subject"])

@@ -1,0 +1,95 @@
+"""Copy bytes both ways between the client and the backend.
+
+Each direction is one task that reads a chunk and writes it before reading
+the next, so at most one chunk per direction is in memory and a slow reader
+slows its writer down (backpressure) instead of growing a buffer.
+
+Half-close: when one side ends its data (a TCP FIN, or close_notify on the
+TLS side), the other side gets ``send_eof()`` and the opposite direction keeps
+flowing until it ends too. A request/response protocol where the client
+half-closes after its request therefore still gets the whole response.
+
+The idle timeout is a cancel scope whose deadline moves forward on every
+chunk in either direction; when it expires the whole pump ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import trio
+
+CHUNK_SIZE = 64 * 1024
+
+
+@dataclass
+class PumpResult:
+    bytes_up: int = 0      # client -> backend
+    bytes_down: int = 0    # backend -> client
+    ended_by: str = "eof"  # eof | idle_timeout | client_error | backend_error
+
+
+class _Direction:
+    def __init__(self, name: str, src: trio.abc.ReceiveStream, dst: trio.abc.HalfCloseableStream,
+                 count: Callable[[int], None], error_label: tuple[str, str]) -> None:
+        self.name = name
+        self.src = src
+        self.dst = dst
+        self.count = count
+        self.total = 0
+        self.src_error, self.dst_error = error_label
+
+
+async def pump(
+    client: trio.abc.HalfCloseableStream,
+    backend: trio.abc.HalfCloseableStream,
+    *,
+    idle_timeout: float,
+    on_up: Callable[[int], None] = lambda n: None,
+    on_down: Callable[[int], None] = lambda n: None,
+) -> PumpResult:
+    """Relay until both directions have ended, one side breaks, or idle timeout."""
+    result = PumpResult()
+    up = _Direction("up", client, backend, on_up, ("client_error", "backend_error"))
+    down = _Direction("down", backend, client, on_down, ("backend_error", "client_error"))
+    with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as idle:
+        async with trio.open_nursery() as nursery:
+
+            async def copy(d: _Direction) -> None:
+                outcome = await _copy(d, idle, idle_timeout)
+                if outcome != "eof":
+                    # One side is broken: the other direction cannot finish
+                    # meaningfully, and the caller closes both streams.
+                    result.ended_by = outcome
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(copy, up)
+            nursery.start_soon(copy, down)
+    if idle.cancelled_caught:
+        result.ended_by = "idle_timeout"
+    result.bytes_up = up.total
+    result.bytes_down = down.total
+    return result
+
+
+async def _copy(d: _Direction, idle: trio.CancelScope, idle_timeout: float) -> str:
+    while True:
+        try:
+            data = await d.src.receive_some(CHUNK_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return d.src_error
+        if not data:
+            break
+        idle.deadline = trio.current_time() + idle_timeout
+        try:
+            await d.dst.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return d.dst_error
+        d.total += len(data)
+        d.count(len(data))
+    try:
+        await d.dst.send_eof()
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return d.dst_error
+    return "eof"

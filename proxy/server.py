@@ -1,0 +1,229 @@
+"""Listeners, the accept loops, the connection limit, and the proxy as a whole.
+
+Nurseries (habit 4 in STYLE.md, from hypercorn): the accept loops live in
+their own nursery, the connection handlers in another. Stopping cancels the
+accept loops only (new connections are refused once the sockets close), then
+gives the handlers a drain deadline. The admin endpoint lives outside both, so
+`/readyz` can say 503 during the drain.
+
+The accept loop never handshakes (habit 1): it only takes a connection slot,
+accepts, and starts a handler task. At ``max_connections`` it stops accepting
+(clients wait in the kernel's backlog) instead of accepting and failing.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from dataclasses import dataclass, field
+
+import trio
+
+from proxy.admin import admin_handler
+from proxy.config import Config, ConfigError
+from proxy.connection import ListenerRuntime, handle_connection
+from proxy.httpserver import serve_http
+from proxy.materials import ListenerMaterials, load_listener_materials
+from proxy.metrics import Metrics
+from proxy.tls.context import build_server_tls
+
+log = logging.getLogger("proxy.server")
+
+# Accept errors that mean "out of resources right now", as in trio's
+# serve_listeners: back off and retry instead of dying.
+ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+ACCEPT_BACKOFF_MIN = 0.005
+ACCEPT_BACKOFF_MAX = 1.0
+DEFAULT_DRAIN_TIMEOUT = 30.0
+
+
+def format_address(sockname) -> str:
+    host, port = sockname[0], sockname[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def accept_loop(
+    listener: trio.SocketListener,
+    rt: ListenerRuntime,
+    slots: trio.Semaphore,
+    handler_nursery: trio.Nursery,
+) -> None:
+    backoff = ACCEPT_BACKOFF_MIN
+    while True:
+        await slots.acquire()  # at the limit, wait here: the backlog holds new clients
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            slots.release()
+            if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                raise
+            log.error(
+                "accept on listener %s failed: %s; retrying in %.3fs",
+                rt.config.name, exc.strerror, backoff,
+            )
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX)
+            continue
+        except BaseException:
+            slots.release()
+            raise
+        backoff = ACCEPT_BACKOFF_MIN
+        handler_nursery.start_soon(_run_handler, stream, rt, slots)
+
+
+async def _run_handler(stream: trio.SocketStream, rt: ListenerRuntime, slots: trio.Semaphore) -> None:
+    try:
+        await handle_connection(stream, rt)
+    finally:
+        slots.release()
+
+
+@dataclass
+class Bound:
+    """Where the proxy ended up listening (ports may have been 0)."""
+
+    listeners: dict[str, list[str]] = field(default_factory=dict)
+    admin: str | None = None
+
+
+class Proxy:
+    """The whole daemon: listeners, handlers, admin endpoint, reload, drain."""
+
+    def __init__(
+        self,
+        config: Config,
+        materials: tuple[ListenerMaterials, ...],
+        *,
+        metrics: Metrics | None = None,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+        admin: bool = True,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.drain_timeout = drain_timeout
+        self.admin_enabled = admin
+        self.ready = False
+        self.draining = False
+        self.runtimes = [
+            ListenerRuntime(config=lc, tls=build_server_tls(lc, mat, index=i), metrics=self.metrics.for_listener(lc.name))
+            for i, (lc, mat) in enumerate(zip(config.listeners, materials, strict=True))
+        ]
+        for rt in self.runtimes:
+            rt.metrics.set_certificate_expiry(rt.tls.materials.server.leaf, rt.tls.materials.trusted_ca)
+        self._accepting: trio.CancelScope | None = None
+        self._handlers: trio.CancelScope | None = None
+
+    # ---- lifecycle --------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until :meth:`stop`; then drain and return."""
+        sockets = await self._bind_all()
+        bound = Bound(listeners={rt.config.name: [format_address(s.socket.getsockname()) for s in ls]
+                                 for rt, ls in zip(self.runtimes, sockets)})
+        try:
+            async with trio.open_nursery() as outer:
+                if self.admin_enabled:
+                    addr = self.config.admin.listen
+                    host, port = await outer.start(
+                        serve_http, admin_handler(self.metrics.registry, ready=lambda: self.ready, status=self.status),
+                        addr.host, addr.port,
+                    )
+                    bound.admin = format_address((host, port))
+                await self._serve(sockets, bound, task_status)
+                outer.cancel_scope.cancel()  # the drain is over: stop the admin endpoint
+        finally:
+            for ls in sockets:
+                for s in ls:
+                    await trio.aclose_forcefully(s)
+
+    async def _serve(self, sockets, bound: Bound, task_status) -> None:
+        async with trio.open_nursery() as handlers:
+            self._handlers = handlers.cancel_scope
+            async with trio.open_nursery() as accepting:
+                self._accepting = accepting.cancel_scope
+                for rt, ls in zip(self.runtimes, sockets):
+                    slots = trio.Semaphore(rt.config.max_connections)
+                    for s in ls:
+                        accepting.start_soon(accept_loop, s, rt, slots, handlers)
+                    log.info("listener %s on %s -> %s", rt.config.name, ", ".join(bound.listeners[rt.config.name]),
+                             rt.config.backend.address, extra={"fields": {"listener": rt.config.name}})
+                self.ready = True
+                task_status.started(bound)
+            # stop() was called: refuse new connections, let the others finish.
+            for ls in sockets:
+                for s in ls:
+                    await trio.aclose_forcefully(s)
+            handlers.cancel_scope.deadline = trio.current_time() + self.drain_timeout
+
+    async def _bind_all(self) -> list[list[trio.SocketListener]]:
+        out: list[list[trio.SocketListener]] = []
+        try:
+            for rt in self.runtimes:
+                addr = rt.config.listen
+                try:
+                    out.append(await trio.open_tcp_listeners(addr.port, host=addr.host))
+                except OSError as exc:
+                    raise ListenError(f"listener {rt.config.name}: cannot listen on {addr}: {exc.strerror or exc}") from None
+        except BaseException:
+            for ls in out:
+                for s in ls:
+                    await trio.aclose_forcefully(s)
+            raise
+        return out
+
+    def stop(self) -> None:
+        """Begin a graceful drain (idempotent)."""
+        self.ready = False
+        self.draining = True
+        if self._accepting is not None:
+            self._accepting.cancel()
+
+    def abort(self) -> None:
+        """Stop now: cancel every connection."""
+        self.stop()
+        if self._handlers is not None:
+            self._handlers.cancel()
+
+    # ---- reload -----------------------------------------------------------
+
+    def reload_certificates(self) -> bool:
+        """Re-read every listener's files; swap all or none. True on success."""
+        try:
+            fresh = [
+                build_server_tls(rt.config, load_listener_materials(rt.config, i), index=i)
+                for i, rt in enumerate(self.runtimes)
+            ]
+        except ConfigError as exc:
+            self.metrics.reloads.labels(result="failure").inc()
+            log.error("reload failed, still serving the previous certificates: %s", exc)
+            return False
+        for rt, tls in zip(self.runtimes, fresh):
+            rt.tls = tls
+            rt.metrics.set_certificate_expiry(tls.materials.server.leaf, tls.materials.trusted_ca)
+        self.metrics.reloads.labels(result="success").inc()
+        log.info("reloaded certificates for %d listener(s)", len(fresh))
+        return True
+
+    def status(self) -> dict:
+        return {
+            "ready": self.ready,
+            "draining": self.draining,
+            "listeners": [
+                {
+                    "name": rt.config.name,
+                    "listen": str(rt.config.listen),
+                    "backend": str(rt.config.backend.address),
+                    "client_auth": rt.tls.client_auth,
+                    "server_certificate": {
+                        "subject": rt.tls.materials.server.leaf.subject.rfc4514_string(),
+                        "not_after": rt.tls.materials.server.leaf.not_valid_after_utc.isoformat(),
+                    },
+                    "advertised_ca": [ca.subject.rfc4514_string() for ca in rt.tls.materials.advertised_ca],
+                }
+                for rt in self.runtimes
+            ],
+        }
+
+
+class ListenError(Exception):
+    """A listener could not bind its address."""

@@ -1,0 +1,179 @@
+"""Build a listener's pyOpenSSL server Context from its config and loaded files.
+
+A pyOpenSSL Context is frozen once a Connection has been made from it, so a
+Context is built whole, once per generation of material, and a reload swaps
+in a new ``ServerTLS`` (new connections take the current one).
+
+Client verification happens inside OpenSSL; our verify callback only watches
+it. For each certificate of the client's chain OpenSSL calls the callback
+(root first, leaf last) with its own verdict. We keep the certificates, every
+error code (so a failure has a precise reason), and on the leaf, once the whole
+chain is verified, we run the allow rules. Denying there makes the handshake
+itself fail: the client gets an alert instead of a session that is then cut,
+and a denied client never sends a byte of application data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from OpenSSL import SSL, crypto
+
+from proxy.config import ConfigError, ListenerConfig
+from proxy.identity import PeerIdentity, identity_from_chain
+from proxy.materials import ListenerMaterials
+from proxy.policy import Decision, Policy
+
+log = logging.getLogger("proxy.tls")
+
+# TLS 1.2 suites when `tls.ciphers` is not set: forward secrecy (ECDHE) and
+# AEAD only, for ECDSA and RSA server keys. TLS 1.3 suites are all AEAD.
+DEFAULT_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
+_VERIFY_MODES = {
+    "require": SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
+    "optional": SSL.VERIFY_PEER,
+    "none": SSL.VERIFY_NONE,
+}
+# SSL_MODE_ENABLE_PARTIAL_WRITE: pyOpenSSL turns it on, and with it SSL_write
+# silently returns after one record. Our stream needs all-or-nothing writes.
+_MODE_ENABLE_PARTIAL_WRITE = 0x1
+# SSL_MODE_RELEASE_BUFFERS: free the 16 KiB+ read/write buffers of a session
+# while it is idle; a proxy holds many idle connections.
+_MODE_RELEASE_BUFFERS = 0x10
+# X509_V_ERR_UNSPECIFIED, for a certificate we could not even parse.
+_X509_V_ERR_UNSPECIFIED = 1
+
+
+@dataclass
+class HandshakeRecord:
+    """What the verify callback saw during one handshake (one per Connection)."""
+
+    policy: Policy
+    chain: dict[int, x509.Certificate] = field(default_factory=dict)  # depth -> cert
+    errors: list[tuple[int, int]] = field(default_factory=list)  # (X509 error, depth)
+    identity: PeerIdentity | None = None
+    decision: Decision | None = None
+
+    @property
+    def leaf(self) -> x509.Certificate | None:
+        return self.chain.get(0)
+
+    @property
+    def denied(self) -> bool:
+        return self.decision is not None and not self.decision.allowed
+
+
+def _verify_callback(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+    # An exception here would resurface from the next SSL call as itself and
+    # abort the handshake without a reason, so this function must not raise.
+    record: HandshakeRecord = conn.get_app_data()
+    try:
+        record.chain[depth] = cert.to_cryptography()
+    except Exception:  # a certificate cryptography cannot parse
+        record.errors.append((errno or _X509_V_ERR_UNSPECIFIED, depth))
+        return False
+    if not ok:
+        record.errors.append((errno, depth))
+        return False
+    if depth != 0:
+        return True
+    # The leaf, after its whole chain verified: authorize.
+    try:
+        chain = [record.chain[d] for d in sorted(record.chain)]
+        record.identity = identity_from_chain(chain)
+        record.decision = record.policy.authorize(record.identity)
+    except Exception:
+        log.exception("could not evaluate the allow rules; denying")
+        record.decision = Decision(allowed=False, rule=None)
+    return record.decision.allowed
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """One generation of a listener's TLS setup: Context, material and rules."""
+
+    context: SSL.Context
+    materials: ListenerMaterials
+    policy: Policy
+    client_auth: str
+
+    def new_connection(self) -> tuple[SSL.Connection, HandshakeRecord]:
+        conn = SSL.Connection(self.context, None)
+        record = HandshakeRecord(policy=self.policy)
+        conn.set_app_data(record)
+        conn.set_accept_state()
+        return conn, record
+
+
+def build_server_tls(listener: ListenerConfig, materials: ListenerMaterials, *, index: int = 0) -> ServerTLS:
+    """Build the Context; a setting OpenSSL refuses becomes a ConfigError."""
+    where = f"listeners[{index}]"
+    tls = listener.tls
+    auth = listener.client_auth
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(_VERSIONS[tls.min_version])
+    ctx.set_max_proto_version(_VERSIONS[tls.max_version])
+    ctx.set_options(
+        SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION
+    )
+    ctx.clear_mode(_MODE_ENABLE_PARTIAL_WRITE)
+    ctx.set_mode(_MODE_RELEASE_BUFFERS)
+    try:
+        ctx.set_cipher_list((tls.ciphers or DEFAULT_TLS12_CIPHERS).encode("ascii"))
+    except (SSL.Error, UnicodeEncodeError) as exc:
+        raise ConfigError(where, [f"{where}.tls.ciphers: OpenSSL accepts no cipher in {tls.ciphers!r}"]) from None
+
+    server = materials.server
+    ctx.use_certificate(server.leaf)
+    for intermediate in server.chain[1:]:
+        ctx.add_extra_chain_cert(intermediate)
+    ctx.use_privatekey(server.key)
+    ctx.check_privatekey()
+
+    if auth.mode != "none":
+        store = ctx.get_cert_store()
+        for ca in materials.trusted_ca:
+            store.add_cert(crypto.X509.from_cryptography(ca))
+        for crl in materials.crls:
+            store.add_crl(crl)
+        if materials.crls:
+            store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
+        # The trust store and the advertised list are separate in OpenSSL:
+        # without add_client_ca the CertificateRequest names no CA at all.
+        for ca in materials.advertised_ca:
+            ctx.add_client_ca(ca)
+        ctx.set_verify_depth(auth.verify_depth)
+        ctx.set_verify(_VERIFY_MODES[auth.mode], _verify_callback)
+    else:
+        ctx.set_verify(SSL.VERIFY_NONE)
+
+    # Resumption with client auth needs a session id context, or OpenSSL
+    # fails the handshake of every client that tries to resume.
+    ctx.set_session_id(hashlib.sha256(b"mtls-proxy/" + listener.name.encode()).digest()[:32])
+
+    if tls.alpn:
+        ctx.set_alpn_select_callback(_alpn_selector(tuple(p.encode() for p in tls.alpn)))
+
+    return ServerTLS(
+        context=ctx,
+        materials=materials,
+        policy=Policy.from_rules(auth.allow),
+        client_auth=auth.mode,
+    )
+
+
+def _alpn_selector(ours: tuple[bytes, ...]):
+    """Server preference: the first of our protocols the client also offers."""
+
+    def select(conn: SSL.Connection, offered: list[bytes]):
+        for proto in ours:
+            if proto in offered:
+                return proto
+        return SSL.NO_OVERLAPPING_PROTOCOLS  # carry on without ALPN
+
+    return select
