@@ -1,0 +1,393 @@
+"""Load and check every file a listener names: server chain and key, CA bundles, CRLs (cryptography only).
+
+``mtls-proxy check`` and ``run`` call this before serving, so that an unusable file is reported once, at
+startup, with the config field and the file path (``listeners[0].tls.cert: /etc/mp/server.crt: file not
+found``) instead of as a handshake failure seen by every client. All the problems of a listener are collected
+before raising, so one run of ``check`` lists everything to fix.
+
+The TLS layer builds its contexts from the objects returned here; it does not re-read the files.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import TypeVar
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+from proxy.config import Config, ConfigError, ListenerConfig
+
+__all__ = [
+    "EXPIRY_WARNING",
+    "ListenerMaterials",
+    "ServerCredentials",
+    "describe_name",
+    "load_all",
+    "load_listener_materials",
+]
+
+T = TypeVar("T")
+
+# A server certificate closer than this to its end of validity gets a warning: enough time to renew.
+EXPIRY_WARNING = timedelta(days=30)
+
+
+@dataclass(frozen=True)
+class ServerCredentials:
+    """The certificate chain served to clients (leaf first, then intermediates) and the leaf's private key."""
+
+    chain: tuple[x509.Certificate, ...]
+    key: PrivateKeyTypes
+    cert_path: Path
+    key_path: Path
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return self.chain[0]
+
+
+@dataclass(frozen=True)
+class ListenerMaterials:
+    """Everything a listener's TLS context is built from, checked."""
+
+    server: ServerCredentials
+    trusted_ca: tuple[x509.Certificate, ...]  # verifies client chains; empty when mode is none
+    advertised_ca: tuple[x509.Certificate, ...]  # subjects sent in CertificateRequest; == trusted_ca by default
+    crls: tuple[x509.CertificateRevocationList, ...]
+    warnings: tuple[str, ...]
+
+
+def describe_name(name: x509.Name) -> str:
+    """A DN as RFC 4514 text, the form the config's allow rules use."""
+    return name.rfc4514_string()
+
+
+def load_all(
+    config: Config, *, now: datetime | None = None, source: str | None = None
+) -> tuple[ListenerMaterials, ...]:
+    """Load every listener's materials; raise one ConfigError with the problems of all listeners.
+
+    ``source`` names the error's origin (the CLI passes the config file); by default it is the listener's
+    own source when only one listener fails, else ``listeners``.
+    """
+    loaded: list[ListenerMaterials] = []
+    errors: list[ConfigError] = []
+    for index, listener in enumerate(config.listeners):
+        try:
+            loaded.append(load_listener_materials(listener, index, now=now))
+        except ConfigError as exc:
+            errors.append(exc)
+    if errors:
+        default_source = errors[0].source if len(errors) == 1 else "listeners"
+        problems = [problem for exc in errors for problem in exc.problems]
+        raise ConfigError(str(source) if source else default_source, problems)
+    return tuple(loaded)
+
+
+def load_listener_materials(
+    listener: ListenerConfig, index: int, *, now: datetime | None = None, source: str | None = None
+) -> ListenerMaterials:
+    """Load and check the files of ``listener`` (``config.listeners[index]``), or raise ConfigError.
+
+    ``now`` is the time validity is checked against (default: the current time). The error's ``source`` is
+    ``source`` if given, else the one file in question, else ``listeners[index]``.
+    """
+    report = _Report(prefix=f"listeners[{index}]", now=_utc(now))
+    client_auth = listener.client_auth
+
+    server = _load_server_credentials(listener, report)
+    trusted_ca: tuple[x509.Certificate, ...] = ()
+    advertised_ca: tuple[x509.Certificate, ...] = ()
+    crls: tuple[x509.CertificateRevocationList, ...] = ()
+    if client_auth.trusted_ca is not None:
+        trusted_ca = _load_ca_bundle(client_auth.trusted_ca, "client_auth.trusted_ca", report)
+        advertised_ca = trusted_ca
+    if client_auth.advertised_ca is not None:
+        advertised_ca = _load_ca_bundle(client_auth.advertised_ca, "client_auth.advertised_ca", report)
+    if client_auth.crl is not None:
+        crls = _load_crls(client_auth.crl, "client_auth.crl", report)
+
+    if report.errors or server is None:
+        raise ConfigError(str(source) if source else report.source(), report.errors)
+    return ListenerMaterials(
+        server=server,
+        trusted_ca=trusted_ca,
+        advertised_ca=advertised_ca,
+        crls=crls,
+        warnings=tuple(report.warnings),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Collecting problems
+
+
+class _Unusable(Exception):
+    """A file cannot be used at all; the message says why (without the field and path, added by the caller)."""
+
+
+@dataclass
+class _Report:
+    """Problems and warnings of one listener, each written ``listeners[i].field: /path: message``."""
+
+    prefix: str
+    now: datetime
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    files: set[Path] = field(default_factory=set)  # files with an error, to name the source when there is one
+
+    def error(self, field_name: str, path: Path, message: str) -> None:
+        self.errors.append(f"{self.prefix}.{field_name}: {path}: {message}")
+        self.files.add(path)
+
+    def warn(self, field_name: str, path: Path, message: str) -> None:
+        self.warnings.append(f"{self.prefix}.{field_name}: {path}: {message}")
+
+    def source(self) -> str:
+        return str(next(iter(self.files))) if len(self.files) == 1 else self.prefix
+
+
+def _utc(now: datetime | None) -> datetime:
+    if now is None:
+        return datetime.now(timezone.utc)
+    # cryptography's *_utc properties are aware; a naive "now" is taken to be UTC rather than failing to compare.
+    return now if now.tzinfo is not None else now.replace(tzinfo=timezone.utc)
+
+
+def _when(moment: datetime) -> str:
+    return f"{moment:%Y-%m-%d %H:%M:%S} UTC"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading PEM files
+
+# A PEM block: the label tells what it holds (CERTIFICATE, PRIVATE KEY, X509 CRL, ...).
+_PEM_BLOCK_RE = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----.*?-----END \1-----", re.DOTALL)
+_NOT_PEM = "not a PEM file (no '-----BEGIN' line); convert DER with `openssl x509 -inform der -in FILE -out FILE.pem`"
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise _Unusable("file not found") from None
+    except PermissionError:
+        raise _Unusable("permission denied") from None
+    except IsADirectoryError:
+        raise _Unusable("is a directory, not a file") from None
+    except OSError as exc:
+        raise _Unusable(f"cannot read: {exc.strerror or exc}") from None
+
+
+def _pem_blocks(data: bytes) -> list[tuple[str, bytes]]:
+    """(label, whole block) for each PEM block, in file order."""
+    return [(match.group(1).decode(), match.group(0)) for match in _PEM_BLOCK_RE.finditer(data)]
+
+
+def _labels(blocks: list[tuple[str, bytes]]) -> str:
+    return ", ".join(sorted({label for label, _ in blocks})) or "none complete"
+
+
+def _read_certificates(path: Path) -> list[x509.Certificate]:
+    """Every certificate in a PEM file, in order; _Unusable if there is none or one does not parse."""
+    data = _read(path)
+    if b"-----BEGIN" not in data:
+        raise _Unusable(_NOT_PEM)
+    blocks = _pem_blocks(data)
+    cert_blocks = [block for label, block in blocks if label == "CERTIFICATE"]
+    if not cert_blocks:
+        raise _Unusable(f"contains no certificate (PEM blocks found: {_labels(blocks)})")
+    certificates = []
+    for number, block in enumerate(cert_blocks, start=1):
+        try:
+            certificates.append(x509.load_pem_x509_certificate(block))
+        except ValueError as exc:
+            raise _Unusable(f"certificate {number} in the file is not a valid X.509 certificate ({exc})") from None
+    return certificates
+
+
+def _read_private_key(path: Path) -> PrivateKeyTypes:
+    data = _read(path)
+    if b"-----BEGIN" not in data:
+        raise _Unusable(_NOT_PEM.replace("openssl x509", "openssl pkey"))
+    blocks = _pem_blocks(data)
+    if not any(label.endswith("PRIVATE KEY") for label, _ in blocks):
+        raise _Unusable(f"contains no private key (PEM blocks found: {_labels(blocks)})")
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        # cryptography raises TypeError when a password would be needed.
+        raise _Unusable(
+            "the private key is passphrase-protected, which is not supported; "
+            "decrypt it with `openssl pkey -in KEY -out KEY.plain` and protect the file with permissions"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise _Unusable(f"not a valid PEM private key ({exc})") from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Server certificate and key
+
+
+def _load_server_credentials(listener: ListenerConfig, report: _Report) -> ServerCredentials | None:
+    cert_path, key_path = listener.tls.cert, listener.tls.key
+    chain = _try(lambda: _read_certificates(cert_path), "tls.cert", cert_path, report)
+    key = _try(lambda: _read_private_key(key_path), "tls.key", key_path, report)
+    if chain is not None:
+        _check_chain(chain, cert_path, report)
+    if chain is None or key is None:
+        return None
+    if not _same_public_key(chain[0], key):
+        report.error(
+            "tls.key",
+            key_path,
+            f"does not match the certificate in {cert_path} (subject {describe_name(chain[0].subject)}): "
+            "their public keys differ",
+        )
+        return None
+    return ServerCredentials(chain=tuple(chain), key=key, cert_path=cert_path, key_path=key_path)
+
+
+def _try(load: Callable[[], T], field_name: str, path: Path, report: _Report) -> T | None:
+    """Run one loader; record its _Unusable as an error of ``field_name`` and return None."""
+    try:
+        return load()
+    except _Unusable as exc:
+        report.error(field_name, path, str(exc))
+        return None
+
+
+def _same_public_key(certificate: x509.Certificate, key: PrivateKeyTypes) -> bool:
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    return certificate.public_key().public_bytes(der, spki) == key.public_key().public_bytes(der, spki)
+
+
+def _check_chain(chain: list[x509.Certificate], path: Path, report: _Report) -> None:
+    """Validity of each certificate, and order: each one must be issued by the next (clients need that)."""
+    for position, certificate in enumerate(chain):
+        _check_server_validity(certificate, position, path, report)
+    for position, (child, issuer) in enumerate(zip(chain, chain[1:])):
+        problem = _issued_by_problem(child, position, issuer)
+        if problem:
+            report.error("tls.cert", path, f"{problem}; list the server certificate first, then each issuer in order")
+
+
+def _chain_member(certificate: x509.Certificate, position: int) -> str:
+    role = "the server certificate" if position == 0 else f"chain certificate {position + 1}"
+    return f"{role} ({describe_name(certificate.subject)})"
+
+
+def _issued_by_problem(child: x509.Certificate, position: int, issuer: x509.Certificate) -> str | None:
+    """Why ``issuer`` (the next certificate in the file) is not the issuer of ``child``, or None."""
+    who = _chain_member(child, position)
+    if child.issuer != issuer.subject:
+        return (
+            f"{who} is issued by {describe_name(child.issuer)}, "
+            f"not by the next certificate in the file, {_chain_member(issuer, position + 1)}"
+        )
+    try:
+        child.verify_directly_issued_by(issuer)
+    except InvalidSignature:
+        # Same issuer name, different key: typically an intermediate that was re-keyed.
+        return f"{who} is not signed by the key of the next certificate in the file, which has its issuer's name"
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        pass  # a signature scheme cryptography cannot check here; the names match, the handshake will tell
+    return None
+
+
+def _check_server_validity(certificate: x509.Certificate, position: int, path: Path, report: _Report) -> None:
+    who = _chain_member(certificate, position)
+    not_before, not_after = certificate.not_valid_before_utc, certificate.not_valid_after_utc
+    if not_after < report.now:
+        report.error("tls.cert", path, f"{who} expired on {_when(not_after)}")
+    elif not_before > report.now:
+        report.error("tls.cert", path, f"{who} is not valid before {_when(not_before)}")
+    elif not_after - report.now < EXPIRY_WARNING:
+        days = (not_after - report.now).days
+        report.warn("tls.cert", path, f"{who} expires in {days} days, on {_when(not_after)}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CA bundles and CRLs
+
+
+def _load_ca_bundle(path: Path, field_name: str, report: _Report) -> tuple[x509.Certificate, ...]:
+    """A bundle of CA certificates: each must be a CA, and at least one must be within its validity."""
+    certificates = _try(lambda: _read_certificates(path), field_name, path, report)
+    if certificates is None:
+        return ()
+    for number, certificate in enumerate(certificates, start=1):
+        if not _is_ca(certificate):
+            report.error(
+                field_name,
+                path,
+                f"entry {number} ({describe_name(certificate.subject)}) is not a CA certificate "
+                "(basicConstraints CA:TRUE is missing); the bundle must hold the CAs that issue client "
+                "certificates, not client certificates",
+            )
+    expired = [certificate for certificate in certificates if certificate.not_valid_after_utc < report.now]
+    if expired and len(expired) == len(certificates):
+        report.error(field_name, path, f"every CA in the bundle has expired: {_expiry_list(expired)}")
+    elif expired:
+        report.warn(field_name, path, f"some CAs in the bundle have expired: {_expiry_list(expired)}")
+    return tuple(certificates)
+
+
+def _is_ca(certificate: x509.Certificate) -> bool:
+    try:
+        constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return False
+    return constraints.ca
+
+
+def _expiry_list(certificates: list[x509.Certificate]) -> str:
+    return "; ".join(
+        f"{describe_name(certificate.subject)} on {_when(certificate.not_valid_after_utc)}"
+        for certificate in certificates
+    )
+
+
+def _load_crls(path: Path, field_name: str, report: _Report) -> tuple[x509.CertificateRevocationList, ...]:
+    crls = _try(lambda: _read_crls(path), field_name, path, report)
+    if crls is None:
+        return ()
+    for crl in crls:
+        # OpenSSL rejects every client chained to a CA whose CRL is past its next update.
+        next_update = crl.next_update_utc
+        if next_update is not None and next_update < report.now:
+            report.warn(
+                field_name,
+                path,
+                f"the CRL of {describe_name(crl.issuer)} is out of date (next update was due {_when(next_update)})",
+            )
+    return tuple(crls)
+
+
+def _read_crls(path: Path) -> list[x509.CertificateRevocationList]:
+    """Every CRL in a PEM file (one per CA), or the single CRL of a DER file."""
+    data = _read(path)
+    if b"-----BEGIN" not in data:
+        try:
+            return [x509.load_der_x509_crl(data)]
+        except ValueError:
+            raise _Unusable("not a CRL (neither PEM with '-----BEGIN X509 CRL' blocks nor DER)") from None
+    blocks = _pem_blocks(data)
+    crl_blocks = [block for label, block in blocks if label == "X509 CRL"]
+    if not crl_blocks:
+        raise _Unusable(f"contains no CRL (PEM blocks found: {_labels(blocks)})")
+    crls = []
+    for number, block in enumerate(crl_blocks, start=1):
+        try:
+            crls.append(x509.load_pem_x509_crl(block))
+        except ValueError as exc:
+            raise _Unusable(f"CRL {number} in the file is not a valid CRL ({exc})") from None
+    return crls
