@@ -118,8 +118,15 @@ def build_server_tls(listener: ListenerConfig, materials: ListenerMaterials, *, 
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(_VERSIONS[tls.min_version])
     ctx.set_max_proto_version(_VERSIONS[tls.max_version])
+    # OP_IGNORE_UNEXPECTED_EOF: many clients end with a TCP FIN and no
+    # close_notify. Read that as the end of the client's data, so the backend
+    # gets its half-close and the reply still flows back, instead of a broken
+    # session that loses the reply.
     ctx.set_options(
-        SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION
+        SSL.OP_CIPHER_SERVER_PREFERENCE
+        | SSL.OP_NO_RENEGOTIATION
+        | SSL.OP_NO_COMPRESSION
+        | SSL.OP_IGNORE_UNEXPECTED_EOF
     )
     ctx.clear_mode(_MODE_ENABLE_PARTIAL_WRITE)
     ctx.set_mode(_MODE_RELEASE_BUFFERS)
