@@ -9,11 +9,11 @@ closed, the gauges back where they were, and exactly one access-log line.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import trio
-from OpenSSL import SSL
+from cryptography.hazmat.primitives import hashes
 
 from proxy.backend import BackendError, connect_backend
 from proxy.config import ListenerConfig
@@ -21,7 +21,7 @@ from proxy.identity import PeerIdentity, identity_from_cert
 from proxy.logs import ACCESS
 from proxy.metrics import ListenerMetrics
 from proxy.pump import pump
-from proxy.tls.classify import HandshakeFailure, classify
+from proxy.tls.classify import classify
 from proxy.tls.context import HandshakeRecord, ServerTLS
 from proxy.tls.stream import TLSStream
 
@@ -58,6 +58,10 @@ class _Outcome:
     bytes_up: int = 0
     bytes_down: int = 0
     extra: dict = field(default_factory=dict)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
 
 
 def _peer(stream: trio.SocketStream) -> str:
@@ -103,9 +107,14 @@ async def _serve(stream: TLSStream, record: HandshakeRecord, tls: ServerTLS, rt:
     try:
         with trio.fail_after(cfg.timeouts.handshake):
             await stream.do_handshake()
-        failure = _authorize_resumed(stream, record, tls)
     except Exception as exc:  # trio.Cancelled is not an Exception: shutdown passes through
         failure = classify(exc, record, stream.first_bytes)
+    else:
+        failure = None
+        if stream.resumed:
+            _identify_resumed(stream, record, tls)
+        elif record.identity is not None:
+            tls.remember(record.identity)
     elapsed = trio.current_time() - started
     out.handshake_seconds = elapsed
     out.identity = record.identity or _rejected_identity(record)
@@ -118,6 +127,8 @@ async def _serve(stream: TLSStream, record: HandshakeRecord, tls: ServerTLS, rt:
     m.handshake_succeeded(
         elapsed, version=out.version, cipher=out.cipher or "", resumed=out.resumed, presented=record.identity is not None
     )
+    if record.identity is not None:
+        m.client_certificate_remaining.observe(max(0.0, record.identity.remaining_seconds(_now())))
 
     connect_started = trio.current_time()
     try:
@@ -137,24 +148,22 @@ async def _serve(stream: TLSStream, record: HandshakeRecord, tls: ServerTLS, rt:
     out.ended_by, out.bytes_up, out.bytes_down = result.ended_by, result.bytes_up, result.bytes_down
 
 
-def _authorize_resumed(stream: TLSStream, record: HandshakeRecord, tls: ServerTLS) -> HandshakeFailure | None:
-    """Fill in the identity of a resumed session, where no verification ran.
+def _identify_resumed(stream: TLSStream, record: HandshakeRecord, tls: ServerTLS) -> None:
+    """Give a resumed session its identity back; it skipped verification.
 
-    A resumed session was verified and authorized when it was first
-    established, under the same Context (a reload makes a new Context and new
-    ticket keys, so old sessions do not resume). The rules are applied again
-    anyway: it is cheap, and it keeps the identity in the log.
+    No need to authorize again: a session resumes only under the Context that
+    established it (a reload builds a new Context, whose new session keys
+    cannot open older sessions), and there it passed verification and the
+    same allow rules. The identity with the whole chain comes from the
+    Context's cache; if it was evicted, the leaf alone still names the client.
     """
     if record.identity is not None or tls.client_auth == "none":
-        return None
+        return
     cert = stream.connection.get_peer_certificate(as_cryptography=True)
     if cert is None:
-        return None  # optional mode, anonymous client
-    record.identity = identity_from_cert(cert)
-    record.decision = tls.policy.authorize(record.identity)
-    if not record.decision.allowed:
-        return HandshakeFailure("forbidden", "verified client certificate matches no allow rule")
-    return None
+        return  # optional mode, anonymous client
+    sha256 = cert.fingerprint(hashes.SHA256()).hex()
+    record.identity = tls.recall(sha256) or identity_from_cert(cert)
 
 
 def _rejected_identity(record: HandshakeRecord) -> PeerIdentity | None:

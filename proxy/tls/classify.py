@@ -133,7 +133,7 @@ def classify(exc: BaseException, record: HandshakeRecord | None, first_bytes: by
             return HandshakeFailure(reason, detail)
         if record.denied:
             return HandshakeFailure("forbidden", "verified client certificate matches no allow rule")
-    if isinstance(exc, SSL.SysCallError):
+    if isinstance(exc, (SSL.SysCallError, SSL.ZeroReturnError)):
         return HandshakeFailure("client_closed", "the client closed the connection during the handshake")
     if isinstance(exc, SSL.Error):
         reasons = openssl_reasons(exc)

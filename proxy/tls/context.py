@@ -6,9 +6,10 @@ in a new ``ServerTLS`` (new connections take the current one).
 
 Client verification happens inside OpenSSL; our verify callback only watches
 it. For each certificate of the client's chain OpenSSL calls the callback
-(root first, leaf last) with its own verdict. We keep the certificates, every
-error code (so a failure has a precise reason), and on the leaf, once the whole
-chain is verified, we run the allow rules. Denying there makes the handshake
+(root first, leaf last) with its own verdict. We keep the client's leaf (to
+log it even when it is refused), the verified chain, every error code (so a
+failure has a precise reason), and on the leaf, once the whole chain is
+verified, we run the allow rules. Denying there makes the handshake
 itself fail: the client gets an alert instead of a session that is then cut,
 and a denied client never sends a byte of application data.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -26,6 +28,13 @@ from proxy.config import ConfigError, ListenerConfig
 from proxy.identity import PeerIdentity, identity_from_chain
 from proxy.materials import ListenerMaterials
 from proxy.policy import Decision, Policy
+from proxy.tls._openssl import (
+    X509_V_ERR_APPLICATION_VERIFICATION,
+    X509_V_ERR_UNABLE_TO_GET_CRL,
+    X509_V_OK,
+    VerifyStep,
+    set_verify,
+)
 
 log = logging.getLogger("proxy.tls")
 
@@ -45,8 +54,8 @@ _MODE_ENABLE_PARTIAL_WRITE = 0x1
 # SSL_MODE_RELEASE_BUFFERS: free the 16 KiB+ read/write buffers of a session
 # while it is idle; a proxy holds many idle connections.
 _MODE_RELEASE_BUFFERS = 0x10
-# X509_V_ERR_UNSPECIFIED, for a certificate we could not even parse.
-_X509_V_ERR_UNSPECIFIED = 1
+# Bounded: a few hundred bytes each, one per distinct client certificate.
+IDENTITY_CACHE_SIZE = 10_000
 
 
 @dataclass
@@ -54,43 +63,49 @@ class HandshakeRecord:
     """What the verify callback saw during one handshake (one per Connection)."""
 
     policy: Policy
-    chain: dict[int, x509.Certificate] = field(default_factory=dict)  # depth -> cert
+    leaf: x509.Certificate | None = None  # the client's certificate, also when rejected
+    chain: dict[int, x509.Certificate] = field(default_factory=dict)  # depth -> verified cert
     errors: list[tuple[int, int]] = field(default_factory=list)  # (X509 error, depth)
     identity: PeerIdentity | None = None
     decision: Decision | None = None
-
-    @property
-    def leaf(self) -> x509.Certificate | None:
-        return self.chain.get(0)
 
     @property
     def denied(self) -> bool:
         return self.decision is not None and not self.decision.allowed
 
 
-def _verify_callback(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
-    # An exception here would resurface from the next SSL call as itself and
-    # abort the handshake without a reason, so this function must not raise.
+def _verify_callback(conn: SSL.Connection, step: VerifyStep, ok: bool) -> bool:
     record: HandshakeRecord = conn.get_app_data()
-    try:
-        record.chain[depth] = cert.to_cryptography()
-    except Exception:  # a certificate cryptography cannot parse
-        record.errors.append((errno or _X509_V_ERR_UNSPECIFIED, depth))
-        return False
+    if record.leaf is None:
+        record.leaf = step.leaf()  # named in the log even if a CA above it fails
+    depth = step.depth
     if not ok:
-        record.errors.append((errno, depth))
+        if step.error == X509_V_ERR_UNABLE_TO_GET_CRL:
+            # CRL checking covers every CA in the chain, but only where a CRL
+            # was given (`check` names the CAs without one).
+            step.set_error(X509_V_OK)
+            return True
+        record.errors.append((step.error, depth))
         return False
+    cert = step.current_cert()
+    if cert is None:
+        return False
+    record.chain[depth] = cert
     if depth != 0:
         return True
     # The leaf, after its whole chain verified: authorize.
     try:
-        chain = [record.chain[d] for d in sorted(record.chain)]
-        record.identity = identity_from_chain(chain)
+        record.identity = identity_from_chain([record.chain[d] for d in sorted(record.chain)])
         record.decision = record.policy.authorize(record.identity)
     except Exception:
         log.exception("could not evaluate the allow rules; denying")
         record.decision = Decision(allowed=False, rule=None)
-    return record.decision.allowed
+    if not record.decision.allowed:
+        # Without an error code OpenSSL would send "internal error"; this one
+        # makes it a "handshake failure" alert: refused, not broken.
+        step.set_error(X509_V_ERR_APPLICATION_VERIFICATION)
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -101,6 +116,18 @@ class ServerTLS:
     materials: ListenerMaterials
     policy: Policy
     client_auth: str
+    # Identities of recently verified clients by leaf fingerprint: a resumed
+    # session skips verification, so this is how it gets its chain back.
+    identities: OrderedDict[str, PeerIdentity] = field(default_factory=OrderedDict)
+
+    def remember(self, identity: PeerIdentity) -> None:
+        self.identities[identity.sha256] = identity
+        self.identities.move_to_end(identity.sha256)
+        while len(self.identities) > IDENTITY_CACHE_SIZE:
+            self.identities.popitem(last=False)
+
+    def recall(self, sha256: str) -> PeerIdentity | None:
+        return self.identities.get(sha256)
 
     def new_connection(self) -> tuple[SSL.Connection, HandshakeRecord]:
         conn = SSL.Connection(self.context, None)
@@ -149,13 +176,13 @@ def build_server_tls(listener: ListenerConfig, materials: ListenerMaterials, *, 
         for crl in materials.crls:
             store.add_crl(crl)
         if materials.crls:
-            store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
+            store.set_flags(crypto.X509StoreFlags.CRL_CHECK | crypto.X509StoreFlags.CRL_CHECK_ALL)
         # The trust store and the advertised list are separate in OpenSSL:
         # without add_client_ca the CertificateRequest names no CA at all.
         for ca in materials.advertised_ca:
             ctx.add_client_ca(ca)
         ctx.set_verify_depth(auth.verify_depth)
-        ctx.set_verify(_VERIFY_MODES[auth.mode], _verify_callback)
+        set_verify(ctx, _VERIFY_MODES[auth.mode], _verify_callback)
     else:
         ctx.set_verify(SSL.VERIFY_NONE)
 

@@ -41,7 +41,7 @@ import enum
 
 import trio
 from OpenSSL import SSL
-from OpenSSL._util import lib as _lib  # only for SSL_session_reused: no public API
+from proxy.tls._openssl import session_reused
 
 # Plaintext is handed to SSL_write in pieces of this size. Each piece becomes
 # four full records whose ciphertext fits one OUTGOING_READ_SIZE bio_read.
@@ -122,6 +122,12 @@ class TLSStream(trio.abc.HalfCloseableStream):
             except SSL.WantReadError:
                 want_read = True
             except SSL.ZeroReturnError:
+                if is_handshake:
+                    # The peer closed (close_notify, or EOF, which the
+                    # context's OP_IGNORE_UNEXPECTED_EOF reports the same way)
+                    # before the handshake completed: that is a failure.
+                    self._state = _State.BROKEN
+                    raise
                 # close_notify received: a clean end of the peer's data.
                 ret = b""
                 finished = True
@@ -355,8 +361,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     @property
     def resumed(self) -> bool:
-        # pyOpenSSL has no public accessor for SSL_session_reused.
-        return bool(_lib.SSL_session_reused(self.connection._ssl))  # noqa: SLF001
+        return session_reused(self.connection)
 
     @property
     def alpn_protocol(self) -> str | None:

@@ -1,0 +1,89 @@
+"""The one place that reaches into pyOpenSSL's private cffi bindings.
+
+pyOpenSSL is pinned (pyproject.toml) because of this module. Two needs have no
+public API:
+
+- ``SSL_session_reused``: whether a handshake resumed a session.
+- A verify callback that sees the ``X509_STORE_CTX``. pyOpenSSL's own
+  ``Context.set_verify`` hands the callback only the current certificate and
+  error, and when the callback refuses a certificate it leaves the error at
+  ``X509_V_OK``, which OpenSSL reports to the client as "internal error". With
+  the store context we can name the leaf even when a CA above it failed
+  (for the log), and set the error that picks the alert the client receives.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from cryptography import x509
+from OpenSSL import SSL, crypto
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
+
+log = logging.getLogger("proxy.tls")
+
+X509_V_OK = _lib.X509_V_OK
+X509_V_ERR_UNABLE_TO_GET_CRL = 3
+X509_V_ERR_APPLICATION_VERIFICATION = _lib.X509_V_ERR_APPLICATION_VERIFICATION
+
+
+def session_reused(conn: SSL.Connection) -> bool:
+    return bool(_lib.SSL_session_reused(conn._ssl))  # noqa: SLF001
+
+
+def _to_cryptography(ptr) -> x509.Certificate:
+    _lib.X509_up_ref(ptr)  # the X509 wrapper frees its reference when collected
+    return crypto.X509._from_raw_x509_ptr(ptr).to_cryptography()  # noqa: SLF001
+
+
+class VerifyStep:
+    """One call of OpenSSL's verify callback: a certificate, its depth, OpenSSL's verdict."""
+
+    __slots__ = ("_store_ctx",)
+
+    def __init__(self, store_ctx) -> None:
+        self._store_ctx = store_ctx
+
+    @property
+    def error(self) -> int:
+        return _lib.X509_STORE_CTX_get_error(self._store_ctx)
+
+    @property
+    def depth(self) -> int:
+        return _lib.X509_STORE_CTX_get_error_depth(self._store_ctx)
+
+    def current_cert(self) -> x509.Certificate | None:
+        ptr = _lib.X509_STORE_CTX_get_current_cert(self._store_ctx)
+        return None if ptr == _ffi.NULL else _to_cryptography(ptr)
+
+    def leaf(self) -> x509.Certificate | None:
+        """The certificate being verified (the client's leaf), at any depth."""
+        ptr = _lib.X509_STORE_CTX_get0_cert(self._store_ctx)
+        return None if ptr == _ffi.NULL else _to_cryptography(ptr)
+
+    def set_error(self, code: int) -> None:
+        _lib.X509_STORE_CTX_set_error(self._store_ctx, code)
+
+
+VerifyCallback = Callable[[SSL.Connection, VerifyStep, bool], bool]
+
+
+def set_verify(ctx: SSL.Context, mode: int, callback: VerifyCallback) -> None:
+    """Install ``callback(connection, step, ok) -> accept`` as the verify callback."""
+
+    def trampoline(ok: int, store_ctx) -> int:
+        try:
+            index = _lib.SSL_get_ex_data_X509_STORE_CTX_idx()
+            ssl = _lib.X509_STORE_CTX_get_ex_data(store_ctx, index)
+            conn = SSL.Connection._reverse_mapping[ssl]  # noqa: SLF001
+            return 1 if callback(conn, VerifyStep(store_ctx), bool(ok)) else 0
+        except Exception:  # never let an exception cross into OpenSSL
+            log.exception("verify callback failed; refusing the certificate")
+            return 0
+
+    c_callback = _ffi.callback("int (*)(int, X509_STORE_CTX *)", trampoline)
+    # The cffi callback must live as long as the Context that points at it.
+    ctx._mtls_proxy_verify_callback = c_callback  # noqa: SLF001
+    _lib.SSL_CTX_set_verify(ctx._context, mode, c_callback)  # noqa: SLF001
