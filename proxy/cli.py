@@ -37,8 +37,26 @@ def _load_checked(path: str) -> tuple[Config, tuple[ListenerMaterials, ...], Pro
     materials = load_all(config, source=path)
     # Building the proxy builds every TLS context, so settings OpenSSL
     # refuses (a cipher string, say) are caught here too, before binding.
-    proxy = Proxy(config, materials)
+    try:
+        proxy = Proxy(config, materials)
+    except ConfigError as exc:
+        raise ConfigError(path, exc.problems) from None
     return config, materials, proxy
+
+
+def _listen_error(caught: BaseException) -> ListenError | None:
+    """The ListenError that stopped the proxy, also when trio reports it
+    inside an exception group (as it does for a failing task); else None."""
+    if isinstance(caught, ListenError):
+        return caught
+    if not isinstance(caught, BaseExceptionGroup):
+        return None
+    matched, rest = caught.split(ListenError)
+    if matched is None or rest is not None:
+        return None
+    while isinstance(matched, BaseExceptionGroup):
+        matched = matched.exceptions[0]
+    return matched
 
 
 # ---- run ---------------------------------------------------------------------
@@ -56,10 +74,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     for i, mat in enumerate(materials):
         for warning in mat.warnings:
             log.warning("listeners[%d]: %s", i, warning)
-    proxy.drain_timeout = args.drain_timeout
+    if args.drain_timeout is not None:
+        proxy.drain_timeout = args.drain_timeout
     try:
         trio.run(run_until_signalled, proxy)
-    except ListenError as exc:
+    except (ListenError, BaseExceptionGroup) as caught:
+        exc = _listen_error(caught)
+        if exc is None:
+            raise
         _error(str(exc))
         return EXIT_RUNTIME
     except KeyboardInterrupt:
@@ -156,7 +178,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     setup_logging("info", "text")
     try:
         trio.run(run_demo, directory, args.port, args.admin_port)
-    except ListenError as exc:
+    except (ListenError, BaseExceptionGroup) as caught:
+        exc = _listen_error(caught)
+        if exc is None:
+            raise
         _error(f"{exc} (pick other ports with --port / --admin-port)")
         return EXIT_RUNTIME
     except KeyboardInterrupt:
@@ -178,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="serve until SIGTERM/SIGINT (SIGHUP reloads certificates)")
     run.add_argument("--config", required=True, metavar="FILE")
-    run.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
-                     help="how long open connections may finish after SIGTERM (default 30)")
+    run.add_argument("--drain-timeout", type=float, default=None, metavar="SECONDS",
+                     help="how long open connections may finish after SIGTERM (overrides drain_timeout in the config)")
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check", help="validate the config and every file it names")

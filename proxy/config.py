@@ -50,6 +50,7 @@ __all__ = [
     "ConfigError",
     "ListenerConfig",
     "LogConfig",
+    "ReloadConfig",
     "TCPAddress",
     "TCPAddressField",
     "TLSConfig",
@@ -377,7 +378,10 @@ class ClientAuthConfig(_Model):
     trusted_ca: FilePath | None = None
     advertised_ca: FilePath | None = None
     crl: FilePath | None = None
-    verify_depth: int = Field(default=4, ge=1, le=32)
+    # How many intermediate CAs may stand between a client certificate and a
+    # trusted CA (OpenSSL's verify depth): 0 = clients must be issued directly
+    # by a trusted CA.
+    verify_depth: int = Field(default=4, ge=0, le=32)
     allow: AllowConfig | None = None
 
     @model_validator(mode="after")
@@ -429,9 +433,19 @@ class ListenerConfig(_Model):
     max_connections: int = Field(default=10000, ge=1)
 
 
+class ReloadConfig(_Model):
+    # How often every file the config names is checked for changes (content,
+    # inode, mtime), so a rotated certificate or a Kubernetes Secret update
+    # (a `..data` symlink swap) is picked up without a signal. 0 = SIGHUP only.
+    watch_interval: float = Field(default=5.0, ge=0, allow_inf_nan=False)
+
+
 class Config(_Model):
     admin: AdminConfig = Field(default_factory=AdminConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    reload: ReloadConfig = Field(default_factory=ReloadConfig)
+    # After SIGTERM/SIGINT: how long open connections may finish before they are cut.
+    drain_timeout: Seconds = 30.0
     listeners: tuple[ListenerConfig, ...]
 
     @field_validator("listeners")
@@ -484,7 +498,7 @@ def parse(data: object, *, source: str = "<config>", base_dir: Path | None = Non
         raise ConfigError(source, ["the document is empty; expected a mapping with at least `listeners`"])
     if not isinstance(data, dict):
         raise ConfigError(
-            source, [f"the top-level document must be a mapping (admin, log, listeners), got {_kind(data)}"]
+            source, [f"the top-level document must be a mapping ({', '.join(Config.model_fields)}), got {_kind(data)}"]
         )
     context = {"base_dir": base_dir} if base_dir is not None else None
     try:

@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from proxy.admin import admin_handler
 from proxy.config import Config, ConfigError
@@ -26,6 +30,7 @@ from proxy.httpserver import serve_http
 from proxy.materials import ListenerMaterials, load_listener_materials
 from proxy.metrics import Metrics
 from proxy.tls.context import build_server_tls
+from proxy.watch import watch_files, watched_paths
 
 log = logging.getLogger("proxy.server")
 
@@ -34,7 +39,6 @@ log = logging.getLogger("proxy.server")
 ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 ACCEPT_BACKOFF_MIN = 0.005
 ACCEPT_BACKOFF_MAX = 1.0
-DEFAULT_DRAIN_TIMEOUT = 30.0
 
 
 def format_address(sockname) -> str:
@@ -95,12 +99,11 @@ class Proxy:
         materials: tuple[ListenerMaterials, ...],
         *,
         metrics: Metrics | None = None,
-        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
         admin: bool = True,
     ) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
-        self.drain_timeout = drain_timeout
+        self.drain_timeout = config.drain_timeout
         self.admin_enabled = admin
         self.ready = False
         self.draining = False
@@ -109,7 +112,9 @@ class Proxy:
             for i, (lc, mat) in enumerate(zip(config.listeners, materials, strict=True))
         ]
         for rt in self.runtimes:
-            rt.metrics.set_certificate_expiry(rt.tls.materials.server.leaf, rt.tls.materials.trusted_ca)
+            rt.metrics.publish_materials(rt.tls.materials)
+        self.last_reload = {"result": "success", "time": time.time(), "error": None}
+        self.metrics.last_reload_success.set(self.last_reload["time"])
         self._accepting: trio.CancelScope | None = None
         self._handlers: trio.CancelScope | None = None
 
@@ -124,11 +129,20 @@ class Proxy:
             async with trio.open_nursery() as outer:
                 if self.admin_enabled:
                     addr = self.config.admin.listen
-                    host, port = await outer.start(
-                        serve_http, admin_handler(self.metrics.registry, ready=lambda: self.ready, status=self.status),
-                        addr.host, addr.port,
-                    )
+                    try:
+                        host, port = await outer.start(
+                            serve_http,
+                            admin_handler(self.metrics.registry, ready=lambda: self.ready, status=self.status),
+                            addr.host, addr.port,
+                        )
+                    except OSError as exc:
+                        raise ListenError(f"admin: cannot listen on {addr}: {exc.strerror or exc}") from None
                     bound.admin = format_address((host, port))
+                if self.config.reload.watch_interval > 0:
+                    outer.start_soon(
+                        watch_files, watched_paths(self.config), self.config.reload.watch_interval,
+                        self.reload_certificates,
+                    )
                 await self._serve(sockets, bound, task_status)
                 outer.cancel_scope.cancel()  # the drain is over: stop the admin endpoint
         finally:
@@ -187,7 +201,14 @@ class Proxy:
     # ---- reload -----------------------------------------------------------
 
     def reload_certificates(self) -> bool:
-        """Re-read every listener's files; swap all or none. True on success."""
+        """Re-read every listener's files; swap all or none. True on success.
+
+        New connections take the new material; open ones keep theirs. On
+        failure the old material keeps serving (a half-written or mismatched
+        file must never take the proxy down).
+        """
+        if self.draining:
+            return False
         try:
             fresh = [
                 build_server_tls(rt.config, load_listener_materials(rt.config, i), index=i)
@@ -195,12 +216,17 @@ class Proxy:
             ]
         except ConfigError as exc:
             self.metrics.reloads.labels(result="failure").inc()
+            self.last_reload = {"result": "failure", "time": time.time(), "error": str(exc)}
             log.error("reload failed, still serving the previous certificates: %s", exc)
             return False
         for rt, tls in zip(self.runtimes, fresh):
             rt.tls = tls
-            rt.metrics.set_certificate_expiry(tls.materials.server.leaf, tls.materials.trusted_ca)
+            rt.metrics.publish_materials(tls.materials)
+            for warning in tls.materials.warnings:
+                log.warning("%s", warning)
         self.metrics.reloads.labels(result="success").inc()
+        self.last_reload = {"result": "success", "time": time.time(), "error": None}
+        self.metrics.last_reload_success.set(self.last_reload["time"])
         log.info("reloaded certificates for %d listener(s)", len(fresh))
         return True
 
@@ -208,21 +234,65 @@ class Proxy:
         return {
             "ready": self.ready,
             "draining": self.draining,
-            "listeners": [
-                {
-                    "name": rt.config.name,
-                    "listen": str(rt.config.listen),
-                    "backend": str(rt.config.backend.address),
-                    "client_auth": rt.tls.client_auth,
-                    "server_certificate": {
-                        "subject": rt.tls.materials.server.leaf.subject.rfc4514_string(),
-                        "not_after": rt.tls.materials.server.leaf.not_valid_after_utc.isoformat(),
-                    },
-                    "advertised_ca": [ca.subject.rfc4514_string() for ca in rt.tls.materials.advertised_ca],
-                }
-                for rt in self.runtimes
-            ],
+            "last_reload": {
+                "result": self.last_reload["result"],
+                "time": _iso(self.last_reload["time"]),
+                "error": self.last_reload["error"],
+            },
+            "listeners": [_listener_status(rt, self) for rt in self.runtimes],
         }
+
+
+# The CertificateRequest carries the CA names in a list with a 16-bit length
+# (RFC 8446 4.2.4, RFC 5246 7.4.4): each name costs its DER plus 2 bytes.
+CA_NAMES_LIMIT = 2**16 - 1
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+
+
+def _listener_status(rt: ListenerRuntime, proxy: Proxy) -> dict:
+    mat = rt.tls.materials
+    leaf = mat.server.leaf
+    names = [ca.subject for ca in mat.advertised_ca]
+    names_size = sum(len(name.public_bytes()) + 2 for name in names)
+    warnings = list(mat.warnings)
+    if rt.tls.client_auth != "none" and not names:
+        warnings.append("no CA names are advertised: clients get no hint which certificate to send")
+    if names_size > CA_NAMES_LIMIT:
+        warnings.append(f"the advertised CA names take {names_size} bytes, over the {CA_NAMES_LIMIT}-byte limit "
+                        "of the CertificateRequest: handshakes will fail; set client_auth.advertised_ca")
+    return {
+        "name": rt.config.name,
+        "state": "draining" if proxy.draining else ("accepting" if proxy.ready else "starting"),
+        "listen": str(rt.config.listen),
+        "backend": str(rt.config.backend.address),
+        "client_auth": rt.tls.client_auth,
+        "server_certificate": {
+            "subject": leaf.subject.rfc4514_string(),
+            "dns_sans": _dns_sans(leaf),
+            "not_after": leaf.not_valid_after_utc.isoformat(),
+            "sha256": leaf.fingerprint(hashes.SHA256()).hex(),
+        },
+        "advertised_ca": [name.rfc4514_string() for name in names],
+        "advertised_ca_bytes": names_size,
+        "crls": [
+            {"issuer": crl.issuer.rfc4514_string(),
+             "next_update": crl.next_update_utc.isoformat() if crl.next_update_utc else None}
+            for crl in mat.crls
+        ],
+        "recent_handshake_failures": rt.metrics.recent.counts(),
+        "warnings": warnings,
+    }
+
+
+def _dns_sans(cert: x509.Certificate) -> list[str]:
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return []
+    return ext.value.get_values_for_type(x509.DNSName)
 
 
 class ListenError(Exception):
