@@ -113,6 +113,7 @@ def load_listener_materials(
         advertised_ca = _load_ca_bundle(client_auth.advertised_ca, "client_auth.advertised_ca", report)
     if client_auth.crl is not None:
         crls = _load_crls(client_auth.crl, "client_auth.crl", report)
+        _warn_uncovered_cas(trusted_ca, crls, client_auth.crl, report)
 
     if report.errors or server is None:
         raise ConfigError(str(source) if source else report.source(), report.errors)
@@ -370,6 +371,23 @@ def _load_crls(path: Path, field_name: str, report: _Report) -> tuple[x509.Certi
                 f"the CRL of {describe_name(crl.issuer)} is out of date (next update was due {_when(next_update)})",
             )
     return tuple(crls)
+
+
+def _warn_uncovered_cas(
+    trusted_ca: tuple[x509.Certificate, ...],
+    crls: tuple[x509.CertificateRevocationList, ...],
+    path: Path,
+    report: _Report,
+) -> None:
+    """Revocation is checked where a CRL is given; say which trusted CAs have none."""
+    covered = {crl.issuer for crl in crls}
+    for ca in trusted_ca:
+        if crls and ca.subject not in covered:
+            report.warn(
+                "client_auth.crl",
+                path,
+                f"no CRL issued by {describe_name(ca.subject)}: revocation is not checked for the certificates it issues",
+            )
 
 
 def _read_crls(path: Path) -> list[x509.CertificateRevocationList]:

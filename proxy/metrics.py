@@ -12,11 +12,13 @@ the first scrape, before the first failure of that kind.
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from datetime import datetime
 
-from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from proxy.materials import ListenerMaterials
 from proxy.tls.classify import REASONS
 
 PREFIX = "mtls_proxy_"
@@ -27,6 +29,11 @@ HANDSHAKE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
 CONNECT_BUCKETS = HANDSHAKE_BUCKETS
 # Connections last from milliseconds (one request) to hours (streams).
 CONNECTION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0)
+# Remaining validity of client certificates: hours to two years, with the
+# steps where alerting usually happens (1, 3, 7, 14, 30 days).
+_HOUR, _DAY = 3600.0, 86400.0
+REMAINING_BUCKETS = (_HOUR, 6 * _HOUR, _DAY, 3 * _DAY, 7 * _DAY, 14 * _DAY, 30 * _DAY, 60 * _DAY, 90 * _DAY,
+                     180 * _DAY, 365 * _DAY, 730 * _DAY)
 
 
 class Metrics:
@@ -91,9 +98,27 @@ class Metrics:
             L + ("role", "subject"),
             registry=r,
         )
+        self.crl_next_update = Gauge(
+            PREFIX + "crl_next_update_timestamp_seconds",
+            "nextUpdate of each loaded CRL, as a Unix timestamp (past it, OpenSSL rejects the CA's clients).",
+            L + ("issuer",),
+            registry=r,
+        )
+        self.client_certificate_remaining = Histogram(
+            PREFIX + "client_certificate_remaining_seconds",
+            "Remaining validity of the client certificates of successful handshakes.",
+            L,
+            buckets=REMAINING_BUCKETS,
+            registry=r,
+        )
         self.reloads = Counter(PREFIX + "reloads", "Certificate and configuration reloads.", ("result",), registry=r)
         for result in ("success", "failure"):
             self.reloads.labels(result=result)
+        self.last_reload_success = Gauge(
+            PREFIX + "last_reload_success_timestamp_seconds",
+            "When the certificates were last loaded successfully (start-up counts), as a Unix timestamp.",
+            registry=r,
+        )
 
     def for_listener(self, name: str) -> ListenerMetrics:
         return ListenerMetrics(self, name)
@@ -120,12 +145,15 @@ class ListenerMetrics:
         self.bytes_down = m.bytes.labels(listener, "backend_to_client")
         self.backend_failures = m.backend_connect_failures.labels(listener)
         self.backend_connect_duration = m.backend_connect_duration.labels(listener)
+        self.client_certificate_remaining = m.client_certificate_remaining.labels(listener)
+        self.recent = RecentFailures()
         self._sessions: dict[tuple[str, str, bool], object] = {}
 
     def handshake_failed(self, reason: str, seconds: float) -> None:
         self.handshake_failure.inc()
         self.failures[reason].inc()
         self.handshake_duration_failure.observe(seconds)
+        self.recent.add(reason)
 
     def handshake_succeeded(self, seconds: float, *, version: str, cipher: str, resumed: bool, presented: bool) -> None:
         self.handshake_success.inc()
@@ -138,24 +166,59 @@ class ListenerMetrics:
         child.inc()
         (self.cert_presented if presented else self.cert_absent).inc()
 
-    def set_certificate_expiry(self, server_leaf: x509.Certificate, trusted_ca: tuple[x509.Certificate, ...]) -> None:
-        """Publish notAfter of the loaded material, replacing the previous set."""
-        gauge = self.family.certificate_expiry
-        for labels in list(_children_of(gauge, self.listener)):
-            gauge.remove(*labels)
-        gauge.labels(self.listener, "server", server_leaf.subject.rfc4514_string()).set(_ts(server_leaf.not_valid_after_utc))
-        for ca in trusted_ca:
-            gauge.labels(self.listener, "trusted_ca", ca.subject.rfc4514_string()).set(_ts(ca.not_valid_after_utc))
+    def publish_materials(self, materials: ListenerMaterials) -> None:
+        """Expiry of the loaded certificates and CRLs, replacing the previous set."""
+        expiry = self.family.certificate_expiry
+        _remove_listener_children(expiry, self.listener)
+        leaf = materials.server.leaf
+        expiry.labels(self.listener, "server", leaf.subject.rfc4514_string()).set(_ts(leaf.not_valid_after_utc))
+        for ca in materials.trusted_ca:
+            expiry.labels(self.listener, "trusted_ca", ca.subject.rfc4514_string()).set(_ts(ca.not_valid_after_utc))
+        next_update = self.family.crl_next_update
+        _remove_listener_children(next_update, self.listener)
+        for crl in materials.crls:
+            if crl.next_update_utc is not None:
+                next_update.labels(self.listener, crl.issuer.rfc4514_string()).set(_ts(crl.next_update_utc))
+
+
+class RecentFailures:
+    """Handshake failures of the last few minutes by reason, for /status.
+
+    Prometheus has the full history; this answers "why are clients being
+    refused right now?" without a query. Memory is bounded: past ``limit``
+    entries the oldest are dropped (the counts then say "at least").
+    """
+
+    def __init__(self, window: float = 300.0, limit: int = 10_000) -> None:
+        self.window = window
+        self._events: deque[tuple[float, str]] = deque(maxlen=limit)
+
+    def add(self, reason: str) -> None:
+        self._events.append((time.monotonic(), reason))
+
+    def counts(self) -> dict[str, int]:
+        cutoff = time.monotonic() - self.window
+        while self._events and self._events[0][0] < cutoff:
+            self._events.popleft()
+        out: dict[str, int] = {}
+        for _, reason in self._events:
+            out[reason] = out.get(reason, 0) + 1
+        return out
 
 
 def _ts(when: datetime) -> float:
     return when.timestamp()
 
 
-def _children_of(gauge: Gauge, listener: str):
+def _remove_listener_children(gauge: Gauge, listener: str) -> None:
     # prometheus_client keeps children in a private dict; collect() is the
     # public way to enumerate them.
+    label_names = None
+    stale = []
     for family in gauge.collect():
         for sample in family.samples:
             if sample.labels.get("listener") == listener:
-                yield (sample.labels["listener"], sample.labels["role"], sample.labels["subject"])
+                label_names = label_names or list(sample.labels)
+                stale.append(tuple(sample.labels[name] for name in label_names))
+    for labels in stale:
+        gauge.remove(*labels)

@@ -163,7 +163,11 @@ def test_loads_a_valid_listener(files: Files) -> None:
     assert loaded.trusted_ca == (files.client_ca_1[0], files.client_ca_2[0])
     assert loaded.advertised_ca == loaded.trusted_ca  # default: advertise the trusted CAs
     assert [crl.issuer for crl in loaded.crls] == [files.client_ca_1[0].subject]
-    assert loaded.warnings == ()
+    # The bundle's second CA has no CRL in the file: revocation is checked where a CRL is given, and said so.
+    assert loaded.warnings == (
+        f"listeners[0].client_auth.crl: {files.path('crl.pem')}: no CRL issued by CN=Client CA 2: "
+        "revocation is not checked for the certificates it issues",
+    )
 
 
 def test_advertised_ca_is_loaded_separately(files: Files) -> None:
@@ -496,9 +500,9 @@ def test_out_of_date_crl_is_a_warning(files: Files) -> None:
     stale = crl_of(files.client_ca_1, next_update=datetime(2030, 5, 1, tzinfo=timezone.utc))
     files.write("crl.pem", stale.public_bytes(serialization.Encoding.PEM))
     loaded = files.load(trusted_ca="client-ca.crt", crl="crl.pem")
-    assert loaded.warnings == (
+    assert loaded.warnings[0] == (
         f"listeners[0].client_auth.crl: {files.path('crl.pem')}: the CRL of CN=Client CA 1 is out of date "
-        "(next update was due 2030-05-01 00:00:00 UTC)",
+        "(next update was due 2030-05-01 00:00:00 UTC)"
     )
 
 

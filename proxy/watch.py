@@ -1,0 +1,67 @@
+"""Notice when the files a config names change, without a signal.
+
+Kubernetes updates a mounted Secret by writing a new timestamped folder and
+swapping the `..data` symlink to it; the paths the config names stay the
+same. Polling ``os.stat`` (which follows symlinks: a swap changes the inode)
+plus a hash of the content catches that, an in-place rewrite, and a
+`mv new old` rotation alike. The files are small PEM files, so reading them
+every few seconds costs next to nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+
+import trio
+
+from proxy.config import Config
+
+log = logging.getLogger("proxy.watch")
+
+Snapshot = tuple[tuple[str, object], ...]
+
+
+def watched_paths(config: Config) -> list[Path]:
+    paths: list[Path] = []
+    for listener in config.listeners:
+        auth = listener.client_auth
+        for path in (listener.tls.cert, listener.tls.key, auth.trusted_ca, auth.advertised_ca, auth.crl):
+            if path is not None and path not in paths:
+                paths.append(path)
+    return paths
+
+
+def _state_of(path: Path) -> object:
+    try:
+        st = os.stat(path)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        return f"unreadable: {exc.strerror}"
+    return (st.st_ino, st.st_mtime_ns, st.st_size, digest)
+
+
+def snapshot(paths: Iterable[Path]) -> Snapshot:
+    return tuple((str(path), _state_of(path)) for path in paths)
+
+
+async def watch_files(paths: list[Path], interval: float, on_change: Callable[[], Awaitable[None] | None]) -> None:
+    """Call ``on_change`` whenever any of ``paths`` differs from the last look.
+
+    A reload that fails on a half-written file is retried on the next change
+    (the writer finishing is a change), never in a tight loop.
+    """
+    last = snapshot(paths)
+    while True:
+        await trio.sleep(interval)
+        current = snapshot(paths)
+        if current != last:
+            changed = [path for (path, old), (_, new) in zip(last, current) if old != new]
+            log.info("files changed: %s", ", ".join(changed))
+            last = current
+            result = on_change()
+            if result is not None:
+                await result
