@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import trio
@@ -48,7 +48,7 @@ def snapshot(paths: Iterable[Path]) -> Snapshot:
     return tuple((str(path), _state_of(path)) for path in paths)
 
 
-async def watch_files(paths: list[Path], interval: float, on_change: Callable[[], Awaitable[None] | None]) -> None:
+async def watch_files(paths: list[Path], interval: float, on_change: Callable[[], object]) -> None:
     """Call ``on_change`` whenever any of ``paths`` differs from the last look.
 
     A reload that fails on a half-written file is retried on the next change
@@ -62,6 +62,4 @@ async def watch_files(paths: list[Path], interval: float, on_change: Callable[[]
             changed = [path for (path, old), (_, new) in zip(last, current) if old != new]
             log.info("files changed: %s", ", ".join(changed))
             last = current
-            result = on_change()
-            if result is not None:
-                await result
+            on_change()

@@ -203,9 +203,16 @@ def listener_config(test_pki: TestPKI, backend_address: str, **overrides: Any) -
 
 
 async def start_proxy(nursery, test_pki: TestPKI, backend_address: str, *, admin: bool = False,
-                      **overrides: Any) -> RunningProxy:
+                      top: dict | None = None, **overrides: Any) -> RunningProxy:
+    """Run a proxy with one listener named "test"; ``top`` adds top-level
+    config keys, the keyword arguments override the listener's."""
     config = parse(
-        {"admin": {"listen": "127.0.0.1:0"}, "listeners": [listener_config(test_pki, backend_address, **overrides)]},
+        {
+            "admin": {"listen": "127.0.0.1:0"},
+            "reload": {"watch_interval": 0},
+            **(top or {}),
+            "listeners": [listener_config(test_pki, backend_address, **overrides)],
+        },
         source="test",
     )
     registry = CollectorRegistry()
