@@ -30,7 +30,7 @@ from proxy.httpserver import serve_http
 from proxy.materials import ListenerMaterials, load_listener_materials
 from proxy.metrics import Metrics
 from proxy.tls.context import build_server_tls
-from proxy.watch import watch_files, watched_paths
+from proxy.watch import changed, snapshot, watched_paths
 
 log = logging.getLogger("proxy.server")
 
@@ -102,6 +102,10 @@ class Proxy:
         admin: bool = True,
     ) -> None:
         self.config = config
+        # Taken before the contexts are built; the materials were read just
+        # before this, so a change from here on triggers a reload.
+        self._watched = watched_paths(config)
+        self._files_seen = snapshot(self._watched)
         self.metrics = metrics or Metrics()
         self.drain_timeout = config.drain_timeout
         self.admin_enabled = admin
@@ -139,10 +143,7 @@ class Proxy:
                         raise ListenError(f"admin: cannot listen on {addr}: {exc.strerror or exc}") from None
                     bound.admin = format_address((host, port))
                 if self.config.reload.watch_interval > 0:
-                    outer.start_soon(
-                        watch_files, watched_paths(self.config), self.config.reload.watch_interval,
-                        self.reload_certificates,
-                    )
+                    outer.start_soon(self._watch_files, self.config.reload.watch_interval)
                 await self._serve(sockets, bound, task_status)
                 outer.cancel_scope.cancel()  # the drain is over: stop the admin endpoint
         finally:
@@ -209,6 +210,7 @@ class Proxy:
         """
         if self.draining:
             return False
+        self._files_seen = snapshot(self._watched)  # before reading: a later change is a new change
         try:
             fresh = [
                 build_server_tls(rt.config, load_listener_materials(rt.config, i), index=i)
@@ -229,6 +231,14 @@ class Proxy:
         self.metrics.last_reload_success.set(self.last_reload["time"])
         log.info("reloaded certificates for %d listener(s)", len(fresh))
         return True
+
+    async def _watch_files(self, interval: float) -> None:
+        while True:
+            await trio.sleep(interval)
+            current = snapshot(self._watched)
+            if current != self._files_seen:
+                log.info("files changed: %s; reloading", ", ".join(changed(self._files_seen, current)))
+                self.reload_certificates()
 
     def status(self) -> dict:
         return {

@@ -6,21 +6,21 @@ same. Polling ``os.stat`` (which follows symlinks: a swap changes the inode)
 plus a hash of the content catches that, an in-place rewrite, and a
 `mv new old` rotation alike. The files are small PEM files, so reading them
 every few seconds costs next to nothing.
+
+The proxy compares against the snapshot taken just before it last read the
+files, so a change that lands while files are being loaded is never missed,
+and a reload that failed on a half-written file is retried once the writer
+finishes (that is a change), never in a tight loop.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
-import trio
-
 from proxy.config import Config
-
-log = logging.getLogger("proxy.watch")
 
 Snapshot = tuple[tuple[str, object], ...]
 
@@ -48,18 +48,6 @@ def snapshot(paths: Iterable[Path]) -> Snapshot:
     return tuple((str(path), _state_of(path)) for path in paths)
 
 
-async def watch_files(paths: list[Path], interval: float, on_change: Callable[[], object]) -> None:
-    """Call ``on_change`` whenever any of ``paths`` differs from the last look.
-
-    A reload that fails on a half-written file is retried on the next change
-    (the writer finishing is a change), never in a tight loop.
-    """
-    last = snapshot(paths)
-    while True:
-        await trio.sleep(interval)
-        current = snapshot(paths)
-        if current != last:
-            changed = [path for (path, old), (_, new) in zip(last, current) if old != new]
-            log.info("files changed: %s", ", ".join(changed))
-            last = current
-            on_change()
+def changed(old: Snapshot, new: Snapshot) -> list[str]:
+    """The paths whose state differs between two snapshots of the same paths."""
+    return [path for (path, before), (_, after) in zip(old, new) if before != after]
