@@ -404,6 +404,17 @@ class BackendConfig(_Model):
     address: BackendAddress
     protocol: Literal["tcp", "http"] = "tcp"
     connect_timeout: Seconds = 5.0
+    # Send a PROXY protocol header before any data: the client's addresses
+    # and (v2) the TLS facts, so a TCP backend learns who the client is.
+    proxy_protocol: Literal["v1", "v2"] | None = None
+    # v2 only: also send the client's certificate (DER, sub-TLV 0x28).
+    proxy_protocol_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _client_cert_needs_v2(self) -> BackendConfig:
+        if self.proxy_protocol_client_cert and self.proxy_protocol != "v2":
+            raise ValueError("proxy_protocol_client_cert needs proxy_protocol: v2 (v1 has no room for it)")
+        return self
 
 
 class TimeoutsConfig(_Model):

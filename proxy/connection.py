@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import trio
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 
+from proxy import proxyproto
 from proxy.backend import BackendError, connect_backend
 from proxy.config import ListenerConfig
 from proxy.identity import PeerIdentity, identity_from_cert
@@ -130,6 +131,14 @@ async def _serve(stream: TLSStream, record: HandshakeRecord, tls: ServerTLS, rt:
     if record.identity is not None:
         m.client_certificate_remaining.observe(max(0.0, record.identity.remaining_seconds(_now())))
 
+    header = b""
+    if cfg.backend.proxy_protocol:
+        try:
+            header = _proxy_header(stream, record, cfg)
+        except ValueError as exc:  # e.g. a client certificate too large for the header: fail closed
+            out.outcome, out.reason, out.detail = "error", "proxy_protocol", str(exc)
+            return
+
     connect_started = trio.current_time()
     try:
         backend = await connect_backend(cfg.backend.address, cfg.backend.connect_timeout)
@@ -140,6 +149,8 @@ async def _serve(stream: TLSStream, record: HandshakeRecord, tls: ServerTLS, rt:
     m.backend_connect_duration.observe(trio.current_time() - connect_started)
 
     try:
+        if header:
+            await backend.send_all(header)
         result = await pump(stream, backend, idle_timeout=cfg.timeouts.idle, on_up=m.bytes_up.inc, on_down=m.bytes_down.inc)
     finally:
         with trio.move_on_after(CLOSE_TIMEOUT) as scope:
@@ -164,6 +175,28 @@ def _identify_resumed(stream: TLSStream, record: HandshakeRecord, tls: ServerTLS
         return  # optional mode, anonymous client
     sha256 = cert.fingerprint(hashes.SHA256()).hex()
     record.identity = tls.recall(sha256) or identity_from_cert(cert)
+
+
+def _proxy_header(stream: TLSStream, record: HandshakeRecord, cfg: ListenerConfig) -> bytes:
+    """The PROXY protocol header that tells a TCP backend who the client is."""
+    sock = stream.transport_stream.socket
+    source, destination = sock.getpeername()[:2], sock.getsockname()[:2]
+    if cfg.backend.proxy_protocol == "v1":
+        return proxyproto.encode_v1(source, destination)
+    identity = record.identity
+    leaf = stream.connection.get_peer_certificate(as_cryptography=True) if identity is not None else None
+    sni = stream.connection.get_servername()
+    tls = proxyproto.TLSInfo(
+        version=stream.version,
+        cipher=stream.cipher,
+        sni=sni.decode("idna") if sni else None,
+        alpn=stream.alpn_protocol,
+        client_cert_presented=identity is not None,
+        client_cert_verified=True,  # we only get here after verification passed
+        common_name=identity.common_names[0] if identity and identity.common_names else None,
+        client_cert_der=leaf.public_bytes(serialization.Encoding.DER) if leaf is not None else None,
+    )
+    return proxyproto.encode_v2(source, destination, tls, include_cert=cfg.backend.proxy_protocol_client_cert)
 
 
 def _rejected_identity(record: HandshakeRecord) -> PeerIdentity | None:
