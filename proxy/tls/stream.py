@@ -38,6 +38,7 @@ the measurements behind each number):
 from __future__ import annotations
 
 import enum
+import operator
 
 import trio
 from OpenSSL import SSL
@@ -186,9 +187,11 @@ class TLSStream(trio.abc.HalfCloseableStream):
     async def _receive_from_transport(self) -> None:
         try:
             data = await self.transport_stream.receive_some(TRANSPORT_RECEIVE_SIZE)
-        except BaseException:
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._state = _State.BROKEN
             raise
+        # (A cancelled receive took nothing from the transport: the session
+        # stays usable, and aclose() can still send close_notify.)
         if data:
             if len(self.first_bytes) < FIRST_BYTES_KEPT:
                 self.first_bytes += bytes(data[: FIRST_BYTES_KEPT - len(self.first_bytes)])
@@ -249,8 +252,10 @@ class TLSStream(trio.abc.HalfCloseableStream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if max_bytes is None:
             max_bytes = DEFAULT_RECEIVE_SIZE
-        elif max_bytes < 1:
-            raise ValueError("max_bytes must be >= 1")
+        else:
+            max_bytes = operator.index(max_bytes)  # before OpenSSL sees it: a TypeError must not break the session
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be >= 1")
         self._check_handshaken()
         if self._recv_busy:
             raise trio.BusyResourceError("another task is already receiving")
@@ -312,8 +317,15 @@ class TLSStream(trio.abc.HalfCloseableStream):
             self._send_busy = False
 
     async def wait_send_all_might_not_block(self) -> None:
-        async with self._send_lock:
-            await self.transport_stream.wait_send_all_might_not_block()
+        self._check_usable()
+        if self._send_busy:
+            raise trio.BusyResourceError("another task is already sending")
+        self._send_busy = True
+        try:
+            async with self._send_lock:
+                await self.transport_stream.wait_send_all_might_not_block()
+        finally:
+            self._send_busy = False
 
     async def send_eof(self) -> None:
         """Send close_notify and keep receiving: the TLS half-close."""
