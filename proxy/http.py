@@ -1,0 +1,721 @@
+"""HTTP/1.1 between a verified client and a plain backend: identity headers in, forged ones out (sans-IO).
+
+Theory of operation
+-------------------
+One client connection maps to exactly one backend connection, and they live and die together (as in tcp mode).
+An `HttpRelay` sits between them and holds two h11 connections:
+
+    client bytes --> h11 SERVER (parses requests)  --rewrite-->  h11 CLIENT (writes requests)  --> backend bytes
+    client bytes <-- h11 SERVER (writes responses) <--as is----  h11 CLIENT (parses responses) <-- backend bytes
+
+The relay does no I/O. The driver feeds what it read (`from_client`, `from_backend`; b"" means EOF) and gets a
+`Step` back: bytes to write to each peer, whether to close, whether to switch to a raw byte pump. Every event is
+re-sent the moment it is parsed, so a body streams through in pieces as large as one read; no body is ever
+buffered whole.
+
+Requests are rewritten once, at the head (`_request_headers`):
+  1. every header the proxy owns is dropped, in any spelling (see "Stripping" below);
+  2. hop-by-hop headers are dropped and `Connection` is rebuilt with only `close` / `upgrade`, so a client cannot
+     name one of our headers in `Connection` and have a later hop delete it;
+  3. the proxy's own headers are appended: XFCC (verified clients only), X-Forwarded-For, X-Forwarded-Proto and
+     the configured extras. They are computed once per connection, since the identity cannot change.
+Trailers of chunked requests get step 1 too. Responses go back unchanged apart from what h11 does to frame them for
+this client (chunked vs. close-delimited, `Connection: close` when the connection is ending).
+
+h11 runs one request/response cycle at a time. A pipelined request waits in the SERVER connection's buffer (h11
+says PAUSED) until the response to the previous one is complete; then both connections start their next cycle
+and the waiting request is forwarded. That happens inside `from_backend`, which is why one Step can carry bytes for
+both peers. While paused, `client_paused` is True and the driver must stop reading from the client: that is what
+bounds the memory a pipelining client can make us hold.
+
+Stripping
+---------
+A header is removed when its name, lowercased and with every character other than a letter or a digit deleted,
+equals that reduction of a header the proxy owns. So `X-Forwarded-Client-Cert`, `x_forwarded_client_cert`,
+`X.FORWARDED.CLIENT.CERT` all go: CGI and WSGI turn `-` into `_` (so `X_Forwarded_For` and `X-Forwarded-For` become
+the same HTTP_X_FORWARDED_FOR), and some servers fold other punctuation too. Every copy goes, on every request.
+Owned headers: the ones the proxy sets (XFCC, X-Forwarded-For, X-Forwarded-Proto, each configured extra) and
+`ALWAYS_STRIPPED`: the other headers a backend reads from a proxy it trusts (Forwarded, X-Forwarded-Host, ...).
+The client is not a trusted proxy, so its copies are forged, and the proxy sets none of them (Host passes through).
+
+Errors
+------
+Each error ends the connection; the Step carries an `error` label (one of `ERRORS`) and, if the client has no
+response head for its current request yet, an error response (habit 13: the status hint rides on the exception,
+as h11's error_status_hint does):
+- malformed request -> 400; header block over `max_header_bytes` -> 431; a transfer coding other than chunked
+  -> 501; CONNECT -> 405; both Content-Length and Transfer-Encoding -> 400 (the request-smuggling shape, RFC 9112
+  section 6.3, refused rather than repaired).
+- malformed, truncated or unsolicited response -> 502.
+- the driver reports backend failures with `fail(502)` (unreachable, reset, a failed write) or `fail(504)`
+  (connect timeout); `render_error_response` renders the same responses for use without a relay.
+
+Upgrade
+-------
+A request with `Upgrade` (listed in `Connection`, HTTP/1.1) is forwarded as such. When the backend answers
+`101 Switching Protocols` the Step carries the 101 for the client and a `SwitchToRaw` with the bytes each h11
+connection had already read past the HTTP part. The driver writes the 101, then the leftovers, then pumps raw
+bytes (proxy.pump). Bytes fed to the relay after the switch (a read already in flight) pass through untouched.
+
+Driving it from two trio tasks
+------------------------------
+Connect to the backend first (`fail(502)` / `fail(504)` if that fails), then run two tasks. One reads the client
+and calls `from_client`, the other reads the backend and calls `from_backend`; a read error from the backend is
+`from_backend(b"")`, a write error to it is `fail(502)`, a broken client connection ends everything. Either call
+can return bytes for either peer, so give each peer stream a `trio.StrictFIFOLock` and enter it right after the
+call: acquiring does not yield unless the task is cancelled or the lock is taken, so the writes to a peer happen in
+the order the relay produced them. Before each client read, wait while `relay.client_paused` (the backend task
+wakes the client task after each of its steps, e.g. with a trio.Condition). After feeding b"" for a peer, stop
+reading that peer. Stop both tasks on `step.close`, after writing that step's bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+import h11
+
+from proxy.identity import PeerIdentity
+
+MAX_HEADER_BYTES = 32 * 1024  # request line + header block, like nginx's large_client_header_buffers 4x8k
+
+XFCC = "X-Forwarded-Client-Cert"
+XFF = "X-Forwarded-For"
+XFP = "X-Forwarded-Proto"
+
+# Headers a backend reads from a proxy it trusts: Werkzeug's ProxyFix, Django, Express "trust proxy", Rails, Spring's
+# ForwardedHeaderFilter, and RFC 9440's Client-Cert. This proxy sets none of them, so any copy is the client's.
+ALWAYS_STRIPPED = (
+    "Forwarded",
+    "X-Forwarded-Host",
+    "X-Forwarded-Port",
+    "X-Forwarded-Prefix",
+    "X-Forwarded-Scheme",
+    "X-Forwarded-Server",
+    "X-Forwarded-Ssl",
+    "X-Real-IP",
+    "Client-Cert",
+    "Client-Cert-Chain",
+)
+
+# Hop-by-hop headers never forwarded as received (RFC 9110 section 7.6.1); Connection and Upgrade are rebuilt.
+_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade"})
+# Framing and routing headers a Connection token must not remove, nor a configured extra header replace.
+_FRAMING = frozenset({b"host", b"content-length", b"transfer-encoding"})
+_NOT_CONFIGURABLE = _FRAMING | _HOP_BY_HOP | {b"trailer", b"expect"}
+
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_NON_ALNUM = bytes(b for b in range(256) if not chr(b).isascii() or not chr(b).isalnum())
+
+_REASONS = {
+    400: "Bad Request",
+    405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+# ---- header names ------------------------------------------------------------------------------------------------
+
+
+def reduce_name(name: str | bytes) -> bytes:
+    """The stripping key of a header name: lowercase letters and digits only (`X_Forwarded-For` -> `xforwardedfor`)."""
+    raw = name.encode("latin-1") if isinstance(name, str) else name
+    return raw.lower().translate(None, _NON_ALNUM)
+
+
+# ---- identity values: header-safe text ---------------------------------------------------------------------------
+
+
+def _hex_escape(ch: str) -> str:
+    return "".join(f"\\{byte:02X}" for byte in ch.encode("utf-8"))
+
+
+def _ascii_text(text: str) -> str:
+    """Printable ASCII for a header: anything else becomes RFC 4514-style `\\XX` UTF-8 hex pairs.
+
+    Certificate text is attacker-chosen: a newline would break the header block and non-ASCII bytes are obs-text.
+    A backslash and spaces at either end (h11 refuses them, receivers strip them) are escaped too, so the value is
+    never silently altered: decoding every `\\XX` gives the original back.
+    """
+    out = [ch if " " <= ch <= "~" and ch != "\\" else _hex_escape(ch) for ch in text]
+    return _escape_edge_spaces("".join(out))
+
+
+def _ascii_dn(dn: str) -> str:
+    """An RFC 4514 DN in printable ASCII, still a valid DN for the same name (what OpenSSL's RFC 2253 printer gives).
+
+    Backslashes are already RFC 4514 escapes here, so only non-ASCII and control characters become `\\XX`. A DN
+    ends with a space only as the escape `\\ `, which becomes the equivalent `\\20`.
+    """
+    out = "".join(ch if " " <= ch <= "~" else _hex_escape(ch) for ch in dn)
+    if out.endswith("\\ ") and _odd_backslashes_before(out, len(out) - 1):
+        out = out[:-1] + "20"
+    return _escape_edge_spaces(out)
+
+
+def _escape_edge_spaces(text: str) -> str:
+    if text.startswith(" "):
+        text = "\\20" + text[1:]
+    if text.endswith(" "):
+        text = text[:-1] + "\\20"
+    return text
+
+
+def _odd_backslashes_before(text: str, index: int) -> bool:
+    count = 0
+    while index - count - 1 >= 0 and text[index - count - 1] == "\\":
+        count += 1
+    return count % 2 == 1
+
+
+# ---- XFCC --------------------------------------------------------------------------------------------------------
+
+
+def xfcc_element(identity: PeerIdentity) -> str:
+    """Envoy's XFCC element for a verified client: `Hash=..;Subject="..";URI=..;DNS=..`, keys in Envoy's order.
+
+    Envoy's rules (docs, "x-forwarded-client-cert"): a value holding `,` `;` `=` or `"` is double-quoted, with `"`
+    written `\\"`; Subject is always quoted; one URI= per URI SAN and one DNS= per DNS SAN, in certificate order.
+    No URI= or DNS= when the certificate has none. All values are made printable ASCII first (`_ascii_text`).
+    """
+    parts = [f"Hash={identity.sha256}", f"Subject={_xfcc_quote_dn(_ascii_dn(identity.subject))}"]
+    parts += [f"URI={_xfcc_value(_ascii_text(uri))}" for uri in identity.uri_sans]
+    parts += [f"DNS={_xfcc_value(_ascii_text(dns))}" for dns in identity.dns_sans]
+    return ";".join(parts)
+
+
+def _xfcc_value(value: str) -> str:
+    if any(ch in value for ch in ',;="'):
+        return '"' + value.replace('"', '\\"') + '"'
+    return value
+
+
+def _xfcc_quote_dn(dn: str) -> str:
+    """A DN between double quotes.
+
+    RFC 4514 already writes every `"` and `\\` inside a DN as `\\"` and `\\\\`, so a real DN goes in as is: exactly
+    what Envoy does with OpenSSL's RFC 2253 string. Escaping it again would turn `\\"` into `\\\\"`, which a parser
+    that honours `\\\\` reads as the end of the quoted string. Any `"` or `\\` that is not already part of an escape
+    (only a hand-made PeerIdentity can hold one) is escaped here, so the quoted string can never end early.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(dn):
+        if dn[i] == "\\" and i + 1 < len(dn):
+            out.append(dn[i : i + 2])
+            i += 2
+            continue
+        out.append("\\" + dn[i] if dn[i] in '"\\' else dn[i])
+        i += 1
+    return '"' + "".join(out) + '"'
+
+
+# ---- configured extra headers ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Client:
+    """What the variables read: the identity (None = anonymous) and the leaf's DER when known."""
+
+    identity: PeerIdentity | None
+    leaf_der: bytes | None
+
+
+def _from_identity(read: Callable[[PeerIdentity], str]) -> Callable[[_Client], str]:
+    return lambda client: "" if client.identity is None else read(client.identity)
+
+
+def _pem_urlencoded(client: _Client) -> str:
+    """The leaf PEM, URL-encoded like nginx's $ssl_client_escaped_cert (all but A-Z a-z 0-9 - . _ ~ escaped).
+
+    Only the driver knows the DER; when it passes none, the value is empty and the header is left out.
+    """
+    if client.identity is None or client.leaf_der is None:
+        return ""
+    b64 = base64.b64encode(client.leaf_der).decode("ascii")
+    lines = [b64[i : i + 64] for i in range(0, len(b64), 64)]
+    pem = "-----BEGIN CERTIFICATE-----\n" + "\n".join(lines) + "\n-----END CERTIFICATE-----\n"
+    return quote(pem, safe="")
+
+
+# Variable name -> value for one client. "" means "no header" (nginx drops a proxy_set_header whose value is empty).
+VARIABLES: Mapping[str, Callable[[_Client], str]] = {
+    "subject": _from_identity(lambda i: _ascii_dn(i.subject)),
+    "issuer": _from_identity(lambda i: _ascii_dn(i.issuer)),
+    "common_name": _from_identity(lambda i: ",".join(_ascii_text(cn) for cn in i.common_names)),
+    "serial": _from_identity(lambda i: i.serial),
+    "fingerprint_sha256": _from_identity(lambda i: i.sha256),
+    "uri_sans": _from_identity(lambda i: ",".join(_ascii_text(uri) for uri in i.uri_sans)),
+    "dns_sans": _from_identity(lambda i: ",".join(_ascii_text(dns) for dns in i.dns_sans)),
+    "not_after": _from_identity(lambda i: i.not_after.isoformat()),
+    "verify": lambda client: "NONE" if client.identity is None else "SUCCESS",
+    "cert_pem_urlencoded": _pem_urlencoded,
+}
+
+
+class HeaderPolicy:
+    """What a listener adds and strips; built once from the config, so mistakes surface at startup.
+
+    `extra_headers` maps a header name to one of `VARIABLES`, e.g. {"X-Client-DN": "subject"}.
+    """
+
+    def __init__(self, extra_headers: Mapping[str, str] | None = None, *, max_header_bytes: int = MAX_HEADER_BYTES):
+        extras = dict(extra_headers or {})
+        _check_extra_headers(extras)
+        if max_header_bytes < 1024:
+            raise ValueError(f"max_header_bytes must be at least 1024, got {max_header_bytes}")
+        self.extra_headers: Mapping[str, str] = extras
+        self.max_header_bytes = max_header_bytes
+        owned = [XFCC, XFF, XFP, *ALWAYS_STRIPPED, *extras]
+        self._stripped = frozenset(reduce_name(name) for name in owned)
+
+    @property
+    def needs_leaf_der(self) -> bool:
+        """Whether `cert_pem_urlencoded` is configured; without the DER that header is left out."""
+        return "cert_pem_urlencoded" in self.extra_headers.values()
+
+    def is_stripped(self, name: str | bytes) -> bool:
+        """Whether an incoming header of this name is removed (see "Stripping" in the module docstring)."""
+        return reduce_name(name) in self._stripped
+
+    def added_headers(
+        self, *, client_ip: str, identity: PeerIdentity | None, leaf_der: bytes | None = None
+    ) -> list[tuple[bytes, bytes]]:
+        """The headers the proxy appends to every request of one connection."""
+        _check_leaf_der(identity, leaf_der)
+        values = [(XFF, str(ipaddress.ip_address(client_ip))), (XFP, "https")]
+        if identity is not None:
+            values.insert(0, (XFCC, xfcc_element(identity)))
+        client = _Client(identity, leaf_der)
+        values += [(name, VARIABLES[variable](client)) for name, variable in self.extra_headers.items()]
+        return [(name.encode("ascii"), value.encode("ascii")) for name, value in values if value]
+
+
+def _check_extra_headers(extras: Mapping[str, str]) -> None:
+    fixed = {reduce_name(name): name for name in (XFCC, XFF, XFP)}
+    protected = {reduce_name(name): name.decode("ascii") for name in _NOT_CONFIGURABLE}
+    seen: dict[bytes, str] = {}
+    for name, variable in extras.items():
+        if not isinstance(name, str) or not _TOKEN_RE.fullmatch(name):
+            raise ValueError(
+                f"extra header name {name!r} is not a valid HTTP field name "
+                "(letters, digits and !#$%&'*+-.^_`|~ only)"
+            )
+        key = reduce_name(name)
+        if key in fixed:
+            raise ValueError(f"extra header {name!r} is the proxy's own {fixed[key]} header; choose another name")
+        if key in protected:
+            raise ValueError(
+                f"extra header {name!r} would replace {protected[key]}, which must reach the backend as the client "
+                "sent it; choose another name"
+            )
+        if key in seen:
+            raise ValueError(
+                f"extra headers {seen[key]!r} and {name!r} are the same header to a backend "
+                "(case, '-', '_' and other punctuation do not count); keep one"
+            )
+        seen[key] = name
+        if variable not in VARIABLES:
+            raise ValueError(
+                f"extra header {name!r}: unknown variable {variable!r}; choose one of {', '.join(VARIABLES)}"
+            )
+
+
+def _check_leaf_der(identity: PeerIdentity | None, leaf_der: bytes | None) -> None:
+    if identity is not None and leaf_der is not None and hashlib.sha256(leaf_der).hexdigest() != identity.sha256:
+        raise ValueError("leaf_der is not the certificate of this identity (SHA-256 differs)")
+
+
+# ---- results -----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchToRaw:
+    """The backend accepted an Upgrade: from now on both sides speak raw bytes.
+
+    Write the Step's `to_client` (the 101) first, then `backend_leftover` to the client and `client_leftover` to
+    the backend, then pump. `*_eof` says that side had already closed its sending half.
+    """
+
+    client_leftover: bytes
+    backend_leftover: bytes
+    client_eof: bool = False
+    backend_eof: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What one call produced. Write `to_backend` and `to_client` (either may be empty), then act on the flags."""
+
+    to_backend: bytes = b""
+    to_client: bytes = b""
+    close: bool = False  # after writing this step's bytes, close both connections
+    switch: SwitchToRaw | None = None
+    requests: int = 0  # request heads forwarded to the backend in this step
+    statuses: tuple[int, ...] = ()  # status of each final response (or 101) whose head went to the client
+    error: str | None = None  # why the relay ended the connection: one of ERRORS, for logs and metrics labels
+    detail: str = ""  # free text about the error (h11's message), for the log only
+
+
+# The closed set of Step.error values.
+ERRORS = (
+    "bad_request",  # 400: malformed request (h11), or both Content-Length and Transfer-Encoding
+    "headers_too_large",  # 431
+    "not_implemented",  # 501: a transfer coding other than chunked
+    "connect_not_allowed",  # 405: CONNECT is not proxied
+    "bad_response",  # 502 (or close): malformed, truncated or unsolicited backend response
+    "backend_closed",  # the backend closed while no request was in flight: close, no response
+    "backend_unreachable",  # fail(502)
+    "backend_timeout",  # fail(504)
+    "internal",  # h11 refused something the relay sent: a bug, reported instead of raised
+)
+
+
+@dataclass
+class _Out:
+    to_backend: bytearray = field(default_factory=bytearray)
+    to_client: bytearray = field(default_factory=bytearray)
+    close: bool = False
+    switch: SwitchToRaw | None = None
+    requests: int = 0
+    statuses: list[int] = field(default_factory=list)
+    error: str | None = None
+    detail: str = ""
+
+    def step(self) -> Step:
+        return Step(
+            to_backend=bytes(self.to_backend),
+            to_client=bytes(self.to_client),
+            close=self.close,
+            switch=self.switch,
+            requests=self.requests,
+            statuses=tuple(self.statuses),
+            error=self.error,
+            detail=self.detail,
+        )
+
+
+class _Reject(Exception):
+    """Ends the connection. `status`: the error response the client gets if it has no response head yet."""
+
+    def __init__(self, status: int | None, error: str, detail: str = "") -> None:
+        super().__init__(f"{error}: {detail}" if detail else error)
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+# ---- the relay ---------------------------------------------------------------------------------------------------
+
+
+class HttpRelay:
+    """One client connection and its backend connection, HTTP/1.1 on both. See the module docstring."""
+
+    def __init__(
+        self,
+        policy: HeaderPolicy,
+        *,
+        client_ip: str,
+        identity: PeerIdentity | None,
+        leaf_der: bytes | None = None,
+    ) -> None:
+        self._policy = policy
+        self._added = policy.added_headers(client_ip=client_ip, identity=identity, leaf_der=leaf_der)
+        limit = policy.max_header_bytes
+        self._client = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
+        self._backend = h11.Connection(h11.CLIENT, max_incomplete_event_size=limit)
+        self.requests = 0  # request heads forwarded on this connection
+        self._closed = False
+        self._switched = False
+        self._client_paused = False
+        self._new_cycle()
+
+    def _new_cycle(self) -> None:
+        self._method = b""
+        self._client_version = b"1.1"
+        self._response_started = False  # the client has a final response head for this cycle
+        self._close_after_response = False
+
+    @property
+    def client_paused(self) -> bool:
+        """True while a complete request waits for its response and more client bytes are buffered: stop reading."""
+        return self._client_paused and not (self._closed or self._switched)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def switched(self) -> bool:
+        return self._switched
+
+    # -- entry points --
+
+    def from_client(self, data: bytes) -> Step:
+        """Bytes read from the client; b"" = the client closed its sending half (stop reading it then)."""
+        if self._closed:
+            return Step(close=True)
+        if self._switched:
+            return Step(to_backend=data) if data else Step(close=True)
+        self._client.receive_data(data)
+        return self._run(self._drain_client)
+
+    def from_backend(self, data: bytes) -> Step:
+        """Bytes read from the backend; b"" = the backend closed (also pass b"" when a read from it fails)."""
+        if self._closed:
+            return Step(close=True)
+        if self._switched:
+            return Step(to_client=data) if data else Step(close=True)
+        self._backend.receive_data(data)
+        return self._run(self._drain_backend)
+
+    def fail(self, status: int = 502) -> Step:
+        """The driver could not reach the backend (502, also for a failed write to it) or timed out connecting (504).
+
+        The client gets `status` if it has no response head for its current request yet; either way, close.
+        """
+        if self._closed:
+            return Step(close=True)
+        error = "backend_timeout" if status == 504 else "backend_unreachable"
+        out = _Out()
+        self._reject(out, _Reject(None if self._switched else status, error))
+        return out.step()
+
+    # -- driving h11 --
+
+    def _run(self, drain: Callable[[_Out], None]) -> Step:
+        out = _Out()
+        try:
+            drain(out)
+        except _Reject as reject:
+            self._reject(out, reject)
+        except h11.LocalProtocolError as exc:  # we tried to send something h11 refuses: a bug, never a crash
+            self._reject(out, _Reject(502, "internal", str(exc)))
+        return out.step()
+
+    def _reject(self, out: _Out, reject: _Reject) -> None:
+        if reject.status is not None and not self._response_started:
+            out.to_client += render_error_response(reject.status, head=self._method == b"HEAD")
+            out.statuses.append(reject.status)
+        out.error = reject.error
+        out.detail = reject.detail
+        self._end(out)
+
+    def _end(self, out: _Out) -> None:
+        out.close = True
+        self._closed = True
+
+    def _drain_client(self, out: _Out) -> None:
+        while not out.close and not self._switched:
+            try:
+                event = self._client.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise _client_error(exc) from exc
+            if event is h11.NEED_DATA:
+                return
+            if event is h11.PAUSED:
+                self._client_paused = bool(self._client.trailing_data[0])
+                return
+            self._on_client_event(event, out)
+            if isinstance(event, h11.ConnectionClosed):
+                return
+
+    def _on_client_event(self, event: h11.Event, out: _Out) -> None:
+        if isinstance(event, h11.Request):
+            self._forward_request(event, out)
+        elif isinstance(event, h11.Data):
+            out.to_backend += self._backend.send(h11.Data(data=event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            trailers = [(n, v) for n, v in event.headers.raw_items() if not self._policy.is_stripped(n)]
+            out.to_backend += self._backend.send(h11.EndOfMessage(headers=trailers))
+        elif isinstance(event, h11.ConnectionClosed):
+            # Between requests the connection is over; after a complete request the response still goes back
+            # (a client may half-close once it has sent everything), then h11 ends the connection.
+            if self._backend.our_state is h11.IDLE:
+                self._end(out)
+
+    def _forward_request(self, request: h11.Request, out: _Out) -> None:
+        self._method = request.method
+        self._client_version = request.http_version
+        if _head_size(request.method, request.target, request.headers.raw_items()) > self._policy.max_header_bytes:
+            raise _Reject(431, "headers_too_large")
+        if request.method == b"CONNECT":
+            raise _Reject(405, "connect_not_allowed")
+        names = {name for name, _ in request.headers}
+        if b"content-length" in names and b"transfer-encoding" in names:
+            raise _Reject(400, "bad_request", "both Content-Length and Transfer-Encoding")
+        headers = self._request_headers(request)
+        forwarded = h11.Request(method=request.method, target=request.target, headers=headers)
+        out.to_backend += self._backend.send(forwarded)
+        out.requests += 1
+        self.requests += 1
+
+    def _request_headers(self, request: h11.Request) -> list[tuple[bytes, bytes]]:
+        tokens = _connection_tokens(request.headers)
+        dropped = (tokens - _FRAMING) | _HOP_BY_HOP
+        headers = [
+            (raw, value)
+            for raw, value in request.headers.raw_items()
+            if raw.lower() not in dropped and not self._policy.is_stripped(raw)
+        ]
+        # Upgrade counts only in HTTP/1.1 and when Connection names it (RFC 9110 section 7.8).
+        upgrade = request.http_version >= b"1.1" and b"upgrade" in tokens
+        protocols = [value for name, value in request.headers if name == b"upgrade"] if upgrade else []
+        headers += [(b"Upgrade", value) for value in protocols]
+        closing = b"close" in tokens or request.http_version < b"1.1"
+        connection = [token for token, wanted in ((b"upgrade", bool(protocols)), (b"close", closing)) if wanted]
+        if connection:
+            headers.append((b"Connection", b", ".join(connection)))
+        if not any(raw.lower() == b"host" for raw, _ in headers):
+            headers.append((b"Host", b""))  # an HTTP/1.0 request without Host (RFC 9112 section 3.2: empty Host)
+        return headers + self._added
+
+    def _drain_backend(self, out: _Out) -> None:
+        while not out.close and not self._switched:
+            try:
+                event = self._backend.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise _Reject(502, "bad_response", str(exc)) from exc
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            self._on_backend_event(event, out)
+
+    def _on_backend_event(self, event: h11.Event, out: _Out) -> None:
+        if isinstance(event, h11.ConnectionClosed):
+            # h11 reports a clean close only when no request is in flight (mid-exchange it raises instead): the
+            # client has asked nothing, so it gets no 502, just the close.
+            raise _Reject(None, "backend_closed")
+        if self._backend.our_state is h11.IDLE:
+            raise _Reject(502, "bad_response", "a response without a request")
+        if isinstance(event, h11.InformationalResponse):
+            self._relay_informational(event, out)
+        elif isinstance(event, h11.Response):
+            self._relay_response(event, out)
+        elif isinstance(event, h11.Data):
+            out.to_client += self._client.send(h11.Data(data=event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            trailers = event.headers if self._client_takes_trailers() else []
+            out.to_client += self._client.send(h11.EndOfMessage(headers=trailers))
+            self._finish_cycle(out)
+
+    def _relay_informational(self, event: h11.InformationalResponse, out: _Out) -> None:
+        if event.status_code == 101:
+            self._switch(event, out)
+        elif self._client_version >= b"1.1":  # no 1xx to an HTTP/1.0 client (RFC 9110 section 15.2)
+            out.to_client += self._client.send(_copy_informational(event))
+
+    def _relay_response(self, event: h11.Response, out: _Out) -> None:
+        status_line = b"%d %s" % (event.status_code, event.reason)
+        if _head_size(b"HTTP/1.1", status_line, event.headers.raw_items()) > self._policy.max_header_bytes:
+            raise _Reject(502, "bad_response", "header block too large")
+        headers = list(event.headers.raw_items())
+        # The connections end together: if the backend is closing, or the request body has not all arrived
+        # (an early answer), this response is the last one.
+        if not _keeps_alive(event) or self._client.their_state is h11.SEND_BODY:
+            self._close_after_response = True
+            headers = _with_close(headers)
+        response = h11.Response(status_code=event.status_code, headers=headers, reason=event.reason)
+        out.to_client += self._client.send(response)
+        self._response_started = True
+        out.statuses.append(event.status_code)
+
+    def _client_takes_trailers(self) -> bool:
+        """Trailers need chunked framing toward the client, which h11 uses only for an HTTP/1.1 client."""
+        return self._client_version >= b"1.1" and self._method != b"HEAD"
+
+    def _finish_cycle(self, out: _Out) -> None:
+        states = (self._client.our_state, self._client.their_state, self._backend.our_state, self._backend.their_state)
+        if self._close_after_response or any(state is not h11.DONE for state in states):
+            self._end(out)
+            return
+        self._client.start_next_cycle()
+        self._backend.start_next_cycle()
+        self._new_cycle()
+        self._client_paused = False
+        self._drain_client(out)  # a pipelined request may be waiting
+
+    def _switch(self, event: h11.InformationalResponse, out: _Out) -> None:
+        if self._client.their_state is not h11.MIGHT_SWITCH_PROTOCOL or (
+            self._backend.our_state is not h11.SWITCHED_PROTOCOL
+        ):
+            raise _Reject(502, "bad_response", "101 before the upgrade request was complete")
+        out.to_client += self._client.send(_copy_informational(event))
+        out.statuses.append(101)
+        client_leftover, client_eof = self._client.trailing_data
+        backend_leftover, backend_eof = self._backend.trailing_data
+        out.switch = SwitchToRaw(client_leftover, backend_leftover, client_eof, backend_eof)
+        self._switched = True
+
+
+# ---- helpers -----------------------------------------------------------------------------------------------------
+
+
+def _client_error(exc: h11.RemoteProtocolError) -> _Reject:
+    status = exc.error_status_hint
+    error = {431: "headers_too_large", 501: "not_implemented"}.get(status, "bad_request")
+    return _Reject(status, error, str(exc))
+
+
+def _head_size(first: bytes, second: bytes, headers: Iterable[tuple[bytes, bytes]]) -> int:
+    """Bytes of a request line (or status line) and header block, give or take obs-fold: what the limit measures.
+
+    h11 enforces max_incomplete_event_size only while a head is still incomplete; a whole head that arrives in one
+    read is checked here.
+    """
+    return len(first) + len(second) + 12 + sum(len(name) + len(value) + 4 for name, value in headers) + 2
+
+
+def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    tokens = set()
+    for name, value in headers:
+        if name == b"connection":
+            tokens.update(token.strip().lower() for token in value.split(b","))
+    tokens.discard(b"")
+    return frozenset(tokens)
+
+
+def _with_close(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The headers with `close` among the Connection tokens (and no `keep-alive`), in a single Connection header."""
+    tokens = _connection_tokens((raw.lower(), value) for raw, value in headers)
+    if b"close" in tokens:
+        return headers
+    kept = sorted(tokens - {b"keep-alive"}) + [b"close"]
+    others = [(raw, value) for raw, value in headers if raw.lower() != b"connection"]
+    return [*others, (b"Connection", b", ".join(kept))]
+
+
+def _keeps_alive(response: h11.Response) -> bool:
+    return b"close" not in _connection_tokens(response.headers) and response.http_version >= b"1.1"
+
+
+def _copy_informational(event: h11.InformationalResponse) -> h11.InformationalResponse:
+    headers = list(event.headers.raw_items())
+    return h11.InformationalResponse(status_code=event.status_code, headers=headers, reason=event.reason)
+
+
+def render_error_response(status: int, *, head: bool = False) -> bytes:
+    """A complete error response the proxy itself sends: short text/plain body, then the connection closes.
+
+    For 400, 405, 431, 501 (client errors found here) and 502, 504 (the driver's backend failures). `head`: the
+    request was HEAD, so the body is left out (the headers still say how long it would be).
+    """
+    reason = _REASONS.get(status, "Error")
+    body = f"{status} {reason}\n".encode("ascii")
+    lines = [
+        f"HTTP/1.1 {status} {reason}",
+        "Content-Type: text/plain; charset=utf-8",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+    ]
+    head_bytes = ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+    return head_bytes if head else head_bytes + body
