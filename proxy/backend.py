@@ -10,6 +10,10 @@ from proxy.config import TCPAddress, UnixAddress
 class BackendError(Exception):
     """The backend could not be reached; the message says why, for the log."""
 
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
 
 async def connect_backend(address: TCPAddress | UnixAddress, timeout: float) -> trio.abc.HalfCloseableStream:
     try:
@@ -19,7 +23,7 @@ async def connect_backend(address: TCPAddress | UnixAddress, timeout: float) -> 
             # open_tcp_stream sets TCP_NODELAY: small writes go out at once.
             return await trio.open_tcp_stream(address.host, address.port)
     except trio.TooSlowError:
-        raise BackendError(f"connect to {address} timed out after {timeout:g}s") from None
+        raise BackendError(f"connect to {address} timed out after {timeout:g}s", timed_out=True) from None
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise BackendError(f"connect to {address} failed: {reason}") from None

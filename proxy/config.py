@@ -409,11 +409,24 @@ class BackendConfig(_Model):
     proxy_protocol: Literal["v1", "v2"] | None = None
     # v2 only: also send the client's certificate (DER, sub-TLV 0x28).
     proxy_protocol_client_cert: bool = False
+    # http only: extra request headers built from the client's identity,
+    # header name -> variable (subject, issuer, common_name, verify, ...).
+    identity_headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("identity_headers")
+    @classmethod
+    def _valid_identity_headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        from proxy.http import HeaderPolicy  # pure, like this module
+
+        HeaderPolicy(headers)  # raises ValueError naming the bad header or variable
+        return headers
 
     @model_validator(mode="after")
-    def _client_cert_needs_v2(self) -> BackendConfig:
+    def _consistent(self) -> BackendConfig:
         if self.proxy_protocol_client_cert and self.proxy_protocol != "v2":
             raise ValueError("proxy_protocol_client_cert needs proxy_protocol: v2 (v1 has no room for it)")
+        if self.identity_headers and self.protocol != "http":
+            raise ValueError("identity_headers needs protocol: http (a tcp backend gets no headers)")
         return self
 
 

@@ -21,7 +21,9 @@ from proxy.config import ListenerConfig
 from proxy.identity import PeerIdentity, identity_from_cert
 from proxy.logs import ACCESS
 from proxy.metrics import ListenerMetrics
-from proxy.pump import pump
+from proxy.http import HeaderPolicy, HttpRelay
+from proxy.httpproxy import HttpCounters, relay_http
+from proxy.pump import CHUNK_SIZE, PumpResult, pump
 from proxy.tls.classify import classify
 from proxy.tls.context import HandshakeRecord, ServerTLS
 from proxy.tls.stream import TLSStream
@@ -40,6 +42,11 @@ class ListenerRuntime:
     config: ListenerConfig
     tls: ServerTLS
     metrics: ListenerMetrics
+    http_policy: HeaderPolicy | None = None
+
+    def __post_init__(self) -> None:
+        if self.config.backend.protocol == "http" and self.http_policy is None:
+            self.http_policy = HeaderPolicy(self.config.backend.identity_headers)
 
 
 @dataclass
@@ -102,11 +109,36 @@ async def handle_connection(transport: trio.SocketStream, rt: ListenerRuntime) -
 
 
 async def _serve(stream: TLSStream, record: HandshakeRecord, tls: ServerTLS, rt: ListenerRuntime, out: _Outcome) -> None:
-    m = rt.metrics
+    if not await _handshake(stream, record, tls, rt, out):
+        return
     cfg = rt.config
+    header = b""
+    if cfg.backend.proxy_protocol:
+        try:
+            header = _proxy_header(stream, record, cfg)
+        except ValueError as exc:  # e.g. a client certificate too large for the header: fail closed
+            out.outcome, out.reason, out.detail = "error", "proxy_protocol", str(exc)
+            return
+    backend = await _connect(stream, record, rt, out)
+    if backend is None:
+        return
+    try:
+        if header:
+            await backend.send_all(header)
+        result = await _forward(stream, backend, record, rt)
+    finally:
+        with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+            scope.shield = True
+            await backend.aclose()
+    out.ended_by, out.bytes_up, out.bytes_down = result.ended_by, result.bytes_up, result.bytes_down
+
+
+async def _handshake(stream: TLSStream, record: HandshakeRecord, tls: ServerTLS, rt: ListenerRuntime, out: _Outcome) -> bool:
+    """Handshake, verification and authorization under one deadline; count the outcome."""
+    m = rt.metrics
     started = trio.current_time()
     try:
-        with trio.fail_after(cfg.timeouts.handshake):
+        with trio.fail_after(rt.config.timeouts.handshake):
             await stream.do_handshake()
     except Exception as exc:  # trio.Cancelled is not an Exception: shutdown passes through
         failure = classify(exc, record, stream.first_bytes)
@@ -122,41 +154,69 @@ async def _serve(stream: TLSStream, record: HandshakeRecord, tls: ServerTLS, rt:
     if failure is not None:
         out.outcome, out.reason, out.detail = "handshake_failed", failure.reason, failure.detail
         m.handshake_failed(failure.reason, elapsed)
-        return
-
+        return False
     out.version, out.cipher, out.resumed, out.alpn = stream.version, stream.cipher, stream.resumed, stream.alpn_protocol
     m.handshake_succeeded(
         elapsed, version=out.version, cipher=out.cipher or "", resumed=out.resumed, presented=record.identity is not None
     )
     if record.identity is not None:
         m.client_certificate_remaining.observe(max(0.0, record.identity.remaining_seconds(_now())))
+    return True
 
-    header = b""
-    if cfg.backend.proxy_protocol:
-        try:
-            header = _proxy_header(stream, record, cfg)
-        except ValueError as exc:  # e.g. a client certificate too large for the header: fail closed
-            out.outcome, out.reason, out.detail = "error", "proxy_protocol", str(exc)
-            return
 
-    connect_started = trio.current_time()
+async def _connect(stream: TLSStream, record: HandshakeRecord, rt: ListenerRuntime, out: _Outcome):
+    """The backend stream, or None after counting (and, in HTTP mode, answering) the failure."""
+    cfg = rt.config
+    started = trio.current_time()
     try:
         backend = await connect_backend(cfg.backend.address, cfg.backend.connect_timeout)
     except BackendError as exc:
-        m.backend_failures.inc()
+        rt.metrics.backend_failures.inc()
         out.outcome, out.reason, out.detail = "backend_failed", "backend_connect", str(exc)
-        return
-    m.backend_connect_duration.observe(trio.current_time() - connect_started)
+        if cfg.backend.protocol == "http":
+            await _answer_backend_failure(stream, _http_relay(stream, record, rt), rt, 504 if exc.timed_out else 502)
+        return None
+    rt.metrics.backend_connect_duration.observe(trio.current_time() - started)
+    return backend
 
-    try:
-        if header:
-            await backend.send_all(header)
-        result = await pump(stream, backend, idle_timeout=cfg.timeouts.idle, on_up=m.bytes_up.inc, on_down=m.bytes_down.inc)
-    finally:
-        with trio.move_on_after(CLOSE_TIMEOUT) as scope:
-            scope.shield = True
-            await backend.aclose()
-    out.ended_by, out.bytes_up, out.bytes_down = result.ended_by, result.bytes_up, result.bytes_down
+
+async def _forward(stream: TLSStream, backend, record: HandshakeRecord, rt: ListenerRuntime) -> PumpResult:
+    m = rt.metrics
+    idle = rt.config.timeouts.idle
+    if rt.config.backend.protocol == "http":
+        counters = HttpCounters(requests=m.http_requests.inc, status=m.http_response, up=m.bytes_up.inc,
+                                down=m.bytes_down.inc)
+        return await relay_http(stream, backend, _http_relay(stream, record, rt), idle_timeout=idle, counters=counters)
+    return await pump(stream, backend, idle_timeout=idle, on_up=m.bytes_up.inc, on_down=m.bytes_down.inc)
+
+
+def _http_relay(stream: TLSStream, record: HandshakeRecord, rt: ListenerRuntime) -> HttpRelay:
+    policy = rt.http_policy
+    leaf_der = None
+    if policy.needs_leaf_der and record.identity is not None:
+        leaf = stream.connection.get_peer_certificate(as_cryptography=True)
+        leaf_der = leaf.public_bytes(serialization.Encoding.DER) if leaf is not None else None
+    client_ip = stream.transport_stream.socket.getpeername()[0]
+    return HttpRelay(policy, client_ip=client_ip, identity=record.identity, leaf_der=leaf_der)
+
+
+async def _answer_backend_failure(stream: TLSStream, relay: HttpRelay, rt: ListenerRuntime, status: int) -> None:
+    """Read the client's request (briefly), then answer it 502/504 as an HTTP proxy does."""
+    with trio.move_on_after(rt.config.timeouts.handshake):
+        try:
+            data = await stream.receive_some(CHUNK_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        relay.from_client(data)
+    step = relay.fail(status)
+    for code in step.statuses:
+        rt.metrics.http_response(code)
+    if step.to_client:
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            try:
+                await stream.send_all(step.to_client)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
 
 
 def _identify_resumed(stream: TLSStream, record: HandshakeRecord, tls: ServerTLS) -> None:

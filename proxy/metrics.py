@@ -111,6 +111,15 @@ class Metrics:
             buckets=REMAINING_BUCKETS,
             registry=r,
         )
+        self.http_requests = Counter(
+            PREFIX + "http_requests", "HTTP requests forwarded to the backend (protocol: http).", L, registry=r
+        )
+        self.http_responses = Counter(
+            PREFIX + "http_responses",
+            "HTTP responses sent to clients by status code, the proxy's own errors included (protocol: http).",
+            L + ("code",),
+            registry=r,
+        )
         self.reloads = Counter(PREFIX + "reloads", "Certificate and configuration reloads.", ("result",), registry=r)
         for result in ("success", "failure"):
             self.reloads.labels(result=result)
@@ -147,6 +156,8 @@ class ListenerMetrics:
         self.backend_connect_duration = m.backend_connect_duration.labels(listener)
         self.client_certificate_remaining = m.client_certificate_remaining.labels(listener)
         self.recent = RecentFailures()
+        self.http_requests = m.http_requests.labels(listener)
+        self._http_responses: dict[int, object] = {}
         self._sessions: dict[tuple[str, str, bool], object] = {}
 
     def handshake_failed(self, reason: str, seconds: float) -> None:
@@ -165,6 +176,12 @@ class ListenerMetrics:
             self._sessions[key] = child
         child.inc()
         (self.cert_presented if presented else self.cert_absent).inc()
+
+    def http_response(self, status: int) -> None:
+        child = self._http_responses.get(status)
+        if child is None:
+            child = self._http_responses[status] = self.family.http_responses.labels(self.listener, str(status))
+        child.inc()
 
     def publish_materials(self, materials: ListenerMaterials) -> None:
         """Expiry of the loaded certificates and CRLs, replacing the previous set."""
