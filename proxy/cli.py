@@ -21,6 +21,7 @@ from proxy.config import Config, ConfigError
 from proxy.logs import setup_logging
 from proxy.materials import ListenerMaterials, load_all
 from proxy.server import ListenError, Proxy
+from proxy.workers import worker_count
 
 log = logging.getLogger("proxy.cli")
 
@@ -74,6 +75,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     for i, mat in enumerate(materials):
         for warning in mat.warnings:
             log.warning("listeners[%d]: %s", i, warning)
+    workers = worker_count(config)
+    if workers > 1:
+        return _run_workers(config, materials, workers, args.drain_timeout)
     if args.drain_timeout is not None:
         proxy.drain_timeout = args.drain_timeout
     try:
@@ -87,6 +91,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return EXIT_RUNTIME
     return EXIT_OK
+
+
+def _run_workers(config: Config, materials, workers: int, drain_timeout: float | None) -> int:
+    from proxy.workers import Supervisor
+
+    try:
+        return Supervisor(config, materials, workers=workers, drain_timeout=drain_timeout).run()
+    except ListenError as exc:
+        _error(str(exc))
+        return EXIT_RUNTIME
 
 
 # ---- check -------------------------------------------------------------------

@@ -470,6 +470,9 @@ class Config(_Model):
     reload: ReloadConfig = Field(default_factory=ReloadConfig)
     # After SIGTERM/SIGINT: how long open connections may finish before they are cut.
     drain_timeout: Seconds = 30.0
+    # Worker processes sharing the listening sockets; "auto" = the CPUs this
+    # process may use (its affinity and its cgroup CPU quota).
+    workers: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = 1
     listeners: tuple[ListenerConfig, ...]
 
     @field_validator("listeners")

@@ -106,10 +106,30 @@ async def serve_http(
 
     Resource handling: the listeners and every connection are closed before this returns.
     """
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    await serve_http_on(
+        handler, listeners, name=name, request_timeout=request_timeout, max_connections=max_connections,
+        max_header_bytes=max_header_bytes, max_body_bytes=max_body_bytes, task_status=task_status,
+    )
+
+
+async def serve_http_on(
+    handler: Handler,
+    listeners: list[trio.SocketListener],
+    *,
+    name: str = "http",
+    request_timeout: float = REQUEST_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
+    max_header_bytes: int = MAX_HEADER_BYTES,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """`serve_http` on listening sockets bound already (e.g. inherited from a parent process)."""
     if request_timeout <= 0 or max_connections < 1 or max_header_bytes < 1 or max_body_bytes < 0:
+        for listener in listeners:
+            await trio.aclose_forcefully(listener)
         raise ValueError("serve_http limits must be positive (max_body_bytes may be 0)")
     server = _Server(handler, _Limits(request_timeout, max_header_bytes, max_body_bytes), name, max_connections)
-    listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[:2]
     LOGGER.info("%s: listening on %s", name, _format_address(bound))
     async with trio.open_nursery() as nursery:

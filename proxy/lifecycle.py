@@ -18,11 +18,11 @@ log = logging.getLogger("proxy.lifecycle")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-async def run_until_signalled(proxy: Proxy, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def run_until_signalled(proxy: Proxy, *, sockets=None, task_status=trio.TASK_STATUS_IGNORED) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_handle_signals, proxy, signals)
-            await proxy.run(task_status=task_status)
+            await proxy.run(sockets=sockets, task_status=task_status)
             nursery.cancel_scope.cancel()
 
 

@@ -12,11 +12,12 @@ the first scrape, before the first failure of that kind.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from datetime import datetime
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
 
 from proxy.materials import ListenerMaterials
 from proxy.tls.classify import REASONS
@@ -68,8 +69,12 @@ class Metrics:
             L + ("presented",),
             registry=r,
         )
+        # multiprocess_mode matters only with worker processes (see
+        # enable_multiprocess): open connections add up over live workers;
+        # the informational gauges take the most recent value any wrote.
         self.active_connections = Gauge(
-            PREFIX + "active_connections", "Client connections currently open.", L, registry=r
+            PREFIX + "active_connections", "Client connections currently open.", L, registry=r,
+            multiprocess_mode="livesum",
         )
         self.connections = Counter(PREFIX + "connections", "Client connections accepted.", L, registry=r)
         self.connection_duration = Histogram(
@@ -97,12 +102,14 @@ class Metrics:
             "notAfter of the loaded server certificate and trusted CAs, as a Unix timestamp.",
             L + ("role", "subject"),
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.crl_next_update = Gauge(
             PREFIX + "crl_next_update_timestamp_seconds",
             "nextUpdate of each loaded CRL, as a Unix timestamp (past it, OpenSSL rejects the CA's clients).",
             L + ("issuer",),
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.client_certificate_remaining = Histogram(
             PREFIX + "client_certificate_remaining_seconds",
@@ -127,10 +134,28 @@ class Metrics:
             PREFIX + "last_reload_success_timestamp_seconds",
             "When the certificates were last loaded successfully (start-up counts), as a Unix timestamp.",
             registry=r,
+            multiprocess_mode="mostrecent",
         )
 
     def for_listener(self, name: str) -> ListenerMetrics:
         return ListenerMetrics(self, name)
+
+
+def enable_multiprocess(directory: str) -> None:
+    """Make metrics created from now on live in shared files under
+    ``directory``, so one admin endpoint can serve the sum over worker
+    processes (prometheus_client's multiprocess mode)."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    # prometheus_client picks its value class when first imported; metrics
+    # look it up on creation, so switching it here is enough.
+    values.ValueClass = values.get_value_class()
+
+
+def multiprocess_registry() -> CollectorRegistry:
+    """A registry that reads every worker's files (for the admin process)."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return registry
 
 
 class ListenerMetrics:

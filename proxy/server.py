@@ -124,9 +124,16 @@ class Proxy:
 
     # ---- lifecycle --------------------------------------------------------
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until :meth:`stop`; then drain and return."""
-        sockets = await self._bind_all()
+    async def run(self, *, sockets: list[list[trio.SocketListener]] | None = None,
+                  task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until :meth:`stop`; then drain and return.
+
+        ``sockets`` are listening sockets bound already, one list per
+        listener (worker processes get them from their parent); by default
+        the proxy binds its own.
+        """
+        if sockets is None:
+            sockets = await self._bind_all()
         bound = Bound(listeners={rt.config.name: [format_address(s.socket.getsockname()) for s in ls]
                                  for rt, ls in zip(self.runtimes, sockets)})
         try:
