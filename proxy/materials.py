@@ -201,17 +201,23 @@ def _read_certificates(path: Path) -> list[x509.Certificate]:
     data = _read(path)
     if b"-----BEGIN" not in data:
         raise _Unusable(_NOT_PEM)
-    blocks = _pem_blocks(data)
-    cert_blocks = [block for label, block in blocks if label == "CERTIFICATE"]
-    if not cert_blocks:
-        raise _Unusable(f"contains no certificate (PEM blocks found: {_labels(blocks)})")
-    certificates = []
-    for number, block in enumerate(cert_blocks, start=1):
+    return _parse_blocks(_pem_blocks(data), "CERTIFICATE", x509.load_pem_x509_certificate, "certificate",
+                         "X.509 certificate")
+
+
+def _parse_blocks(blocks: list[tuple[str, bytes]], label: str, load: Callable[[bytes], T], what: str,
+                  valid: str) -> list[T]:
+    """Parse every PEM block with ``label``; _Unusable if there is none or one does not parse."""
+    chosen = [block for block_label, block in blocks if block_label == label]
+    if not chosen:
+        raise _Unusable(f"contains no {what} (PEM blocks found: {_labels(blocks)})")
+    parsed = []
+    for number, block in enumerate(chosen, start=1):
         try:
-            certificates.append(x509.load_pem_x509_certificate(block))
+            parsed.append(load(block))
         except ValueError as exc:
-            raise _Unusable(f"certificate {number} in the file is not a valid X.509 certificate ({exc})") from None
-    return certificates
+            raise _Unusable(f"{what} {number} in the file is not a valid {valid} ({exc})") from None
+    return parsed
 
 
 def _read_private_key(path: Path) -> PrivateKeyTypes:
@@ -398,14 +404,4 @@ def _read_crls(path: Path) -> list[x509.CertificateRevocationList]:
             return [x509.load_der_x509_crl(data)]
         except ValueError:
             raise _Unusable("not a CRL (neither PEM with '-----BEGIN X509 CRL' blocks nor DER)") from None
-    blocks = _pem_blocks(data)
-    crl_blocks = [block for label, block in blocks if label == "X509 CRL"]
-    if not crl_blocks:
-        raise _Unusable(f"contains no CRL (PEM blocks found: {_labels(blocks)})")
-    crls = []
-    for number, block in enumerate(crl_blocks, start=1):
-        try:
-            crls.append(x509.load_pem_x509_crl(block))
-        except ValueError as exc:
-            raise _Unusable(f"CRL {number} in the file is not a valid CRL ({exc})") from None
-    return crls
+    return _parse_blocks(_pem_blocks(data), "X509 CRL", x509.load_pem_x509_crl, "CRL", "CRL")
