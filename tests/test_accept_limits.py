@@ -1,0 +1,104 @@
+"""Running out of file descriptors: accept backs off and retries, and the proxy
+serves again once descriptors are free. Needs its own process (a low
+RLIMIT_NOFILE) so it cannot disturb the test runner."""
+
+from __future__ import annotations
+
+import resource
+import socket
+import ssl
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+FD_LIMIT = 64
+
+
+def test_emfile_on_accept_backs_off_and_recovers(test_pki, tmp_path):
+    port, admin = free_port(), free_port()
+    backend = socket.create_server(("127.0.0.1", 0))
+    config = {
+        "admin": {"listen": f"127.0.0.1:{admin}"},
+        "log": {"format": "text"},
+        "reload": {"watch_interval": 0},
+        "drain_timeout": 1,
+        "listeners": [{
+            "name": "fd",
+            "listen": f"127.0.0.1:{port}",
+            "tls": {"cert": str(test_pki.server.cert), "key": str(test_pki.server.key)},
+            "client_auth": {"mode": "require", "trusted_ca": str(test_pki.client_ca)},
+            "backend": {"address": f"127.0.0.1:{backend.getsockname()[1]}"},
+            "timeouts": {"handshake": 30},
+        }],
+    }
+    path = tmp_path / "fd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log_path = tmp_path / "fd.log"
+
+    def low_fd_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "proxy", "run", "--config", str(path)], stderr=log,
+                                preexec_fn=low_fd_limit)
+    hogs: list[socket.socket] = []
+    try:
+        wait_for_port(port)
+        # Silent clients hold a descriptor each in the proxy until the
+        # handshake timeout; more of them than the limit exhausts it.
+        for _ in range(FD_LIMIT + 10):
+            hogs.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        deadline = time.monotonic() + 10
+        while "Too many open files" not in log_path.read_text():
+            assert time.monotonic() < deadline, log_path.read_text()
+            assert proc.poll() is None
+            time.sleep(0.05)
+        for hog in hogs:
+            hog.close()
+        hogs.clear()
+        assert proc.poll() is None  # it backed off rather than died
+        # Descriptors free again: a real client is served.
+        assert handshake_succeeds(test_pki, port)
+    finally:
+        for hog in hogs:
+            hog.close()
+        proc.terminate()
+        try:
+            proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        backend.close()
+
+
+def wait_for_port(port: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, "the proxy did not start"
+            time.sleep(0.05)
+
+
+def handshake_succeeds(test_pki, port: int, timeout: float = 10) -> bool:
+    ctx = ssl.create_default_context(cafile=str(test_pki.server_ca))
+    ctx.load_cert_chain(str(test_pki.alice.cert), str(test_pki.alice.key))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+                with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                    tls.sendall(b"x")  # the backend accepts and never answers; the handshake is what counts
+                    return tls.version() is not None
+        except (OSError, ssl.SSLError):
+            time.sleep(0.1)  # the proxy may still be closing the hogs' connections
+    return False
