@@ -9,7 +9,7 @@ closed, the gauges back where they were, and exactly one access-log line.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import trio
@@ -65,7 +65,6 @@ class _Outcome:
     ended_by: str | None = None
     bytes_up: int = 0
     bytes_down: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _now() -> datetime:

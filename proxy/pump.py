@@ -30,15 +30,14 @@ class PumpResult:
     ended_by: str = "eof"  # eof | idle_timeout | client_error | backend_error
 
 
+@dataclass
 class _Direction:
-    def __init__(self, name: str, src: trio.abc.ReceiveStream, dst: trio.abc.HalfCloseableStream,
-                 count: Callable[[int], None], error_label: tuple[str, str]) -> None:
-        self.name = name
-        self.src = src
-        self.dst = dst
-        self.count = count
-        self.total = 0
-        self.src_error, self.dst_error = error_label
+    src: trio.abc.ReceiveStream
+    dst: trio.abc.HalfCloseableStream
+    count: Callable[[int], None]
+    src_error: str  # the outcome when reading src fails
+    dst_error: str  # the outcome when writing dst fails
+    total: int = 0
 
 
 async def pump(
@@ -51,8 +50,8 @@ async def pump(
 ) -> PumpResult:
     """Relay until both directions have ended, one side breaks, or idle timeout."""
     result = PumpResult()
-    up = _Direction("up", client, backend, on_up, ("client_error", "backend_error"))
-    down = _Direction("down", backend, client, on_down, ("backend_error", "client_error"))
+    up = _Direction(client, backend, on_up, src_error="client_error", dst_error="backend_error")
+    down = _Direction(backend, client, on_down, src_error="backend_error", dst_error="client_error")
     with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as idle:
         async with trio.open_nursery() as nursery:
 
