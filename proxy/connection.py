@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from proxy import proxyproto
 from proxy.backend import BackendError, connect_backend
-from proxy.config import ListenerConfig
+from proxy.config import ListenerConfig, TCPAddress
 from proxy.identity import PeerIdentity, identity_from_cert
 from proxy.logs import ACCESS
 from proxy.metrics import ListenerMetrics
@@ -76,10 +76,7 @@ def _peer(stream: trio.SocketStream) -> str:
         addr = stream.socket.getpeername()
     except OSError:
         return "unknown"
-    if isinstance(addr, tuple):
-        host, port = addr[0], addr[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return str(addr) or "unix"
+    return str(TCPAddress(addr[0], addr[1])) if isinstance(addr, tuple) else str(addr) or "unix"
 
 
 async def handle_connection(transport: trio.SocketStream, rt: ListenerRuntime) -> None:

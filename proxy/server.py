@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from proxy.admin import admin_handler
-from proxy.config import Config, ConfigError
+from proxy.config import Config, ConfigError, TCPAddress
 from proxy.connection import ListenerRuntime, handle_connection
 from proxy.httpserver import serve_http
 from proxy.materials import ListenerMaterials, load_listener_materials
@@ -42,8 +42,7 @@ ACCEPT_BACKOFF_MAX = 1.0
 
 
 def format_address(sockname) -> str:
-    host, port = sockname[0], sockname[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(TCPAddress(sockname[0], sockname[1]))
 
 
 async def accept_loop(
