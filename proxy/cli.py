@@ -114,6 +114,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     print(f"{args.config}: OK")
     print(f"admin endpoint: http://{config.admin.listen}/metrics")
+    print(f"worker processes: {worker_count(config)}" + (" (auto)" if config.workers == "auto" else ""))
     for listener, mat in zip(config.listeners, materials):
         print(_describe_listener(listener, mat))
     return EXIT_OK
