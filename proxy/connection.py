@@ -84,12 +84,13 @@ async def handle_connection(transport: trio.SocketStream, rt: ListenerRuntime) -
     started = trio.current_time()
     client = _peer(transport)
     tls = rt.tls  # the generation current at accept; a reload does not touch us
-    conn, record = tls.new_connection()
-    stream = TLSStream(transport, conn)
+    closing: trio.abc.AsyncResource = transport
     out = _Outcome()
     m.connections.inc()
     m.active.inc()
     try:
+        conn, record = tls.new_connection()
+        stream = closing = TLSStream(transport, conn, delay_session_tickets=False)  # a socket has a buffer
         await _serve(stream, record, tls, rt, out)
     except Exception as exc:  # a bug: log it, never let it reach the server
         out.outcome, out.reason, out.detail = "error", "other", f"{type(exc).__name__}: {exc}"
@@ -97,7 +98,7 @@ async def handle_connection(transport: trio.SocketStream, rt: ListenerRuntime) -
     finally:
         with trio.move_on_after(CLOSE_TIMEOUT) as scope:
             scope.shield = True  # closing must happen even when we are cancelled
-            await stream.aclose()
+            await closing.aclose()
         m.active.dec()
         elapsed = trio.current_time() - started
         m.connection_duration.observe(elapsed)

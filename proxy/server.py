@@ -77,6 +77,11 @@ async def accept_loop(
 async def _run_handler(stream: trio.SocketStream, rt: ListenerRuntime, slots: trio.Semaphore) -> None:
     try:
         await handle_connection(stream, rt)
+    except Exception:
+        # handle_connection catches its own errors; this is the last line of
+        # defence, so one connection's bug can never stop the listener.
+        log.exception("connection handler failed on listener %s", rt.config.name)
+        await trio.aclose_forcefully(stream)
     finally:
         slots.release()
 

@@ -73,11 +73,21 @@ class TLSStream(trio.abc.HalfCloseableStream):
     """
 
     def __init__(
-        self, transport: trio.abc.Stream, connection: SSL.Connection, *, server_side: bool = True
+        self,
+        transport: trio.abc.Stream,
+        connection: SSL.Connection,
+        *,
+        server_side: bool = True,
+        delay_session_tickets: bool = True,
     ) -> None:
         self.transport_stream = transport
         self.connection = connection
         self.server_side = server_side
+        # See _retry. Over a real socket there is a buffer and no deadlock, and
+        # sending the tickets at once also acknowledges the client's last
+        # handshake flight: a client that runs Nagle's algorithm would
+        # otherwise hold its first request until the 40 ms delayed ACK.
+        self.delay_session_tickets = delay_session_tickets
         self.first_bytes = b""
         self._state = _State.OK
         self._handshake_done = False
@@ -148,10 +158,12 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
             # TLS 1.3 servers emit their session tickets as the handshake
             # completes. The client may not read until it has written, so
-            # sending them now can deadlock a lockstep peer; like trio, hold
-            # them back and put them in front of our first write.
+            # over a transport without a buffer sending them now can
+            # deadlock; like trio, hold them back and put them in front of
+            # our first write (unless told they can go at once).
             if (
                 is_handshake
+                and self.delay_session_tickets
                 and finished
                 and to_send
                 and self.connection.get_protocol_version_name() == "TLSv1.3"
