@@ -1,0 +1,183 @@
+"""TLS clients of the benchmark, on the stdlib ``ssl`` module (the system's OpenSSL), blocking sockets.
+
+As a program (each run is its own process, pinned with the harness to the load core):
+
+``python bench/clients.py bulk --port P --direction up|down --bytes N --pki DIR``
+    one mTLS connection; ``up`` sends N bytes (``SINK N``) and waits for the backend's ``OK``, ``down`` asks for
+    N bytes (``SOURCE N``) and reads them with ``recv_into``. Prints one JSON line: bytes, seconds, MB/s.
+``python bench/clients.py idle --port P --count N --pki DIR``
+    opens N mTLS connections, proves each one reached the backend (``PING``/``PONG``), prints ``READY N``, then
+    holds them until a line arrives on stdin (or ``--hold`` seconds pass) and closes them all.
+
+As a module, :func:`probe` makes one connection with or without a client certificate and says what happened:
+the harness uses it to check that every peer refuses a client without a certificate before measuring it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import select
+import socket
+import ssl
+import sys
+import time
+from pathlib import Path
+
+SERVER_NAME = "localhost"
+CHUNK = 256 * 1024
+
+
+def context(pki: Path, cert: str | None = "client", tls13: bool = True) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki / "ca.crt"))
+    if tls13:
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    if cert is not None:
+        ctx.load_cert_chain(str(pki / f"{cert}.crt"), str(pki / f"{cert}.key"))
+    return ctx
+
+
+def connect(port: int, ctx: ssl.SSLContext, timeout: float = 10.0, nodelay: bool = True) -> ssl.SSLSocket:
+    """A TLS connection to 127.0.0.1:port. ``nodelay`` sets TCP_NODELAY, as curl, urllib3 and Go do; Python's bare
+    sockets and ``openssl s_client`` don't, which matters when the server is silent after the handshake (see
+    :func:`first_response`)."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    if nodelay:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        return ctx.wrap_socket(raw, server_hostname=SERVER_NAME)
+    except BaseException:
+        raw.close()
+        raise
+
+
+def probe(port: int, pki: Path, cert: str | None, timeout: float = 5.0) -> tuple[bool, str]:
+    """(reached the backend, what happened). Sends ``PING``; only a ``PONG`` counts as reaching it.
+
+    In TLS 1.3 the client finishes its handshake before the server has looked at the client's certificate, so a
+    refusal shows up on the first read: an alert (``certificate required``, ``unknown ca``), or a plain close.
+    """
+    try:
+        sock = connect(port, context(pki, cert), timeout)
+    except (ssl.SSLError, OSError) as exc:
+        return False, f"handshake failed: {exc}"
+    try:
+        sock.sendall(b"PING\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            piece = sock.recv(64)
+            if not piece:
+                break
+            data += piece
+    except (ssl.SSLError, OSError) as exc:
+        return False, f"refused after the handshake: {exc}"
+    finally:
+        sock.close()
+    if data == b"PONG\n":
+        return True, "PONG"
+    return False, f"closed without an answer ({data!r})"
+
+
+def first_response(port: int, pki: Path, count: int, nodelay: bool) -> dict[str, float]:
+    """Median milliseconds of ``count`` sequential connections: connect + handshake, then ``PING`` to ``PONG``.
+
+    Without TCP_NODELAY the client's first request waits in Nagle's algorithm until its last handshake flight is
+    acknowledged. A server that sends its TLS 1.3 session tickets right after the handshake acknowledges it at
+    once; one that stays silent until it has data lets the delayed-ACK timer run (40 ms on Linux), and the first
+    request pays that.
+    """
+    ctx = context(pki)
+    handshakes, responses = [], []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        sock = connect(port, ctx, nodelay=nodelay)
+        t1 = time.perf_counter()
+        try:
+            sock.sendall(b"PING\n")
+            if sock.recv(16) != b"PONG\n":
+                raise RuntimeError("no PONG")
+        finally:
+            sock.close()
+        handshakes.append(t1 - t0)
+        responses.append(time.perf_counter() - t1)
+    handshakes.sort()
+    responses.sort()
+    return {"handshake_ms": handshakes[count // 2] * 1e3, "first_response_ms": responses[count // 2] * 1e3}
+
+
+def bulk(port: int, pki: Path, direction: str, count: int) -> dict[str, float]:
+    t0 = time.perf_counter()
+    sock = connect(port, context(pki), timeout=120)
+    t1 = time.perf_counter()
+    if direction == "up":
+        sock.sendall(b"SINK %d\n" % count)
+        piece = memoryview(bytes(CHUNK))
+        left = count
+        while left:
+            n = min(CHUNK, left)
+            sock.sendall(piece[:n])
+            left -= n
+        answer = sock.recv(16)
+        if answer != b"OK\n":
+            raise SystemExit(f"the backend did not confirm the upload: {answer!r}")
+    else:
+        sock.sendall(b"SOURCE %d\n" % count)
+        buf = bytearray(CHUNK)
+        got = 0
+        while got < count:
+            n = sock.recv_into(buf)
+            if n == 0:
+                raise SystemExit(f"the connection ended after {got} of {count} bytes")
+            got += n
+    t2 = time.perf_counter()
+    sock.close()
+    seconds = t2 - t1
+    return {"bytes": count, "seconds": seconds, "handshake_seconds": t1 - t0, "mb_per_s": count / seconds / 1e6}
+
+
+def idle(port: int, pki: Path, count: int, hold: float) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    ctx = context(pki)
+    socks = []
+    deadline = time.monotonic() + max(30.0, count * 0.05)
+    try:
+        for i in range(count):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"opened only {i} of {count} connections in time")
+            sock = connect(port, ctx)
+            sock.sendall(b"PING\n")
+            if sock.recv(16) != b"PONG\n":
+                raise SystemExit(f"connection {i} did not reach the backend")
+            socks.append(sock)
+        print(f"READY {len(socks)}", flush=True)
+        select.select([sys.stdin], [], [], hold)
+    finally:
+        for sock in socks:
+            sock.close()
+    print("DONE", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="TLS clients of the benchmark")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("bulk")
+    b.add_argument("--port", type=int, required=True)
+    b.add_argument("--pki", type=Path, required=True)
+    b.add_argument("--direction", choices=("up", "down"), required=True)
+    b.add_argument("--bytes", type=int, required=True)
+    i = sub.add_parser("idle")
+    i.add_argument("--port", type=int, required=True)
+    i.add_argument("--pki", type=Path, required=True)
+    i.add_argument("--count", type=int, required=True)
+    i.add_argument("--hold", type=float, default=300.0)
+    args = parser.parse_args()
+    if args.cmd == "bulk":
+        print(json.dumps(bulk(args.port, args.pki, args.direction, args.bytes)), flush=True)
+    else:
+        idle(args.port, args.pki, args.count, args.hold)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,396 @@
+"""The proxies under test, each configured as the same mTLS-terminating TCP proxy in front of the same backend.
+
+Every peer gets two listeners on loopback:
+
+``require``
+    client certificate mandatory, verified against the bench CA: every measurement except wrk uses it, and the
+    harness checks before measuring that a client without a certificate (and one with a certificate from another
+    CA) is refused there.
+``optional``
+    client certificate verified if presented, not required: only for wrk, which cannot present one.
+
+TLS 1.2 and 1.3 are enabled on both (the clients ask for 1.3), session tickets are left at each program's
+default (on), and no peer writes a line per successful connection: nginx's stream module has no access log unless
+one is configured, HAProxy logs nothing without a ``log`` line, stunnel runs at ``debug = 4`` (warnings) instead of
+its default 5, which logs every connection, and mtls-proxy runs at ``log.level: warning``, which logs refused
+connections only (``log=info`` in the peer spec logs every connection, e.g. ``mtls-proxy:log=info``).
+
+A peer spec is ``name[:key=value[:key=value...]]``. Keys: ``cpus`` (a taskset list, default: the proxy core),
+``workers`` (nginx ``worker_processes``, HAProxy ``nbthread``, mtls-proxy ``workers:``; stunnel has none) and
+``log`` (mtls-proxy only). A ``--workers N`` variant of mtls-proxy is one more spec:
+``mtls-proxy:workers=2:cpus=0-1``.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+REPO = Path(__file__).resolve().parent.parent
+NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
+START_TIMEOUT = 20.0
+MAX_CONNECTIONS = 8000  # per listener; 2 fds each (client + backend) stays under a 20000 fd limit
+
+
+class PeerError(RuntimeError):
+    """A peer could not be configured or started: its row has no numbers."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Peer:
+    spec: str
+    options: dict[str, str]
+    workdir: Path
+    pki: Path
+    backend_port: int
+    proxy_cpus: str
+    require_port: int = field(default_factory=free_port)
+    optional_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    name: ClassVar[str] = "?"
+    binary: ClassVar[str] = "?"
+    apt_packages: ClassVar[tuple[str, ...]] = ()
+    allowed_options: ClassVar[frozenset[str]] = frozenset({"cpus"})
+
+    def __post_init__(self) -> None:
+        unknown = set(self.options) - self.allowed_options
+        if unknown:
+            raise PeerError(f"{self.spec}: unknown option(s) {sorted(unknown)}; {self.name} takes "
+                            f"{sorted(self.allowed_options)}")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+
+    # ---- what each peer defines ----
+
+    @classmethod
+    def missing(cls) -> list[str]:
+        """The apt packages to install before this peer can run (empty: ready)."""
+        return [] if shutil.which(cls.binary) else list(cls.apt_packages)
+
+    def version(self) -> str:
+        raise NotImplementedError
+
+    def write_config(self) -> list[str]:
+        """Write the config files; return the command line."""
+        raise NotImplementedError
+
+    def wait_ready(self, deadline: float) -> None:
+        for port in (self.require_port, self.optional_port):
+            while True:
+                self._check_alive()
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise PeerError(f"{self.spec}: port {port} not open after {START_TIMEOUT:.0f}s"
+                                        f"{self._log_tail()}") from None
+                    time.sleep(0.05)
+
+    # ---- shared machinery ----
+
+    @property
+    def cpus(self) -> str:
+        return self.options.get("cpus", self.proxy_cpus)
+
+    @property
+    def workers(self) -> int:
+        return int(self.options.get("workers", "1"))
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        self.launch()
+        self.wait_ready(time.monotonic() + START_TIMEOUT)
+
+    def launch(self) -> None:
+        """Start the process without waiting for it to listen (peers start side by side; see wait_ready)."""
+        cmd = self.write_config()
+        self.stdout = open(self.workdir / "stdout.log", "wb")
+        self.stderr = open(self.workdir / "stderr.log", "wb")
+        # taskset execs the program, so the pid we hold is the peer's own (the root of its process tree).
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", self.cpus, *cmd], stdin=subprocess.DEVNULL, stdout=self.stdout, stderr=self.stderr,
+            cwd=self.workdir, start_new_session=True,
+        )
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        # The group may outlive its leader (nginx workers): make sure nothing of it is left.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.stdout.close()
+        self.stderr.close()
+
+    def _check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise PeerError(f"{self.spec} exited with {self.proc.returncode} during startup{self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        texts = []
+        for name in ("stderr.log", "stdout.log", "error.log", "stunnel.log"):
+            path = self.workdir / name
+            if path.exists():
+                text = path.read_text(errors="replace").strip()
+                if text:
+                    texts.append(f"{name}: {text[-800:]}")
+        return (":\n" + "\n".join(texts)) if texts else ""
+
+
+def _run_version(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    text = (out.stdout + out.stderr).strip().splitlines()
+    return text[0] if text else "?"
+
+
+class Nginx(Peer):
+    name = "nginx"
+    binary = "nginx"
+    apt_packages = ("nginx-light", "libnginx-mod-stream")
+    allowed_options = frozenset({"cpus", "workers"})
+
+    @classmethod
+    def missing(cls) -> list[str]:
+        need = []
+        if not shutil.which("nginx"):
+            need.append("nginx-light")
+        if not NGINX_STREAM_MODULE.exists():
+            need.append("libnginx-mod-stream")
+        return need
+
+    def version(self) -> str:
+        return _run_version(["nginx", "-v"]).replace("nginx version: ", "")
+
+    def write_config(self) -> list[str]:
+        p, d = self.pki, self.workdir
+        common = f"""
+        ssl_certificate {p}/server.crt;
+        ssl_certificate_key {p}/server.key;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_client_certificate {p}/ca.crt;
+        ssl_verify_depth 4;
+        proxy_pass backend;"""
+        conf = f"""load_module {NGINX_STREAM_MODULE};
+daemon off;
+master_process on;
+worker_processes {self.workers};
+worker_rlimit_nofile 20000;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections {2 * MAX_CONNECTIONS + 100}; }}
+stream {{
+    upstream backend {{ server 127.0.0.1:{self.backend_port}; }}
+    server {{
+        listen 127.0.0.1:{self.require_port} ssl backlog=4096;
+        ssl_verify_client on;{common}
+    }}
+    server {{
+        listen 127.0.0.1:{self.optional_port} ssl backlog=4096;
+        ssl_verify_client optional;{common}
+    }}
+}}
+"""
+        (d / "nginx.conf").write_text(conf)
+        return ["nginx", "-p", str(d), "-e", str(d / "error.log"), "-c", str(d / "nginx.conf")]
+
+
+class HAProxy(Peer):
+    name = "haproxy"
+    binary = "haproxy"
+    apt_packages = ("haproxy",)
+    allowed_options = frozenset({"cpus", "workers"})
+
+    def version(self) -> str:
+        return _run_version(["haproxy", "-v"]).replace("HAProxy version ", "").split(" - ")[0]
+
+    def write_config(self) -> list[str]:
+        p, d = self.pki, self.workdir
+        # HAProxy wants the certificate and its key in one file.
+        pem = d / "server.pem"
+        pem.write_bytes((p / "server.crt").read_bytes() + (p / "server.key").read_bytes())
+        pem.chmod(0o600)
+        # HAProxy refuses to start when maxconn needs more fds than the limit allows (2 per connection + spare).
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        maxconn = min(2 * MAX_CONNECTIONS, (nofile - 1000) // 2)
+        conf = f"""global
+    maxconn {maxconn}
+    nbthread {self.workers}
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+
+frontend require
+    bind 127.0.0.1:{self.require_port} ssl crt {pem} ca-file {p}/ca.crt verify required
+    maxconn {MAX_CONNECTIONS}
+    default_backend backend
+
+frontend optional
+    bind 127.0.0.1:{self.optional_port} ssl crt {pem} ca-file {p}/ca.crt verify optional
+    maxconn {MAX_CONNECTIONS}
+    default_backend backend
+
+backend backend
+    server b1 127.0.0.1:{self.backend_port}
+"""
+        (d / "haproxy.cfg").write_text(conf)
+        return ["haproxy", "-db", "-f", str(d / "haproxy.cfg")]
+
+
+class Stunnel(Peer):
+    name = "stunnel"
+    binary = "stunnel4"
+    apt_packages = ("stunnel4",)
+
+    def version(self) -> str:
+        # The first line of -version is about inetd mode; the version is on the line that starts "stunnel ".
+        out = subprocess.run(["stunnel4", "-version"], capture_output=True, text=True, timeout=10)
+        for line in (out.stdout + out.stderr).splitlines():
+            if line.startswith("stunnel "):
+                return line.split()[1]
+        return "?"
+
+    def write_config(self) -> list[str]:
+        p, d = self.pki, self.workdir
+
+        def service(name: str, port: int, require: bool) -> str:
+            return f"""
+[{name}]
+accept = 127.0.0.1:{port}
+connect = 127.0.0.1:{self.backend_port}
+cert = {p}/server.crt
+key = {p}/server.key
+CAfile = {p}/ca.crt
+verifyChain = yes
+requireCert = {"yes" if require else "no"}
+sslVersionMin = TLSv1.2
+"""
+        # TCP_NODELAY on both sides, as nginx, HAProxy and trio set by default: without it wrk's latency would
+        # measure Nagle's algorithm, not stunnel.
+        conf = f"""foreground = yes
+pid = {d}/stunnel.pid
+output = {d}/stunnel.log
+debug = 4
+socket = l:TCP_NODELAY=1
+socket = r:TCP_NODELAY=1
+{service("require", self.require_port, True)}{service("optional", self.optional_port, False)}"""
+        (d / "stunnel.conf").write_text(conf)
+        return ["stunnel4", str(d / "stunnel.conf")]
+
+
+class MtlsProxy(Peer):
+    name = "mtls-proxy"
+    binary = "python"
+    allowed_options = frozenset({"cpus", "workers", "log"})
+
+    @classmethod
+    def missing(cls) -> list[str]:
+        return []
+
+    def version(self) -> str:
+        out = subprocess.run(
+            [sys.executable, "-c",
+             "import importlib.metadata as m, OpenSSL, cryptography.hazmat.backends.openssl as o, sys;"
+             "print(m.version('mtls-proxy'), 'python', sys.version.split()[0], 'pyOpenSSL', OpenSSL.__version__,"
+             "o.backend.openssl_version_text())"],
+            capture_output=True, text=True, timeout=30,
+        )
+        return out.stdout.strip() or f"? ({out.stderr.strip()[-200:]})"
+
+    def write_config(self) -> list[str]:
+        import yaml
+
+        p, d = self.pki, self.workdir
+        self.admin_port = free_port()
+
+        def listener(name: str, port: int, mode: str) -> dict:
+            return {
+                "name": name,
+                "listen": f"127.0.0.1:{port}",
+                "tls": {"cert": str(p / "server.crt"), "key": str(p / "server.key")},
+                "client_auth": {"mode": mode, "trusted_ca": str(p / "ca.crt")},
+                "backend": {"address": f"127.0.0.1:{self.backend_port}"},
+                "timeouts": {"handshake": 10, "idle": 300},
+                "max_connections": MAX_CONNECTIONS,
+            }
+
+        config: dict = {
+            "admin": {"listen": f"127.0.0.1:{self.admin_port}"},
+            "log": {"level": self.options.get("log", "warning"), "format": "json"},
+            "listeners": [listener("require", self.require_port, "require"),
+                          listener("optional", self.optional_port, "optional")],
+        }
+        if "workers" in self.options:
+            config["workers"] = int(self.options["workers"])
+        (d / "mtls-proxy.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        return [sys.executable, "-m", "proxy", "run", "--config", str(d / "mtls-proxy.yaml")]
+
+    def wait_ready(self, deadline: float) -> None:
+        url = f"http://127.0.0.1:{self.admin_port}/readyz"
+        while True:
+            self._check_alive()
+            try:
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise PeerError(f"{self.spec}: /readyz not 200 after {START_TIMEOUT:.0f}s{self._log_tail()}")
+            time.sleep(0.05)
+        super().wait_ready(deadline)
+
+
+KINDS: dict[str, type[Peer]] = {cls.name: cls for cls in (Nginx, HAProxy, Stunnel, MtlsProxy)}
+
+
+def parse_spec(spec: str) -> tuple[type[Peer], dict[str, str]]:
+    name, *parts = spec.split(":")
+    if name not in KINDS:
+        raise PeerError(f"unknown peer {name!r}; known: {', '.join(KINDS)}")
+    options = {}
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if not eq or not value:
+            raise PeerError(f"{spec}: options are key=value, got {part!r}")
+        options[key] = value
+    return KINDS[name], options

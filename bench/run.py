@@ -1,0 +1,652 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of mtls-proxy against nginx, HAProxy and stunnel as mTLS-terminating TCP proxies.
+
+    python bench/run.py                 # full run (11 minutes on a quiet machine), prints the tables
+    python bench/run.py --quick         # smoke run (about 20 seconds), what the test suite runs
+    python bench/run.py --results bench/RESULTS.md --json /tmp/bench.json
+
+See bench/README.md for what is measured and how.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+if str(REPO) not in sys.path:  # `python bench/run.py` from a checkout: find `proxy` without installing it
+    sys.path.insert(0, str(REPO))
+
+import clients  # noqa: E402
+import loads  # noqa: E402
+import procfs  # noqa: E402
+import pyspy  # noqa: E402
+import report  # noqa: E402
+from peers import KINDS, START_TIMEOUT, Peer, PeerError, parse_spec  # noqa: E402
+
+DEFAULT_PEERS = "nginx,haproxy,stunnel,mtls-proxy"
+TESTS = ("full", "resumed", "bulk_up", "bulk_down", "wrk")
+
+
+@dataclass(frozen=True)
+class Settings:
+    reps: int
+    hs_seconds: int
+    hs_clients: int
+    bulk_bytes: int
+    wrk_seconds: int
+    wrk_connections: int
+    idle_conns: int
+    retries: int
+    foreign_limit: float  # share of one core
+    quiet_wait: float  # seconds to wait for the machine to calm down before a run
+    patience: float  # seconds, in all, that waiting for quiet and repeating disturbed runs may add to the run
+    profile_seconds: int
+    settle: float  # seconds to let a peer settle before reading its memory
+    latency_conns: int  # sequential connections for the first-response latency
+    backend_ceiling: bool
+    proxy_cpu: int
+    load_cpu: int
+
+
+FULL = Settings(
+    reps=3, hs_seconds=10, hs_clients=4, bulk_bytes=1024 * 2**20, wrk_seconds=10, wrk_connections=32,
+    idle_conns=5000, retries=2, foreign_limit=0.05, quiet_wait=30.0, patience=1200.0, profile_seconds=10,
+    settle=1.0, latency_conns=21, backend_ceiling=True, proxy_cpu=1, load_cpu=0,
+)
+QUICK = replace(
+    FULL, reps=1, hs_seconds=1, bulk_bytes=8 * 2**20, wrk_seconds=1, wrk_connections=16, idle_conns=16,
+    retries=0, quiet_wait=0.0, patience=0.0, profile_seconds=0, settle=0.2, latency_conns=3, backend_ceiling=False,
+)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ---- setup ------------------------------------------------------------------------------------------------------
+
+
+def install_missing(kinds: list[type[Peer]], need_wrk: bool, allowed: bool) -> list[str]:
+    """apt-get install what the chosen peers need; return what is still missing."""
+    packages = sorted({pkg for kind in kinds for pkg in kind.missing()}
+                      | ({"wrk"} if need_wrk and not shutil.which("wrk") else set())
+                      | ({"openssl"} if not shutil.which("openssl") else set()))
+    if packages and allowed:
+        if os.geteuid() != 0:
+            log(f"not root, cannot install {' '.join(packages)}")
+        else:
+            log(f"installing {' '.join(packages)} with apt-get")
+            env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+            cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages]
+            if subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, timeout=900).returncode != 0:
+                subprocess.run(["apt-get", "update", "-qq"], env=env, timeout=900)
+                subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, timeout=900)
+    return sorted({pkg for kind in kinds for pkg in kind.missing()}
+                  | ({"wrk"} if need_wrk and not shutil.which("wrk") else set()))
+
+
+def write_pki(directory: Path) -> Path:
+    """ECDSA P-256 throughout: a CA, the server certificate (localhost, 127.0.0.1), the client certificate, and a
+    client certificate from another CA that every peer must refuse."""
+    from proxy import pki
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = pki.make_ca("mtls-proxy bench CA", organization="bench")
+    other = pki.make_ca("some other CA", organization="elsewhere")
+    files = {
+        "ca.crt": ca.cert_pem(),
+        "server": pki.make_server_cert(ca),
+        "client": pki.make_client_cert(ca, common_name="bench-client", organization="bench"),
+        "other": pki.make_client_cert(other, common_name="bench-intruder"),
+    }
+    for name, item in files.items():
+        if isinstance(item, bytes):
+            (directory / name).write_bytes(item)
+            continue
+        (directory / f"{name}.crt").write_bytes(item.chain_pem())
+        key = directory / f"{name}.key"
+        key.write_bytes(item.key_pem())
+        key.chmod(0o600)
+    return directory
+
+
+class Backend:
+    def __init__(self, cpu: int) -> None:
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", str(cpu), sys.executable, str(HERE / "backend.py")],
+            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"the backend did not start: {line!r}")
+        self.port = int(line.split()[1])
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stats(self) -> dict[str, int]:
+        import socket
+
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(b"STATS\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                piece = sock.recv(4096)
+                if not piece:
+                    break
+                data += piece
+        return json.loads(data)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+
+# ---- the runner -------------------------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, settings: Settings, specs: list[str], workdir: Path, *, use_wrk: bool, profile: bool) -> None:
+        self.s = settings
+        self.specs = specs
+        self.workdir = workdir
+        self.use_wrk = use_wrk
+        self.profile = profile
+        self.peers: dict[str, Peer] = {}
+        self.waited = 0.0  # seconds spent waiting for quiet and on repeated attempts
+        self.data: dict[str, Any] = {"settings": asdict(settings), "peers": {}}
+
+    # ---- lifecycle ----
+
+    def setup(self) -> None:
+        self.pki = write_pki(self.workdir / "pki")
+        self.backend = Backend(self.s.load_cpu)
+        log(f"backend on port {self.backend.port} (pid {self.backend.pid}, CPU {self.s.load_cpu})")
+        launched = []
+        for spec in self.specs:
+            entry = self.data["peers"][spec] = {"runs": {}, "summary": {}, "memory": {}}
+            try:
+                kind, options = parse_spec(spec)
+                peer = kind(spec=spec, options=options, workdir=self.workdir / spec.replace(":", "_"),
+                            pki=self.pki, backend_port=self.backend.port, proxy_cpus=str(self.s.proxy_cpu))
+                peer.launch()
+            except (PeerError, OSError, ValueError) as exc:
+                entry["error"] = str(exc)
+                log(f"{spec}: cannot start: {exc}")
+                continue
+            self.peers[spec] = peer  # from here on, teardown stops it
+            launched.append(peer)
+            try:
+                entry["version"] = peer.version()  # runs while the peers start
+            except (OSError, subprocess.SubprocessError) as exc:
+                entry["version"] = f"? ({exc})"
+        deadline = time.monotonic() + START_TIMEOUT
+        for peer in launched:
+            try:
+                peer.wait_ready(deadline)
+            except PeerError as exc:
+                self.data["peers"][peer.spec]["error"] = str(exc)
+                log(f"{peer.spec}: cannot start: {exc}")
+                peer.stop()
+                del self.peers[peer.spec]
+                continue
+            log(f"{peer.spec}: {self.data['peers'][peer.spec]['version']}, pid {peer.pid}, ports "
+                f"{peer.require_port} (require) {peer.optional_port} (optional), CPUs {peer.cpus}")
+
+    def teardown(self) -> None:
+        for peer in self.peers.values():
+            try:
+                peer.stop()
+            except Exception as exc:  # noqa: BLE001 - cleanup must go on
+                log(f"{peer.spec}: stop failed: {exc}")
+        if hasattr(self, "backend"):
+            self.backend.stop()
+
+    # ---- checks ----
+
+    def check(self, peer: Peer) -> bool:
+        """Refuse no certificate and a foreign CA, admit the good certificate; the optional port admits no
+        certificate. Refused clients must not have reached the backend at all."""
+        before = self.backend.stats()["connections"]
+        no_cert = clients.probe(peer.require_port, self.pki, None)
+        other = clients.probe(peer.require_port, self.pki, "other")
+        other_opt = clients.probe(peer.optional_port, self.pki, "other")
+        after = self.backend.stats()["connections"]
+        leaked = after - before - 1  # the second STATS connection is the only one expected
+        good = clients.probe(peer.require_port, self.pki, "client")
+        anon = clients.probe(peer.optional_port, self.pki, None)
+
+        def res(r: tuple[bool, str]) -> dict[str, Any]:
+            return {"reached": r[0], "detail": r[1]}
+
+        checks = {
+            "no_cert": res(no_cert), "other_ca": res(other), "other_ca_optional_port": res(other_opt),
+            "good": res(good), "optional_no_cert": res(anon), "backend_connections_from_refused": leaked,
+        }
+        checks["ok"] = (not no_cert[0] and not other[0] and not other_opt[0] and good[0] and anon[0]
+                        and leaked == 0)
+        self.data["peers"][peer.spec]["checks"] = checks
+        if checks["ok"]:
+            count = self.s.latency_conns
+            latency = {
+                "count": count,
+                "nodelay": clients.first_response(peer.require_port, self.pki, count, nodelay=True),
+                "no_nodelay": clients.first_response(peer.require_port, self.pki, count, nodelay=False),
+            }
+            self.data["peers"][peer.spec]["latency"] = latency
+            log(f"{peer.spec}: first response (median of {count}): {latency['nodelay']['first_response_ms']:.1f} ms "
+                f"with TCP_NODELAY, {latency['no_nodelay']['first_response_ms']:.1f} ms without")
+        verdict = "ok" if checks["ok"] else "MISCONFIGURED"
+        log(f"{peer.spec}: checks {verdict}: no cert -> {no_cert[1]}; other CA -> {other[1]}; good -> {good[1]}; "
+            f"optional/no cert -> {anon[1]}; refused clients at the backend: {leaked}")
+        return checks["ok"]
+
+    # ---- measuring ----
+
+    def window(self, peer: Peer | None) -> procfs.Window:
+        watch = {"backend": self.backend.pid}
+        if peer is not None:
+            watch["proxy"] = peer.pid
+        return procfs.Window(ours=[self.backend.pid, *(p.pid for p in self.peers.values())], watch=watch,
+                             cpus=(self.s.proxy_cpu, self.s.load_cpu))
+
+    def patience_left(self) -> float:
+        return self.s.patience - self.waited
+
+    def wait_quiet(self) -> None:
+        """Before a run: wait (bounded by ``quiet_wait`` and by what is left of ``patience``) until the rest of
+        the machine is quiet."""
+        started = time.monotonic()
+        deadline = started + min(self.s.quiet_wait, self.patience_left())
+        try:
+            while time.monotonic() < deadline:
+                w = self.window(None).start()
+                time.sleep(0.5)
+                acct = w.stop()
+                share = acct["foreign"] / acct["elapsed"]
+                if share <= self.s.foreign_limit:
+                    return
+                if time.monotonic() >= deadline:
+                    log(f"machine still busy ({share:.0%} of a core foreign: {acct['foreign_top'][:3]}); "
+                        f"measuring anyway")
+                    return
+                time.sleep(0.5)
+        finally:
+            self.waited += time.monotonic() - started
+
+    def measure(self, peer: Peer, test: str) -> dict[str, Any]:
+        attempts: list[dict[str, Any]] = []
+        for attempt in range(1 + self.s.retries):
+            if attempt and self.patience_left() <= 0:
+                log(f"{peer.spec} {test}: no patience left for another attempt; keeping the disturbed run")
+                break
+            self.wait_quiet()
+            attempt_started = time.monotonic()
+            w = self.window(peer).start()
+            try:
+                result = self.load(peer, test)
+            except loads.LoadError as exc:
+                w.stop()
+                log(f"{peer.spec} {test}: FAILED: {exc}")
+                return {"ok": False, "error": str(exc), "attempts": attempts}
+            acct = w.stop()
+            if attempt:
+                self.waited += time.monotonic() - attempt_started
+            run = self.units(test, result, acct)
+            disturbed = run["foreign_share"] > self.s.foreign_limit
+            run["disturbed"] = disturbed
+            attempts.append(run)
+            log(f"{peer.spec} {test}: {run['summary']}  [proxy {run['proxy_busy']:.0%}, load core "
+                f"{run['load_core_busy']:.0%}, backend {run['backend_busy']:.0%}, foreign {run['foreign_share']:.1%}"
+                + (f" DISTURBED by {acct['foreign_top'][:3]}" if disturbed else "") + "]")
+            if not disturbed:
+                break
+        kept = min(attempts, key=lambda r: r["foreign_share"])
+        return {**kept, "kept": True, "attempts": [{k: v for k, v in a.items() if k != "attempts"}
+                                                    for a in attempts]}
+
+    def load(self, peer: Peer, test: str) -> Any:
+        s = self.s
+        if test in ("full", "resumed"):
+            return loads.s_time(peer.require_port, self.pki, reuse=test == "resumed", clients=s.hs_clients,
+                                seconds=s.hs_seconds)
+        if test in ("bulk_up", "bulk_down"):
+            return loads.bulk(peer.require_port, self.pki, test.removeprefix("bulk_"), s.bulk_bytes)
+        if test == "wrk":
+            return loads.wrk(f"https://127.0.0.1:{peer.optional_port}/", connections=s.wrk_connections,
+                             seconds=s.wrk_seconds)
+        raise ValueError(test)
+
+    def units(self, test: str, result: Any, acct: dict[str, Any]) -> dict[str, Any]:
+        proxy_cpu = acct["cpu"]["proxy"]
+        elapsed = acct["elapsed"]
+        run: dict[str, Any] = {
+            "ok": True,
+            "elapsed": elapsed,
+            "proxy_cpu_s": proxy_cpu,
+            "proxy_busy": proxy_cpu / elapsed,
+            "backend_busy": acct["cpu"]["backend"] / elapsed,
+            "load_core_busy": acct["cpu_util"].get(self.s.load_cpu, 0.0),
+            "proxy_core_busy": acct["cpu_util"].get(self.s.proxy_cpu, 0.0),
+            "proxy_core_softirq_s": acct["softirq"].get(self.s.proxy_cpu, 0.0),
+            "foreign_share": acct["foreign"] / elapsed,
+            "foreign_top": acct["foreign_top"],
+            "kernel_s": acct["kernel"],
+        }
+        # cpu: the process tree's CPU per unit (the headline). cpu_si: the same plus the softirq time on the
+        # proxy's core, the kernel network work the proxy caused that no process is charged for.
+        if test in ("full", "resumed"):
+            count, per_unit, rate = result.connections, result.connections / 1e3, result.rate
+            run["reused"] = result.reused / result.connections
+        elif test.startswith("bulk"):
+            count, per_unit, rate = result["bytes"], result["bytes"] / 1e9, result["mb_per_s"]
+        else:
+            count, per_unit, rate = result.requests, result.requests / 1e6, result.rate
+            run.update(p50=result.p50_us, p99=result.p99_us, errors=result.errors)
+        run.update(count=count, rate=rate, cpu=proxy_cpu / per_unit,
+                   cpu_si=(proxy_cpu + run["proxy_core_softirq_s"]) / per_unit)
+        if test in ("full", "resumed"):
+            run["summary"] = (f"{rate:.0f} hs/s, {run['cpu']:.3f} CPU-ms/hs"
+                              + (f", {run['reused']:.0%} reused" if test == "resumed" else ""))
+        elif test.startswith("bulk"):
+            run["summary"] = f"{rate:.0f} MB/s, {run['cpu']:.3f} CPU-s/GB"
+        else:
+            run["summary"] = (f"{rate:.0f} req/s, p50 {result.p50_us:.0f} µs, p99 {result.p99_us:.0f} µs, "
+                              f"{run['cpu']:.1f} CPU-µs/req" + (f", {result.errors}" if result.errors else ""))
+        return run
+
+    def backend_ceiling(self) -> None:
+        """wrk straight at the backend (no TLS): how many requests/s it can answer, and at what CPU."""
+        w = self.window(None).start()
+        try:
+            result = loads.wrk(f"http://127.0.0.1:{self.backend.port}/", connections=self.s.wrk_connections,
+                               seconds=max(1, self.s.wrk_seconds // 2))
+        except loads.LoadError as exc:
+            log(f"backend ceiling: {exc}")
+            return
+        acct = w.stop()
+        backend = acct["cpu"]["backend"]
+        self.data["backend_ceiling"] = {"rate": result.rate, "backend_busy": backend / acct["elapsed"],
+                                        "cpu_us": backend / result.requests * 1e6}
+        log(f"backend alone: {result.rate:.0f} req/s, backend at {backend / acct['elapsed']:.0%} of a core")
+
+    def wait_for_ports(self, needed: int) -> None:
+        """Each idle-connection test leaves 2 × N local ports in TIME_WAIT for 60 s (client → proxy and proxy →
+        backend); four of them in a row would exhaust the 28,000 ephemeral ports. Wait (at most 70 s) for the
+        previous test's ports to come back."""
+        low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        deadline = time.monotonic() + 70
+        while procfs.time_wait_sockets() + 2 * needed > (high - low) * 0.8 and time.monotonic() < deadline:
+            time.sleep(2)
+
+    def memory_idle_conns(self, peer: Peer) -> None:
+        mem = self.data["peers"][peer.spec]["memory"]
+        count = self.s.idle_conns
+        self.wait_for_ports(count)
+        before = procfs.tree_kb(peer.pid, "VmRSS")
+        for attempt in (1, 2):
+            try:
+                with loads.IdleClients(peer.require_port, self.pki, count):
+                    time.sleep(self.s.settle)  # let lazily allocated buffers settle
+                    after = procfs.tree_kb(peer.pid, "VmRSS")
+                    threads = sum(procfs.threads(pid) for pid in procfs.descendants(peer.pid))
+                break
+            except loads.LoadError as exc:
+                log(f"{peer.spec}: idle connections, attempt {attempt}: {exc}")
+                if attempt == 2:
+                    mem["idle_error"] = str(exc)
+                    return
+                mem["idle_first_attempt_error"] = str(exc)
+                self.wait_for_ports(count)
+                before = procfs.tree_kb(peer.pid, "VmRSS")
+        mem["idle"] = {"count": count, "rss_before_kb": before, "rss_after_kb": after,
+                       "per_conn_kb": (after - before) / count, "threads": threads}
+        mem["final_hwm_kb"] = procfs.tree_kb(peer.pid, "VmHWM")
+        log(f"{peer.spec}: {count} idle connections: RSS {before / 1024:.1f} -> {after / 1024:.1f} MB, "
+            f"{(after - before) / count:.1f} KB each, {threads} threads")
+
+    def run_profiles(self) -> None:
+        target = next((p for spec, p in self.peers.items() if spec.startswith("mtls-proxy")), None)
+        if target is None:
+            return
+        if not pyspy.available():
+            self.data["profiles"] = {"mtls-proxy": {"error": "py-spy is not installed (pip install py-spy)"}}
+            return
+        seconds = self.s.profile_seconds
+        profiles = {}
+
+        def hs() -> None:
+            loads.s_time(target.require_port, self.pki, reuse=False, clients=self.s.hs_clients, seconds=seconds)
+
+        def bulk(direction: str) -> Callable[[], None]:
+            def go() -> None:
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    loads.bulk(target.require_port, self.pki, direction, 512 * 2**20)
+            return go
+
+        def wrk() -> None:
+            loads.wrk(f"https://127.0.0.1:{target.optional_port}/", connections=self.s.wrk_connections,
+                      seconds=seconds)
+
+        loads_to_profile = [
+            ("full handshakes", f"`openssl s_time -new -www /`, {self.s.hs_clients} clients, {seconds} s", hs),
+            ("bulk down", f"backend → client, 512 MiB per connection, {seconds} s", bulk("down")),
+            ("bulk up", f"client → backend, 512 MiB per connection, {seconds} s", bulk("up")),
+        ]
+        if self.use_wrk:
+            loads_to_profile.append(("kept-alive requests",
+                                     f"`wrk -c{self.s.wrk_connections}` on the optional port, {seconds} s", wrk))
+        for name, description, action in loads_to_profile:
+            self.wait_quiet()
+            log(f"profiling {target.spec}: {name}")
+            profiles[name] = pyspy.record(target.pid, action, self.workdir / f"profile-{name.replace(' ', '-')}",
+                                          description=description, cpu=self.s.load_cpu)
+        self.data["profiles"] = profiles
+
+    # ---- the whole run ----
+
+    def run(self) -> None:
+        self.setup()
+        measured = [p for p in self.peers.values() if self.check(p)]
+        time.sleep(self.s.settle)
+        for peer in self.peers.values():
+            self.data["peers"][peer.spec]["memory"]["idle_rss_kb"] = procfs.tree_kb(peer.pid, "VmRSS")
+        tests = [t for t in TESTS if t != "wrk" or self.use_wrk]
+        if self.use_wrk and self.s.backend_ceiling:
+            self.backend_ceiling()
+        for rep in range(self.s.reps):
+            if self.s.reps > 1:
+                log(f"--- repetition {rep + 1} of {self.s.reps}")
+            for test in tests:
+                for peer in measured:
+                    run = self.measure(peer, test)
+                    self.data["peers"][peer.spec]["runs"].setdefault(test, []).append(run)
+        for peer in measured:
+            self.data["peers"][peer.spec]["memory"]["peak_rss_kb"] = procfs.tree_kb(peer.pid, "VmHWM")
+        for peer in measured:
+            self.memory_idle_conns(peer)
+        for spec, entry in self.data["peers"].items():
+            summary = entry["summary"]
+            for test, runs in entry["runs"].items():
+                summary[f"{test}_cpu"] = report.summarize(runs, "cpu")
+                summary[f"{test}_cpu_si"] = report.summarize(runs, "cpu_si")
+                summary[f"{test}_rate"] = report.summarize(runs, "rate")
+                if test == "resumed":
+                    summary["resumed_reused"] = report.summarize(runs, "reused")
+                if test == "wrk":
+                    summary["wrk_p50"] = report.summarize(runs, "p50")
+                    summary["wrk_p99"] = report.summarize(runs, "p99")
+        if self.profile:
+            self.run_profiles()
+        self.data["waited_s"] = self.waited
+
+
+def machine() -> dict[str, str]:
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    os_name = "?"
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                os_name = line.split("=", 1)[1].strip('"')
+    except OSError:
+        pass
+    openssl = subprocess.run(["openssl", "version"], capture_output=True, text=True).stdout.strip()
+    return {"cpu": model, "cpus": str(os.cpu_count()), "memory": f"{mem_gib:.0f} GiB", "os": os_name,
+            "kernel": platform.release(), "python": platform.python_version(), "openssl_cli": openssl,
+            "wrk": "wrk 4.1.0" if shutil.which("wrk") else "-"}
+
+
+def results_markdown(data: dict[str, Any], text: str) -> str:
+    m = data["machine"]
+    versions = "\n".join(f"| {spec} | {entry.get('version', '?')} |" for spec, entry in data["peers"].items())
+    return f"""# Benchmark results
+
+Generated by `bench/run.py` (see `bench/README.md`); regenerate with the command below. Hand-written notes, if
+any, are at the end.
+
+- date: {data['started']} (took {data['duration_s'] / 60:.1f} min)
+- command: `{data['command']}`
+- machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory']}, {m['os']}, kernel {m['kernel']}
+- pinning: proxy on CPU {data['settings']['proxy_cpu']}; clients, backend and harness on CPU {data['settings']['load_cpu']}
+- clients: {m['openssl_cli']} (`s_time`), Python {m['python']} `ssl` (bulk, checks, idle connections), {m['wrk']}
+
+| peer | version |
+|---|---|
+{versions}
+
+{text}
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 s loads, 8 MiB bulk, 32 idle conns")
+    parser.add_argument("--peers", default=DEFAULT_PEERS,
+                        help=f"comma-separated peer specs (default {DEFAULT_PEERS}); known: {', '.join(KINDS)}; "
+                             "options as name:key=value, e.g. mtls-proxy:workers=2:cpus=0-1")
+    parser.add_argument("--reps", type=int, help="repetitions of every run (median kept)")
+    parser.add_argument("--seconds", type=int, help="duration of each handshake and wrk run")
+    parser.add_argument("--clients", type=int, help="parallel s_time processes")
+    parser.add_argument("--bulk-mib", type=int, help="MiB per bulk run")
+    parser.add_argument("--wrk-connections", type=int)
+    parser.add_argument("--idle-conns", type=int, help="idle TLS connections for the per-connection memory")
+    parser.add_argument("--retries", type=int, help="extra attempts for a run that foreign load disturbed")
+    parser.add_argument("--patience", type=float,
+                        help="seconds, in all, that waiting for a quiet machine and repeating runs may add")
+    parser.add_argument("--foreign-limit", type=float, help="foreign CPU (share of one core) that marks a run disturbed")
+    parser.add_argument("--proxy-cpu", type=int)
+    parser.add_argument("--load-cpu", type=int)
+    parser.add_argument("--no-wrk", action="store_true", help="skip the wrk runs")
+    parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
+    parser.add_argument("--no-install", action="store_true", help="never apt-get install missing peers")
+    parser.add_argument("--skip-missing", action="store_true", help="drop peers that are not installed")
+    parser.add_argument("--json", type=Path, help="write every number to this file")
+    parser.add_argument("--results", type=Path, help="write the report as Markdown (e.g. bench/RESULTS.md)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs, profiles)")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="measure nothing: print (and with --results write) the report of an earlier --json")
+    args = parser.parse_args()
+
+    if args.render:
+        data = json.loads(args.render.read_text())
+        text = report.render(data)
+        print(text)
+        if args.results:
+            args.results.write_text(results_markdown(data, text))
+        return 0
+
+    settings = QUICK if args.quick else FULL
+    overrides = {"reps": args.reps, "hs_seconds": args.seconds, "wrk_seconds": args.seconds,
+                 "hs_clients": args.clients, "bulk_bytes": args.bulk_mib and args.bulk_mib * 2**20,
+                 "wrk_connections": args.wrk_connections, "idle_conns": args.idle_conns, "retries": args.retries,
+                 "foreign_limit": args.foreign_limit, "patience": args.patience, "proxy_cpu": args.proxy_cpu, "load_cpu": args.load_cpu}
+    settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+    if os.cpu_count() and max(settings.proxy_cpu, settings.load_cpu) >= os.cpu_count():
+        parser.error(f"this machine has {os.cpu_count()} CPUs; choose --proxy-cpu/--load-cpu below that")
+
+    specs = [s.strip() for s in args.peers.split(",") if s.strip()]
+    try:
+        kinds = [parse_spec(spec)[0] for spec in specs]
+    except PeerError as exc:
+        parser.error(str(exc))
+    missing = install_missing(kinds, need_wrk=not args.no_wrk, allowed=not args.no_install)
+    if missing:
+        still = [spec for spec, kind in zip(specs, kinds) if kind.missing()]
+        if not args.skip_missing:
+            print(f"missing: {' '.join(missing)} (install them, run as root, or pass --skip-missing)",
+                  file=sys.stderr)
+            return 2
+        log(f"skipping {', '.join(still) or 'nothing'}; missing packages: {' '.join(missing)}")
+        specs = [spec for spec, kind in zip(specs, kinds) if not kind.missing()]
+    use_wrk = not args.no_wrk and shutil.which("wrk") is not None
+
+    # The harness, the backend and the clients share the load core; each peer gets the proxy core.
+    os.sched_setaffinity(0, {settings.load_cpu})
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    started = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="mtls-bench-"))
+    bench = Bench(settings, specs, workdir, use_wrk=use_wrk, profile=not args.quick and not args.no_profile)
+    bench.data.update(started=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=machine(),
+                      command="python bench/run.py " + shlex.join(sys.argv[1:]), workdir=str(workdir),
+                      use_wrk=use_wrk)
+    try:
+        bench.run()
+    finally:
+        bench.teardown()
+        bench.data["duration_s"] = time.monotonic() - started
+        if args.keep:
+            log(f"work directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+        if args.json:
+            args.json.write_text(json.dumps(bench.data, indent=1, default=str))
+
+    text = report.render(bench.data)
+    print(text)
+    if args.results:
+        args.results.write_text(results_markdown(bench.data, text))
+        log(f"wrote {args.results}")
+    log(f"done in {bench.data['duration_s']:.0f} s")
+    failed = [spec for spec, e in bench.data["peers"].items()
+              if "error" in e or not e.get("checks", {}).get("ok") or "idle_error" in e.get("memory", {})
+              or any(not r.get("ok") for runs in e["runs"].values() for r in runs)]
+    if failed:
+        log(f"rows without valid numbers: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The benchmark's smoke run, ``python bench/run.py --quick``: every peer configured, checked and measured once.
+
+The full benchmark (bench/README.md) is not part of the test suite; this keeps it from rotting. It fails when the
+harness breaks: a peer that does not start, a peer that admits a client without a certificate (or with one from
+another CA), or a row without numbers. It asserts nothing about speed: the quick loads last a second each.
+
+The peers come from Debian packages (.ci/run installs them). Outside CI a peer that is not installed is left out
+(mtls-proxy is always there); in CI (``CI`` set) every peer and wrk must be installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
+
+
+def _installed(peer: str) -> bool:
+    if peer == "nginx":
+        return shutil.which("nginx") is not None and NGINX_STREAM_MODULE.exists()
+    if peer == "haproxy":
+        return shutil.which("haproxy") is not None
+    if peer == "stunnel":
+        return shutil.which("stunnel4") is not None
+    return True
+
+
+@pytest.mark.timeout(120)
+def test_quick_benchmark_measures_every_peer(tmp_path: Path) -> None:
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("the benchmark pins the proxy and the load generator to two different CPUs")
+    for tool in ("openssl", "taskset"):
+        assert shutil.which(tool), f"{tool} is needed by the benchmark"
+    peers = [p for p in ("nginx", "haproxy", "stunnel", "mtls-proxy") if _installed(p)]
+    absent = [p for p in ("nginx", "haproxy", "stunnel") if p not in peers]
+    has_wrk = shutil.which("wrk") is not None
+    if os.environ.get("CI"):
+        assert not absent and has_wrk, f"not installed: {absent + ([] if has_wrk else ['wrk'])} (.ci/run installs them)"
+
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "bench/run.py", "--quick", "--no-install", "--peers", ",".join(peers), "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=100, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-4000:]}"
+    data = json.loads(out.read_text())
+
+    tests = ["full", "resumed", "bulk_up", "bulk_down"] + (["wrk"] if has_wrk else [])
+    for spec in peers:
+        entry = data["peers"][spec]
+        assert "error" not in entry, entry["error"]
+
+        # Refused before being measured: no certificate, a certificate from another CA. Neither reached the backend.
+        checks = entry["checks"]
+        assert not checks["no_cert"]["reached"], f"{spec} admitted a client without a certificate"
+        assert not checks["other_ca"]["reached"], f"{spec} admitted a certificate from another CA"
+        assert not checks["other_ca_optional_port"]["reached"], f"{spec}'s optional port admitted another CA"
+        assert checks["backend_connections_from_refused"] == 0
+        assert checks["good"]["reached"], checks["good"]["detail"]
+        assert checks["optional_no_cert"]["reached"], checks["optional_no_cert"]["detail"]
+        assert checks["ok"]
+
+        for test in tests:
+            (run,) = entry["runs"][test]
+            assert run["ok"], f"{spec} {test}: {run.get('error')}"
+            assert run["rate"] > 0 and run["count"] > 0, f"{spec} {test}: {run}"
+            assert run["cpu"] is not None and run["cpu"] >= 0
+            summary = entry["summary"]
+            assert summary[f"{test}_rate"] > 0 and summary[f"{test}_cpu"] is not None
+        # Handshakes take milliseconds of CPU: a zero would mean the proxy's process tree was not found.
+        assert entry["runs"]["full"][0]["proxy_cpu_s"] > 0, f"{spec}: no CPU time read from /proc"
+        assert entry["runs"]["resumed"][0]["reused"] > 0.9, f"{spec}: sessions were not resumed"
+
+        memory = entry["memory"]
+        assert memory["idle_rss_kb"] > 1000
+        assert memory["peak_rss_kb"] >= memory["idle_rss_kb"] * 0.9
+        assert memory["idle"]["count"] == data["settings"]["idle_conns"]
+        assert memory["idle"]["rss_after_kb"] > 0
+
+        latency = entry["latency"]
+        assert latency["nodelay"]["first_response_ms"] > 0
+
+    report = proc.stdout
+    assert "## CPU per unit of work" in report and "## Targets of issue 5" in report
+    for spec in peers:
+        assert f"| {spec} |" in report or f"| **{spec}** |" in report
