@@ -267,6 +267,9 @@ def _rejected_identity(record: HandshakeRecord) -> PeerIdentity | None:
 
 
 def _log_access(listener: str, client: str, out: _Outcome, elapsed: float) -> None:
+    level = logging.INFO if out.outcome == "ok" else logging.WARNING
+    if not ACCESS.isEnabledFor(level):
+        return  # e.g. log.level: warning: the line is dropped, so do not build it
     fields = {
         "listener": listener,
         "client": client,
@@ -290,5 +293,4 @@ def _log_access(listener: str, client: str, out: _Outcome, elapsed: float) -> No
         }
     )
     fields = {k: v for k, v in fields.items() if v is not None}
-    level = logging.INFO if out.outcome == "ok" else logging.WARNING
     ACCESS.log(level, "connection closed", extra={"fields": fields})
