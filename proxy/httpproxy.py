@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import trio
 
 from proxy.http import HttpRelay, Step
-from proxy.pump import CHUNK_SIZE, PumpResult, pump
+from proxy.pump import CHUNK_SIZE, IdleDeadline, PumpResult, pump
 
 
 @dataclass
@@ -100,7 +100,7 @@ async def relay_http(
                 result.ended_by = "client_error"
                 nursery.cancel_scope.cancel()
                 return
-            idle.deadline = trio.current_time() + idle_timeout
+            idle.touch()
             async with lock:
                 await apply(relay.from_client(data))
             if not data:
@@ -112,18 +112,19 @@ async def relay_http(
                 data = await backend.receive_some(CHUNK_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""  # the relay answers a lost backend like a closed one
-            idle.deadline = trio.current_time() + idle_timeout
+            idle.touch()
             async with lock:
                 await apply(relay.from_backend(data))
                 wake_client.notify_all()
             if not data:
                 return
 
-    with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as idle:
+    idle = IdleDeadline(idle_timeout)
+    with idle.scope:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(from_client)
             nursery.start_soon(from_backend)
-    if idle.cancelled_caught:
+    if idle.scope.cancelled_caught:
         result.ended_by = "idle_timeout"
         return result
     if switched:
