@@ -144,7 +144,8 @@ async def _handshake(stream: TLSStream, record: HandshakeRecord, tls: ServerTLS,
         if stream.resumed:
             _identify_resumed(stream, record, tls)
         elif record.identity is not None:
-            tls.remember(record.identity)
+            record.identity = tls.remember(record.identity)
+        record.release_certificates()
     elapsed = trio.current_time() - started
     out.handshake_seconds = elapsed
     out.identity = record.identity or _rejected_identity(record)

@@ -73,6 +73,12 @@ class HandshakeRecord:
     def denied(self) -> bool:
         return self.decision is not None and not self.decision.allowed
 
+    def release_certificates(self) -> None:
+        """Drop the parsed certificates once the identity is known: an open
+        connection should not hold a chain it will never look at again."""
+        self.chain = {}
+        self.leaf = None
+
 
 def _verify_callback(conn: SSL.Connection, step: VerifyStep, ok: bool) -> bool:
     record: HandshakeRecord = conn.get_app_data()
@@ -120,11 +126,17 @@ class ServerTLS:
     # session skips verification, so this is how it gets its chain back.
     identities: OrderedDict[str, PeerIdentity] = field(default_factory=OrderedDict)
 
-    def remember(self, identity: PeerIdentity) -> None:
+    def remember(self, identity: PeerIdentity) -> PeerIdentity:
+        """Cache ``identity``; return the cached equal one if there is one,
+        so the many connections of one client share a single object."""
+        known = self.identities.get(identity.sha256)
+        if known is not None and known == identity:
+            identity = known
         self.identities[identity.sha256] = identity
         self.identities.move_to_end(identity.sha256)
         while len(self.identities) > IDENTITY_CACHE_SIZE:
             self.identities.popitem(last=False)
+        return identity
 
     def recall(self, sha256: str) -> PeerIdentity | None:
         return self.identities.get(sha256)
