@@ -7,6 +7,7 @@ Exit codes: 0 ok, 2 bad config or arguments (a message, never a traceback),
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import shutil
 import sys
@@ -80,6 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _run_workers(config, materials, workers, args.drain_timeout)
     if args.drain_timeout is not None:
         proxy.drain_timeout = args.drain_timeout
+    _freeze_startup_objects()
     try:
         trio.run(run_until_signalled, proxy)
     except (ListenError, BaseExceptionGroup) as caught:
@@ -93,11 +95,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _freeze_startup_objects() -> None:
+    """Move everything loaded so far out of the garbage collector's sight.
+
+    Config, contexts and modules live as long as the process; without this
+    every full collection walks them again. Before a fork it also keeps the
+    collector from touching (and so copying) pages the workers share.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def _run_workers(config: Config, materials, workers: int, drain_timeout: float | None) -> int:
     from proxy.workers import Supervisor
 
     try:
-        return Supervisor(config, materials, workers=workers, drain_timeout=drain_timeout).run()
+        supervisor = Supervisor(config, materials, workers=workers, drain_timeout=drain_timeout)
+        _freeze_startup_objects()
+        return supervisor.run()
     except ListenError as exc:
         _error(str(exc))
         return EXIT_RUNTIME
