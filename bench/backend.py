@@ -6,7 +6,8 @@ The first bytes of a connection choose what it does:
     HTTP/1.1 keep-alive responder: a fixed 13-byte body per request, for wrk and for ``openssl s_time -www``.
     An HTTP/1.0 request without keep-alive gets ``Connection: close`` and the connection is closed after the
     response, which is what ``s_time`` waits for. Kept-alive connections are handed to one epoll thread
-    (:class:`HttpLoop`), see there why.
+    (:class:`HttpLoop`), see there why. ``GET /echo`` answers with the request head it received as the body: the
+    harness checks with it that an HTTP identity-mode proxy really added (and replaced) the identity headers.
 ``SINK n``
     reads exactly n bytes with ``recv_into`` into one preallocated buffer, answers ``OK``.
 ``SOURCE n``
@@ -16,7 +17,8 @@ The first bytes of a connection choose what it does:
     the backend, then leaves it open.
 ``STATS``
     one JSON line of counters: connections accepted, HTTP requests, and how many of those carried identity
-    headers (``X-Forwarded-Client-Cert`` / ``X-Forwarded-For``, for an HTTP identity-mode row).
+    headers: ``identity_requests`` (``X-Forwarded-Client-Cert`` or ``X-Forwarded-For``), ``verify_requests``
+    (``X-Client-Verify``), ``xfcc_requests`` (``X-Forwarded-Client-Cert``), for the HTTP identity-mode row.
 
 Why this is not the bottleneck: the byte paths are ``recv_into``/``sendall`` on 1 MiB buffers (one system call
 per MiB, the GIL released in each), and an HTTP request costs one ``recv`` and one ``send`` of a prebuilt
@@ -48,7 +50,8 @@ RESPONSE_10 = (
 HTTP_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ")
 IDENTITY_HEADERS = (b"x-forwarded-client-cert:", b"x-forwarded-for:")
 
-stats = {"connections": 0, "http_requests": 0, "identity_requests": 0, "bytes_in": 0, "bytes_out": 0}
+stats = {"connections": 0, "http_requests": 0, "identity_requests": 0, "verify_requests": 0, "xfcc_requests": 0,
+         "bytes_in": 0, "bytes_out": 0}
 _zeros = memoryview(bytes(BUFFER))
 
 
@@ -107,14 +110,23 @@ class HttpLoop:
             end = pending.find(b"\r\n\r\n")
             if end < 0:
                 break
-            head = bytes(pending[: end + 4]).lower()
+            raw = bytes(pending[: end + 4])
+            head = raw.lower()
             del pending[: end + 4]
             stats["http_requests"] += 1
             if b"x-forwarded-" in head and any(h in head for h in IDENTITY_HEADERS):
                 stats["identity_requests"] += 1
-            http11 = head.split(b"\r\n", 1)[0].endswith(b"http/1.1")
+            if b"\nx-client-verify:" in head:
+                stats["verify_requests"] += 1
+            if b"\nx-forwarded-client-cert:" in head:
+                stats["xfcc_requests"] += 1
+            request_line = head.split(b"\r\n", 1)[0]
+            http11 = request_line.endswith(b"http/1.1")
             keep = b"connection: close" not in head if http11 else b"connection: keep-alive" in head
-            out.append(RESPONSE_11 if keep else RESPONSE_10)
+            if request_line.startswith(b"get /echo "):
+                out.append(_echo(raw, keep, http11))
+            else:
+                out.append(RESPONSE_11 if keep else RESPONSE_10)
         if len(pending) > 65536:
             return False
         if out:
@@ -155,6 +167,13 @@ class HttpLoop:
 
 
 http_loop: HttpLoop | None = None
+
+
+def _echo(head: bytes, keep: bool, http11: bool) -> bytes:
+    version = b"HTTP/1.1" if http11 else b"HTTP/1.0"
+    connection = b"" if keep else b"Connection: close\r\n"
+    return (version + b" 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n" % len(head)
+            + connection + b"\r\n" + head)
 
 
 def _sink(conn: socket.socket, buf: bytearray, count: int, extra: int) -> None:

@@ -11,6 +11,8 @@ As a program (each run is its own process, pinned with the harness to the load c
 
 As a module, :func:`probe` makes one connection with or without a client certificate and says what happened:
 the harness uses it to check that every peer refuses a client without a certificate before measuring it.
+:func:`http_probe` does the same for an HTTP identity-mode listener, and returns the request head the backend
+received (``GET /echo``), so the harness can check which identity headers the proxy added.
 """
 
 from __future__ import annotations
@@ -77,6 +79,46 @@ def probe(port: int, pki: Path, cert: str | None, timeout: float = 5.0) -> tuple
     if data == b"PONG\n":
         return True, "PONG"
     return False, f"closed without an answer ({data!r})"
+
+
+def http_probe(port: int, pki: Path, cert: str | None, forged: dict[str, str] | None = None,
+               timeout: float = 5.0) -> tuple[bool, str, dict[str, list[str]]]:
+    """(reached the backend, what happened, the headers the backend received, lowercased name -> values).
+
+    Sends ``GET /echo`` (HTTP/1.1, ``Connection: close``) with the ``forged`` headers, which the proxy must replace
+    or remove. Only the backend's echo counts as reaching it: a proxy that answers itself (nginx's 400 "No
+    required SSL certificate was sent") has refused the client.
+    """
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (forged or {}).items())
+    request = f"GET /echo HTTP/1.1\r\nHost: localhost\r\n{extra}Connection: close\r\n\r\n".encode()
+    try:
+        sock = connect(port, context(pki, cert), timeout)
+    except (ssl.SSLError, OSError) as exc:
+        return False, f"handshake failed: {exc}", {}
+    data = b""
+    try:
+        sock.sendall(request)
+        while True:
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            data += piece
+    except (ssl.SSLError, OSError) as exc:
+        if not data:
+            return False, f"refused after the handshake: {exc}", {}
+    finally:
+        sock.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0].decode(errors="replace")
+    if not body.upper().startswith(b"GET /ECHO "):
+        title = body[body.find(b"<title>") + 7: body.find(b"</title>")] if b"<title>" in body else body[:60]
+        return False, f"{status or 'closed without an answer'} {title.decode(errors='replace')}".strip(), {}
+    headers: dict[str, list[str]] = {}
+    for line in body.decode("latin-1").split("\r\n")[1:]:
+        name, colon, value = line.partition(":")
+        if colon:
+            headers.setdefault(name.strip().lower(), []).append(value.strip())
+    return True, status, headers
 
 
 def first_response(port: int, pki: Path, count: int, nodelay: bool) -> dict[str, float]:

@@ -9,6 +9,13 @@ Every peer gets two listeners on loopback:
 ``optional``
     client certificate verified if presented, not required: only for wrk, which cannot present one.
 
+Peers that can also terminate TLS as an HTTP reverse proxy and pass the client's identity on in request headers
+(nginx's ``http {}`` module with ``proxy_set_header``, mtls-proxy's ``backend.protocol: http`` with
+``identity_headers``) get a second pair, ``http_require`` and ``http_optional``, for the HTTP identity mode row.
+Both add the same headers to every request: ``X-Forwarded-Client-Cert`` (verified clients only),
+``X-Client-Subject``, ``X-Client-Verify``, ``X-Forwarded-For`` and ``X-Forwarded-Proto``. mtls-proxy keeps one
+backend connection per client connection; nginx keeps a pool of kept-alive upstream connections.
+
 TLS 1.2 and 1.3 are enabled on both (the clients ask for 1.3), session tickets are left at each program's
 default (on), and no peer writes a line per successful connection: nginx's stream module has no access log unless
 one is configured, HAProxy logs nothing without a ``log`` line, stunnel runs at ``debug = 4`` (warnings) instead of
@@ -17,8 +24,9 @@ connections only (``log=info`` in the peer spec logs every connection, e.g. ``mt
 
 A peer spec is ``name[:key=value[:key=value...]]``. Keys: ``cpus`` (a taskset list, default: the proxy core),
 ``workers`` (nginx ``worker_processes``, HAProxy ``nbthread``, mtls-proxy ``workers:``; stunnel has none) and
-``log`` (mtls-proxy only). A ``--workers N`` variant of mtls-proxy is one more spec:
-``mtls-proxy:workers=2:cpus=0-1``.
+``log`` (mtls-proxy only), ``http`` (``off`` leaves out the HTTP identity-mode listeners of nginx and mtls-proxy)
+and ``tests`` (the runs this row takes part in, ``+``-separated, e.g. ``tests=full+resumed``; default: all of them).
+A ``--workers N`` variant of mtls-proxy is one more spec: ``mtls-proxy:workers=2:cpus=0-1:tests=full+resumed``.
 """
 
 from __future__ import annotations
@@ -40,6 +48,11 @@ REPO = Path(__file__).resolve().parent.parent
 NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 START_TIMEOUT = 20.0
 MAX_CONNECTIONS = 8000  # per listener; 2 fds each (client + backend) stays under a 20000 fd limit
+# Every run a peer can take part in; ``idle`` is the memory-per-idle-connection test.
+ALL_TESTS = ("full", "resumed", "bulk_up", "bulk_down", "wrk", "wrk_http", "idle")
+# The identity headers of the HTTP identity mode: mtls-proxy's identity_headers (header -> variable), and the same
+# headers in nginx (proxy_set_header, see Nginx.http_block). XFCC, X-Forwarded-For and -Proto come on top.
+HTTP_IDENTITY_HEADERS = {"X-Client-Subject": "subject", "X-Client-Verify": "verify"}
 
 
 class PeerError(RuntimeError):
@@ -62,19 +75,44 @@ class Peer:
     proxy_cpus: str
     require_port: int = field(default_factory=free_port)
     optional_port: int = field(default_factory=free_port)
+    http_require_port: int = field(default_factory=free_port)
+    http_optional_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
 
     name: ClassVar[str] = "?"
     binary: ClassVar[str] = "?"
     apt_packages: ClassVar[tuple[str, ...]] = ()
-    allowed_options: ClassVar[frozenset[str]] = frozenset({"cpus"})
+    allowed_options: ClassVar[frozenset[str]] = frozenset({"cpus", "tests"})
+    http_capable: ClassVar[bool] = False  # can be configured as an HTTP identity-mode proxy too
 
     def __post_init__(self) -> None:
         unknown = set(self.options) - self.allowed_options
         if unknown:
             raise PeerError(f"{self.spec}: unknown option(s) {sorted(unknown)}; {self.name} takes "
                             f"{sorted(self.allowed_options)}")
+        if self.options.get("http", "on") not in ("on", "off"):
+            raise PeerError(f"{self.spec}: http is on or off, got {self.options['http']!r}")
+        wrong = set(self.options.get("tests", "").split("+")) - set(ALL_TESTS) - {""}
+        if wrong:
+            raise PeerError(f"{self.spec}: unknown test(s) {sorted(wrong)}; known: {'+'.join(ALL_TESTS)}")
         self.workdir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def http(self) -> bool:
+        """Whether this peer also serves the HTTP identity-mode listeners."""
+        return self.http_capable and self.options.get("http", "on") == "on"
+
+    def runs(self, test: str) -> bool:
+        """Whether this row takes part in a run (``tests=`` option, and wrk_http only with the HTTP listeners)."""
+        if test == "wrk_http" and not self.http:
+            return False
+        chosen = self.options.get("tests")
+        return chosen is None or test in chosen.split("+")
+
+    @property
+    def ports(self) -> list[int]:
+        return [self.require_port, self.optional_port] + (
+            [self.http_require_port, self.http_optional_port] if self.http else [])
 
     # ---- what each peer defines ----
 
@@ -91,7 +129,7 @@ class Peer:
         raise NotImplementedError
 
     def wait_ready(self, deadline: float) -> None:
-        for port in (self.require_port, self.optional_port):
+        for port in self.ports:
             while True:
                 self._check_alive()
                 try:
@@ -183,7 +221,8 @@ class Nginx(Peer):
     name = "nginx"
     binary = "nginx"
     apt_packages = ("nginx-light", "libnginx-mod-stream")
-    allowed_options = frozenset({"cpus", "workers"})
+    allowed_options = frozenset({"cpus", "workers", "tests", "http"})
+    http_capable = True
 
     @classmethod
     def missing(cls) -> list[str]:
@@ -225,16 +264,74 @@ stream {{
         ssl_verify_client optional;{common}
     }}
 }}
-"""
+{self.http_block() if self.http else ""}"""
         (d / "nginx.conf").write_text(conf)
         return ["nginx", "-p", str(d), "-e", str(d / "error.log"), "-c", str(d / "nginx.conf")]
+
+
+    def http_block(self) -> str:
+        """nginx as the HTTP identity-mode proxy: the same job as mtls-proxy's ``backend.protocol: http`` with
+        ``identity_headers: {X-Client-Subject: subject, X-Client-Verify: verify}``.
+
+        - XFCC only for a verified client (mtls-proxy sends none for an anonymous one; a ``proxy_set_header`` whose
+          value is empty sends nothing). nginx has no SHA-256 fingerprint variable, so its ``Hash=`` is the SHA-1
+          ``$ssl_client_fingerprint``; the work is the same.
+        - ``X-Forwarded-For $remote_addr``: mtls-proxy replaces any incoming copy with the client address, so
+          ``$proxy_add_x_forwarded_for`` (which appends) would be a different job. Every header nginx sets with
+          ``proxy_set_header`` also replaces the client's copy of it, as mtls-proxy's stripping does.
+        - Kept-alive both ways: HTTP/1.1 upstream with a ``keepalive`` pool (nginx's own way; mtls-proxy keeps one
+          backend connection per client connection instead), and ``keepalive_requests`` raised on both sides so
+          that nginx does not close a client or upstream connection after its default 1,000 requests (that would
+          put handshakes into the per-request figure). No access log.
+        """
+        p = self.pki
+        tls = f"""
+        ssl_certificate {p}/server.crt;
+        ssl_certificate_key {p}/server.key;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_client_certificate {p}/ca.crt;
+        ssl_verify_depth 4;
+        location / {{
+            proxy_pass http://backend_http;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Forwarded-Client-Cert $xfcc;
+            proxy_set_header X-Client-Subject $ssl_client_s_dn;
+            proxy_set_header X-Client-Verify $ssl_client_verify;
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_set_header X-Forwarded-Proto https;
+        }}"""
+        return f"""http {{
+    access_log off;
+    keepalive_timeout 300s;
+    keepalive_requests 1000000;
+    map $ssl_client_verify $xfcc {{
+        SUCCESS "Hash=$ssl_client_fingerprint;Subject=\\"$ssl_client_s_dn\\"";
+        default "";
+    }}
+    upstream backend_http {{
+        server 127.0.0.1:{self.backend_port};
+        keepalive 64;
+        keepalive_requests 1000000;
+        keepalive_timeout 300s;
+    }}
+    server {{
+        listen 127.0.0.1:{self.http_require_port} ssl backlog=4096;
+        ssl_verify_client on;{tls}
+    }}
+    server {{
+        listen 127.0.0.1:{self.http_optional_port} ssl backlog=4096;
+        ssl_verify_client optional;{tls}
+    }}
+}}
+"""
 
 
 class HAProxy(Peer):
     name = "haproxy"
     binary = "haproxy"
     apt_packages = ("haproxy",)
-    allowed_options = frozenset({"cpus", "workers"})
+    allowed_options = frozenset({"cpus", "workers", "tests"})
 
     def version(self) -> str:
         return _run_version(["haproxy", "-v"]).replace("HAProxy version ", "").split(" - ")[0]
@@ -320,7 +417,8 @@ socket = r:TCP_NODELAY=1
 class MtlsProxy(Peer):
     name = "mtls-proxy"
     binary = "python"
-    allowed_options = frozenset({"cpus", "workers", "log"})
+    allowed_options = frozenset({"cpus", "workers", "log", "tests", "http"})
+    http_capable = True
 
     @classmethod
     def missing(cls) -> list[str]:
@@ -342,22 +440,29 @@ class MtlsProxy(Peer):
         p, d = self.pki, self.workdir
         self.admin_port = free_port()
 
-        def listener(name: str, port: int, mode: str) -> dict:
+        def listener(name: str, port: int, mode: str, http: bool = False) -> dict:
+            backend: dict = {"address": f"127.0.0.1:{self.backend_port}"}
+            if http:
+                backend.update(protocol="http", identity_headers=dict(HTTP_IDENTITY_HEADERS))
             return {
                 "name": name,
                 "listen": f"127.0.0.1:{port}",
                 "tls": {"cert": str(p / "server.crt"), "key": str(p / "server.key")},
                 "client_auth": {"mode": mode, "trusted_ca": str(p / "ca.crt")},
-                "backend": {"address": f"127.0.0.1:{self.backend_port}"},
+                "backend": backend,
                 "timeouts": {"handshake": 10, "idle": 300},
                 "max_connections": MAX_CONNECTIONS,
             }
 
+        listeners = [listener("require", self.require_port, "require"),
+                     listener("optional", self.optional_port, "optional")]
+        if self.http:
+            listeners += [listener("http_require", self.http_require_port, "require", http=True),
+                          listener("http_optional", self.http_optional_port, "optional", http=True)]
         config: dict = {
             "admin": {"listen": f"127.0.0.1:{self.admin_port}"},
             "log": {"level": self.options.get("log", "warning"), "format": "json"},
-            "listeners": [listener("require", self.require_port, "require"),
-                          listener("optional", self.optional_port, "optional")],
+            "listeners": listeners,
         }
         if "workers" in self.options:
             config["workers"] = int(self.options["workers"])

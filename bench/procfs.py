@@ -207,6 +207,11 @@ class Window:
         watched = {
             label: (self._tree_ticks(pid, table1) - self._watch0[label]) / CLK_TCK for label, pid in self.watch.items()
         }
+        # The same per process of each watched tree (a multi-process peer: how the work spread over its workers).
+        per_process = {
+            label: {f"{table1[p].comm}[{p}]": delta(p) / CLK_TCK for p in descendants(root, table1)}
+            for label, root in self.watch.items()
+        }
         cpu_util, softirq = {}, {}
         for cpu in self.cpus:
             if cpu in cpu1 and cpu in self._cpu0:
@@ -217,6 +222,7 @@ class Window:
         return {
             "elapsed": elapsed,
             "cpu": watched,
+            "per_process": per_process,
             "cpu_util": cpu_util,
             "softirq": softirq,
             "busy": busy,

@@ -75,6 +75,10 @@ def component(where: str) -> str:
         return "mtls-proxy (Python)"
     if w.startswith("prometheus_client/"):
         return "prometheus_client (Python)"
+    if w.startswith("h11/"):
+        return "h11 (Python; HTTP mode's parser)"
+    if w.startswith("<frozen abc>") or w.startswith("abc.py"):
+        return "abc: isinstance() against abstract classes"
     return "Python stdlib and other"
 
 

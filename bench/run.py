@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Side-by-side benchmark of mtls-proxy against nginx, HAProxy and stunnel as mTLS-terminating TCP proxies.
+"""Side-by-side benchmark of mtls-proxy against nginx, HAProxy and stunnel as mTLS-terminating TCP proxies (and
+against nginx as an HTTP identity-mode reverse proxy).
 
-    python bench/run.py                 # full run (11 minutes on a quiet machine), prints the tables
-    python bench/run.py --quick         # smoke run (about 20 seconds), what the test suite runs
+    python bench/run.py                 # full run (about 15 minutes on a quiet machine), prints the tables
+    python bench/run.py --quick         # smoke run (about 25 seconds), what the test suite runs
     python bench/run.py --results bench/RESULTS.md --json /tmp/bench.json
 
 See bench/README.md for what is measured and how.
@@ -35,13 +36,20 @@ if str(REPO) not in sys.path:  # `python bench/run.py` from a checkout: find `pr
 
 import clients  # noqa: E402
 import loads  # noqa: E402
+import memprof  # noqa: E402
 import procfs  # noqa: E402
 import pyspy  # noqa: E402
 import report  # noqa: E402
 from peers import KINDS, START_TIMEOUT, Peer, PeerError, parse_spec  # noqa: E402
 
-DEFAULT_PEERS = "nginx,haproxy,stunnel,mtls-proxy"
-TESTS = ("full", "resumed", "bulk_up", "bulk_down", "wrk")
+# The last row is issue 5's worker-processes comparison: two workers on both cores, handshakes only (see the
+# "Worker processes" section of the report).
+WORKERS_ROW = "mtls-proxy:workers=2:cpus=0-1:tests=full+resumed"
+DEFAULT_PEERS = f"nginx,haproxy,stunnel,mtls-proxy,{WORKERS_ROW}"
+TESTS = ("full", "resumed", "bulk_up", "bulk_down", "wrk", "wrk_http")
+# The identity headers every request through an HTTP identity-mode listener must carry (see peers.py).
+FORGED = {"X-Client-Verify": "SUCCESS", "X-Client-Subject": "CN=forged", "X-Forwarded-Client-Cert": "Hash=forged",
+          "x-forwarded-for": "192.0.2.66"}
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,7 @@ class Settings:
     wrk_seconds: int
     wrk_connections: int
     idle_conns: int
+    memprof_conns: int  # idle connections for the memory breakdown (tracemalloc); 0 = no breakdown
     retries: int
     foreign_limit: float  # share of one core
     quiet_wait: float  # seconds to wait for the machine to calm down before a run
@@ -67,12 +76,13 @@ class Settings:
 
 FULL = Settings(
     reps=3, hs_seconds=10, hs_clients=4, bulk_bytes=1024 * 2**20, wrk_seconds=10, wrk_connections=32,
-    idle_conns=5000, retries=2, foreign_limit=0.05, quiet_wait=30.0, patience=1200.0, profile_seconds=10,
-    settle=1.0, latency_conns=21, backend_ceiling=True, proxy_cpu=1, load_cpu=0,
+    idle_conns=5000, memprof_conns=2000, retries=2, foreign_limit=0.05, quiet_wait=30.0, patience=1200.0,
+    profile_seconds=10, settle=1.0, latency_conns=21, backend_ceiling=True, proxy_cpu=1, load_cpu=0,
 )
 QUICK = replace(
     FULL, reps=1, hs_seconds=1, bulk_bytes=8 * 2**20, wrk_seconds=1, wrk_connections=16, idle_conns=16,
-    retries=0, quiet_wait=0.0, patience=0.0, profile_seconds=0, settle=0.2, latency_conns=3, backend_ceiling=False,
+    memprof_conns=0, retries=0, quiet_wait=0.0, patience=0.0, profile_seconds=0, settle=0.2, latency_conns=3,
+    backend_ceiling=False,
 )
 
 
@@ -187,6 +197,7 @@ class Bench:
             entry = self.data["peers"][spec] = {"runs": {}, "summary": {}, "memory": {}}
             try:
                 kind, options = parse_spec(spec)
+                entry["workers"] = int(options.get("workers", "1"))
                 peer = kind(spec=spec, options=options, workdir=self.workdir / spec.replace(":", "_"),
                             pki=self.pki, backend_port=self.backend.port, proxy_cpus=str(self.s.proxy_cpu))
                 peer.launch()
@@ -210,8 +221,12 @@ class Bench:
                 peer.stop()
                 del self.peers[peer.spec]
                 continue
+            self.data["peers"][peer.spec].update(http=peer.http, cpus=peer.cpus,
+                                                 tests=[t for t in (*TESTS, "idle") if peer.runs(t)])
             log(f"{peer.spec}: {self.data['peers'][peer.spec]['version']}, pid {peer.pid}, ports "
-                f"{peer.require_port} (require) {peer.optional_port} (optional), CPUs {peer.cpus}")
+                f"{peer.require_port} (require) {peer.optional_port} (optional)"
+                + (f" {peer.http_require_port} (HTTP, require) {peer.http_optional_port} (HTTP, optional)"
+                   if peer.http else "") + f", CPUs {peer.cpus}")
 
     def teardown(self) -> None:
         for peer in self.peers.values():
@@ -245,6 +260,9 @@ class Bench:
         }
         checks["ok"] = (not no_cert[0] and not other[0] and not other_opt[0] and good[0] and anon[0]
                         and leaked == 0)
+        if peer.http:
+            checks["http"] = self.check_http(peer)
+            checks["ok"] = checks["ok"] and checks["http"]["ok"]
         self.data["peers"][peer.spec]["checks"] = checks
         if checks["ok"]:
             count = self.s.latency_conns
@@ -259,7 +277,74 @@ class Bench:
         verdict = "ok" if checks["ok"] else "MISCONFIGURED"
         log(f"{peer.spec}: checks {verdict}: no cert -> {no_cert[1]}; other CA -> {other[1]}; good -> {good[1]}; "
             f"optional/no cert -> {anon[1]}; refused clients at the backend: {leaked}")
+        if peer.http:
+            h = checks["http"]
+            log(f"{peer.spec}: HTTP identity-mode checks {'ok' if h['ok'] else 'FAILED'}: no cert -> "
+                f"{h['no_cert']['detail']}; other CA -> {h['other_ca']['detail']}; requests from refused clients at "
+                f"the backend: {h['backend_requests_from_refused']}; good cert -> {h['good']['headers']}; "
+                f"optional/no cert, forged headers -> {h['optional_no_cert']['headers']}"
+                + (f"; problems: {'; '.join(h['problems'])}" if h["problems"] else ""))
         return checks["ok"]
+
+    def check_http(self, peer: Peer) -> dict[str, Any]:
+        """The HTTP identity-mode listeners: the require port refuses no certificate and a foreign CA (no request
+        reaches the backend); a good certificate's request arrives with XFCC, X-Client-Subject,
+        X-Client-Verify: SUCCESS, X-Forwarded-For and -Proto; an anonymous request on the optional port arrives
+        with X-Client-Verify: NONE and no XFCC, and the copies of those headers the client forged are gone."""
+        pki = self.pki
+        before = self.backend.stats()["http_requests"]
+        no_cert = clients.http_probe(peer.http_require_port, pki, None)
+        other = clients.http_probe(peer.http_require_port, pki, "other")
+        other_opt = clients.http_probe(peer.http_optional_port, pki, "other")
+        leaked = self.backend.stats()["http_requests"] - before
+        good = clients.http_probe(peer.http_require_port, pki, "client", FORGED)
+        anon = clients.http_probe(peer.http_optional_port, pki, None, FORGED)
+        problems = []
+        for label, result in (("no cert", no_cert), ("other CA", other), ("other CA, optional port", other_opt)):
+            if result[0]:
+                problems.append(f"{label}: admitted")
+        if leaked:
+            problems.append(f"{leaked} request(s) of refused clients reached the backend")
+
+        def expect(label: str, headers: dict[str, list[str]], name: str, test: Callable[[list[str]], bool],
+                   want: str) -> None:
+            got = headers.get(name.lower())
+            if got is None or not test(got):
+                problems.append(f"{label}: {name} should be {want}, the backend got {got}")
+
+        g, a = good[2], anon[2]
+        if not good[0]:
+            problems.append(f"good cert: {good[1]}")
+        else:
+            expect("good cert", g, "X-Client-Verify", lambda v: v == ["SUCCESS"], "SUCCESS")
+            expect("good cert", g, "X-Client-Subject", lambda v: len(v) == 1 and "CN=bench-client" in v[0],
+                   "the client's subject")
+            expect("good cert", g, "X-Forwarded-Client-Cert",
+                   lambda v: len(v) == 1 and "Hash=" in v[0] and "CN=bench-client" in v[0], "Hash=...;Subject=...")
+            expect("good cert", g, "X-Forwarded-For", lambda v: v == ["127.0.0.1"], "127.0.0.1")
+            expect("good cert", g, "X-Forwarded-Proto", lambda v: v == ["https"], "https")
+        if not anon[0]:
+            problems.append(f"optional port, no cert: {anon[1]}")
+        else:
+            expect("no cert", a, "X-Client-Verify", lambda v: v == ["NONE"], "NONE")
+            expect("no cert", a, "X-Forwarded-For", lambda v: v == ["127.0.0.1"], "127.0.0.1")
+            expect("no cert", a, "X-Forwarded-Proto", lambda v: v == ["https"], "https")
+            for name in ("x-forwarded-client-cert", "x-client-subject"):
+                if name in a:
+                    problems.append(f"no cert: the backend got {name}: {a[name]} (forged, or an empty identity)")
+
+        def res(r: tuple[bool, str, dict[str, list[str]]]) -> dict[str, Any]:
+            return {"reached": r[0], "detail": r[1]}
+
+        identity = ("x-forwarded-client-cert", "x-client-subject", "x-client-verify", "x-forwarded-for",
+                    "x-forwarded-proto")
+        return {
+            "no_cert": res(no_cert), "other_ca": res(other), "other_ca_optional_port": res(other_opt),
+            "backend_requests_from_refused": leaked,
+            "good": {**res(good), "headers": {k: v for k, v in g.items() if k in identity}},
+            "optional_no_cert": {**res(anon), "headers": {k: v for k, v in a.items() if k in identity}},
+            "problems": problems, "ok": not problems,
+        }
 
     # ---- measuring ----
 
@@ -302,6 +387,7 @@ class Bench:
                 break
             self.wait_quiet()
             attempt_started = time.monotonic()
+            stats0 = self.backend.stats() if test == "wrk_http" else None
             w = self.window(peer).start()
             try:
                 result = self.load(peer, test)
@@ -313,6 +399,11 @@ class Bench:
             if attempt:
                 self.waited += time.monotonic() - attempt_started
             run = self.units(test, result, acct)
+            if stats0 is not None:
+                self.identity_delivery(run, stats0, self.backend.stats())
+                if not run["ok"]:
+                    log(f"{peer.spec} {test}: FAILED: {run['error']}")
+                    return {**run, "attempts": attempts}
             disturbed = run["foreign_share"] > self.s.foreign_limit
             run["disturbed"] = disturbed
             attempts.append(run)
@@ -332,10 +423,27 @@ class Bench:
                                 seconds=s.hs_seconds)
         if test in ("bulk_up", "bulk_down"):
             return loads.bulk(peer.require_port, self.pki, test.removeprefix("bulk_"), s.bulk_bytes)
-        if test == "wrk":
-            return loads.wrk(f"https://127.0.0.1:{peer.optional_port}/", connections=s.wrk_connections,
-                             seconds=s.wrk_seconds)
+        if test in ("wrk", "wrk_http"):
+            port = peer.optional_port if test == "wrk" else peer.http_optional_port
+            return loads.wrk(f"https://127.0.0.1:{port}/", connections=s.wrk_connections, seconds=s.wrk_seconds)
         raise ValueError(test)
+
+    @staticmethod
+    def identity_delivery(run: dict[str, Any], before: dict[str, int], after: dict[str, int]) -> None:
+        """After an HTTP identity-mode wrk run: did every request reach the backend with the identity headers
+        (wrk has no certificate, so X-Client-Verify: NONE, X-Forwarded-For, no XFCC), and how many backend
+        connections did the proxy open for them (nginx pools them; mtls-proxy opens one per client connection)?"""
+        requests = after["http_requests"] - before["http_requests"]
+        with_verify = after["verify_requests"] - before["verify_requests"]
+        run.update(backend_requests=requests, backend_requests_with_identity=with_verify,
+                   backend_xfcc_requests=after["xfcc_requests"] - before["xfcc_requests"],
+                   # less the second STATS connection itself
+                   backend_connections=after["connections"] - before["connections"] - 1,
+                   identity_share=with_verify / requests if requests else 0.0)
+        if requests < 0.99 * run["count"] or run["identity_share"] < 0.999:
+            run["ok"] = False
+            run["error"] = (f"wrk counted {run['count']} requests; {requests} reached the backend, {with_verify} of "
+                            "them with X-Client-Verify: the identity headers were not added to every request")
 
     def units(self, test: str, result: Any, acct: dict[str, Any]) -> dict[str, Any]:
         proxy_cpu = acct["cpu"]["proxy"]
@@ -350,6 +458,7 @@ class Bench:
             "proxy_core_busy": acct["cpu_util"].get(self.s.proxy_cpu, 0.0),
             "proxy_core_softirq_s": acct["softirq"].get(self.s.proxy_cpu, 0.0),
             "foreign_share": acct["foreign"] / elapsed,
+            "per_process_cpu_s": acct["per_process"]["proxy"],
             "foreign_top": acct["foreign_top"],
             "kernel_s": acct["kernel"],
         }
@@ -370,7 +479,7 @@ class Bench:
                               + (f", {run['reused']:.0%} reused" if test == "resumed" else ""))
         elif test.startswith("bulk"):
             run["summary"] = f"{rate:.0f} MB/s, {run['cpu']:.3f} CPU-s/GB"
-        else:
+        else:  # wrk, wrk_http
             run["summary"] = (f"{rate:.0f} req/s, p50 {result.p50_us:.0f} µs, p99 {result.p99_us:.0f} µs, "
                               f"{run['cpu']:.1f} CPU-µs/req" + (f", {result.errors}" if result.errors else ""))
         return run
@@ -426,9 +535,17 @@ class Bench:
             f"{(after - before) / count:.1f} KB each, {threads} threads")
 
     def run_profiles(self) -> None:
-        target = next((p for spec, p in self.peers.items() if spec.startswith("mtls-proxy")), None)
+        target = next((p for spec, p in self.peers.items() if spec.startswith("mtls-proxy") and p.workers == 1),
+                      None)
         if target is None:
             return
+        if self.s.memprof_conns:
+            self.wait_quiet()
+            log(f"memory breakdown: {self.s.memprof_conns} idle connections through a traced mtls-proxy")
+            self.data["memory_breakdown"] = memprof.breakdown(
+                self.pki, self.backend.port, self.workdir / "memprof", count=self.s.memprof_conns,
+                cpu=self.s.proxy_cpu, settle=self.s.settle, wait_for_ports=self.wait_for_ports)
+            log(f"memory breakdown: {json.dumps(self.data['memory_breakdown'])[:600]}")
         if not pyspy.available():
             self.data["profiles"] = {"mtls-proxy": {"error": "py-spy is not installed (pip install py-spy)"}}
             return
@@ -445,9 +562,10 @@ class Bench:
                     loads.bulk(target.require_port, self.pki, direction, 512 * 2**20)
             return go
 
-        def wrk() -> None:
-            loads.wrk(f"https://127.0.0.1:{target.optional_port}/", connections=self.s.wrk_connections,
-                      seconds=seconds)
+        def wrk(port: int) -> Callable[[], None]:
+            def go() -> None:
+                loads.wrk(f"https://127.0.0.1:{port}/", connections=self.s.wrk_connections, seconds=seconds)
+            return go
 
         loads_to_profile = [
             ("full handshakes", f"`openssl s_time -new -www /`, {self.s.hs_clients} clients, {seconds} s", hs),
@@ -456,11 +574,18 @@ class Bench:
         ]
         if self.use_wrk:
             loads_to_profile.append(("kept-alive requests",
-                                     f"`wrk -c{self.s.wrk_connections}` on the optional port, {seconds} s", wrk))
+                                     f"`wrk -c{self.s.wrk_connections}` on the optional port, {seconds} s",
+                                     wrk(target.optional_port)))
+            if target.http:
+                loads_to_profile.append((
+                    "kept-alive requests, HTTP identity mode",
+                    f"`wrk -c{self.s.wrk_connections}` on the HTTP identity-mode optional port, {seconds} s",
+                    wrk(target.http_optional_port)))
         for name, description, action in loads_to_profile:
             self.wait_quiet()
             log(f"profiling {target.spec}: {name}")
-            profiles[name] = pyspy.record(target.pid, action, self.workdir / f"profile-{name.replace(' ', '-')}",
+            slug = name.replace(" ", "-").replace(",", "")
+            profiles[name] = pyspy.record(target.pid, action, self.workdir / f"profile-{slug}",
                                           description=description, cpu=self.s.load_cpu)
         self.data["profiles"] = profiles
 
@@ -472,7 +597,7 @@ class Bench:
         time.sleep(self.s.settle)
         for peer in self.peers.values():
             self.data["peers"][peer.spec]["memory"]["idle_rss_kb"] = procfs.tree_kb(peer.pid, "VmRSS")
-        tests = [t for t in TESTS if t != "wrk" or self.use_wrk]
+        tests = [t for t in TESTS if not t.startswith("wrk") or self.use_wrk]
         if self.use_wrk and self.s.backend_ceiling:
             self.backend_ceiling()
         for rep in range(self.s.reps):
@@ -480,12 +605,15 @@ class Bench:
                 log(f"--- repetition {rep + 1} of {self.s.reps}")
             for test in tests:
                 for peer in measured:
+                    if not peer.runs(test):
+                        continue
                     run = self.measure(peer, test)
                     self.data["peers"][peer.spec]["runs"].setdefault(test, []).append(run)
         for peer in measured:
             self.data["peers"][peer.spec]["memory"]["peak_rss_kb"] = procfs.tree_kb(peer.pid, "VmHWM")
         for peer in measured:
-            self.memory_idle_conns(peer)
+            if peer.runs("idle"):
+                self.memory_idle_conns(peer)
         for spec, entry in self.data["peers"].items():
             summary = entry["summary"]
             for test, runs in entry["runs"].items():
@@ -494,9 +622,9 @@ class Bench:
                 summary[f"{test}_rate"] = report.summarize(runs, "rate")
                 if test == "resumed":
                     summary["resumed_reused"] = report.summarize(runs, "reused")
-                if test == "wrk":
-                    summary["wrk_p50"] = report.summarize(runs, "p50")
-                    summary["wrk_p99"] = report.summarize(runs, "p99")
+                if test in ("wrk", "wrk_http"):
+                    summary[f"{test}_p50"] = report.summarize(runs, "p50")
+                    summary[f"{test}_p99"] = report.summarize(runs, "p99")
         if self.profile:
             self.run_profiles()
         self.data["waited_s"] = self.waited
@@ -525,9 +653,24 @@ def machine() -> dict[str, str]:
             "wrk": "wrk 4.1.0" if shutil.which("wrk") else "-"}
 
 
+def code_version() -> str:
+    """The commit measured, and whether the proxy's code differed from it."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h %s"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "proxy"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    if not head:
+        return "?"
+    return f"`{head}`" + (" with uncommitted changes in proxy/" if dirty else "")
+
+
 def results_markdown(data: dict[str, Any], text: str) -> str:
     m = data["machine"]
-    versions = "\n".join(f"| {spec} | {entry.get('version', '?')} |" for spec, entry in data["peers"].items())
+    versions = "\n".join(f"| {report.label(spec)} | {entry.get('version', '?')} |"
+                         for spec, entry in data["peers"].items())
     return f"""# Benchmark results
 
 Generated by `bench/run.py` (see `bench/README.md`); regenerate with the command below. Hand-written notes, if
@@ -535,6 +678,7 @@ any, are at the end.
 
 - date: {data['started']} (took {data['duration_s'] / 60:.1f} min)
 - command: `{data['command']}`
+- code: {data.get('code', '?')}
 - machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory']}, {m['os']}, kernel {m['kernel']}
 - pinning: proxy on CPU {data['settings']['proxy_cpu']}; clients, backend and harness on CPU {data['settings']['load_cpu']}
 - clients: {m['openssl_cli']} (`s_time`), Python {m['python']} `ssl` (bulk, checks, idle connections), {m['wrk']}
@@ -559,6 +703,8 @@ def main() -> int:
     parser.add_argument("--bulk-mib", type=int, help="MiB per bulk run")
     parser.add_argument("--wrk-connections", type=int)
     parser.add_argument("--idle-conns", type=int, help="idle TLS connections for the per-connection memory")
+    parser.add_argument("--memprof-conns", type=int,
+                        help="idle connections for mtls-proxy's memory breakdown (tracemalloc); 0 skips it")
     parser.add_argument("--retries", type=int, help="extra attempts for a run that foreign load disturbed")
     parser.add_argument("--patience", type=float,
                         help="seconds, in all, that waiting for a quiet machine and repeating runs may add")
@@ -587,8 +733,10 @@ def main() -> int:
     settings = QUICK if args.quick else FULL
     overrides = {"reps": args.reps, "hs_seconds": args.seconds, "wrk_seconds": args.seconds,
                  "hs_clients": args.clients, "bulk_bytes": args.bulk_mib and args.bulk_mib * 2**20,
-                 "wrk_connections": args.wrk_connections, "idle_conns": args.idle_conns, "retries": args.retries,
-                 "foreign_limit": args.foreign_limit, "patience": args.patience, "proxy_cpu": args.proxy_cpu, "load_cpu": args.load_cpu}
+                 "wrk_connections": args.wrk_connections, "idle_conns": args.idle_conns,
+                 "memprof_conns": args.memprof_conns, "retries": args.retries,
+                 "foreign_limit": args.foreign_limit, "patience": args.patience, "proxy_cpu": args.proxy_cpu,
+                 "load_cpu": args.load_cpu}
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
     if os.cpu_count() and max(settings.proxy_cpu, settings.load_cpu) >= os.cpu_count():
         parser.error(f"this machine has {os.cpu_count()} CPUs; choose --proxy-cpu/--load-cpu below that")
@@ -620,6 +768,7 @@ def main() -> int:
     bench = Bench(settings, specs, workdir, use_wrk=use_wrk, profile=not args.quick and not args.no_profile)
     bench.data.update(started=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=machine(),
                       command="python bench/run.py " + shlex.join(sys.argv[1:]), workdir=str(workdir),
+                      code=code_version(),
                       use_wrk=use_wrk)
     try:
         bench.run()

@@ -2,7 +2,9 @@
 
 The full benchmark (bench/README.md) is not part of the test suite; this keeps it from rotting. It fails when the
 harness breaks: a peer that does not start, a peer that admits a client without a certificate (or with one from
-another CA), or a row without numbers. It asserts nothing about speed: the quick loads last a second each.
+another CA), a row without numbers, an HTTP identity-mode listener whose requests reach the backend without the
+identity headers (or with forged ones), or a two-worker row whose work does not reach both workers. It asserts
+nothing about speed: the quick loads last a second each.
 
 The peers come from Debian packages (.ci/run installs them). Outside CI a peer that is not installed is left out
 (mtls-proxy is always there); in CI (``CI`` set) every peer and wrk must be installed.
@@ -42,18 +44,21 @@ def test_quick_benchmark_measures_every_peer(tmp_path: Path) -> None:
     for tool in ("openssl", "taskset"):
         assert shutil.which(tool), f"{tool} is needed by the benchmark"
     peers = [p for p in ("nginx", "haproxy", "stunnel", "mtls-proxy") if _installed(p)]
+    workers_row = "mtls-proxy:workers=2:cpus=0-1:tests=full"
     absent = [p for p in ("nginx", "haproxy", "stunnel") if p not in peers]
     has_wrk = shutil.which("wrk") is not None
     if os.environ.get("CI"):
         assert not absent and has_wrk, f"not installed: {absent + ([] if has_wrk else ['wrk'])} (.ci/run installs them)"
 
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "bench/run.py", "--quick", "--no-install", "--peers", ",".join(peers), "--json", str(out)]
+    cmd = [sys.executable, "bench/run.py", "--quick", "--no-install", "--peers", ",".join([*peers, workers_row]),
+           "--json", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=100, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-4000:]}"
     data = json.loads(out.read_text())
 
     tests = ["full", "resumed", "bulk_up", "bulk_down"] + (["wrk"] if has_wrk else [])
+    http_peers = [p for p in peers if p in ("nginx", "mtls-proxy")]
     for spec in peers:
         entry = data["peers"][spec]
         assert "error" not in entry, entry["error"]
@@ -88,7 +93,41 @@ def test_quick_benchmark_measures_every_peer(tmp_path: Path) -> None:
         latency = entry["latency"]
         assert latency["nodelay"]["first_response_ms"] > 0
 
+    # The HTTP identity mode: nginx's http {} module and mtls-proxy's backend.protocol: http, checked and measured.
+    for spec in http_peers:
+        entry = data["peers"][spec]
+        http = entry["checks"]["http"]
+        assert http["ok"], f"{spec}: {http['problems']}"
+        assert not http["no_cert"]["reached"] and not http["other_ca"]["reached"]
+        assert http["backend_requests_from_refused"] == 0
+        assert http["good"]["headers"]["x-client-verify"] == ["SUCCESS"]
+        assert "CN=bench-client" in http["good"]["headers"]["x-forwarded-client-cert"][0]
+        assert http["optional_no_cert"]["headers"]["x-client-verify"] == ["NONE"]
+        assert "x-forwarded-client-cert" not in http["optional_no_cert"]["headers"], "a forged XFCC got through"
+        if has_wrk:
+            (run,) = entry["runs"]["wrk_http"]
+            assert run["ok"], f"{spec} wrk_http: {run.get('error')}"
+            assert run["rate"] > 0 and run["cpu"] is not None
+            assert run["identity_share"] == 1.0, f"{spec}: requests without the identity headers: {run}"
+    for spec in ("haproxy", "stunnel"):
+        if spec in peers:
+            assert "wrk_http" not in data["peers"][spec]["runs"]
+
+    # Two workers: both take handshakes, and the row has a CPU per handshake.
+    entry = data["peers"][workers_row]
+    assert "error" not in entry, entry["error"]
+    assert entry["checks"]["ok"] and entry["workers"] == 2
+    assert set(entry["runs"]) == {"full"}, "tests=full must limit the row to the full handshakes"
+    (run,) = entry["runs"]["full"]
+    assert run["ok"] and run["cpu"] > 0
+    busy = [name for name, seconds in run["per_process_cpu_s"].items() if seconds > 0]
+    assert len(busy) >= 2, f"the handshakes did not reach both workers: {run['per_process_cpu_s']}"
+
     report = proc.stdout
     assert "## CPU per unit of work" in report and "## Targets of issue 5" in report
     for spec in peers:
         assert f"| {spec} |" in report or f"| **{spec}** |" in report
+    assert "| **mtls-proxy:workers=2:cpus=0-1** |" in report and "## Worker processes" in report
+    if has_wrk and "mtls-proxy" in http_peers:
+        assert "## HTTP identity mode" in report
+        assert "small requests on kept-alive connections, HTTP identity mode | ≤ 3.0× nginx | not measured" not in report
