@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -220,6 +221,19 @@ async def start_proxy(nursery, test_pki: TestPKI, backend_address: str, *, admin
     bound = await nursery.start(proxy.run)
     port = int(bound.listeners[LISTENER][0].rsplit(":", 1)[1])
     return RunningProxy(proxy=proxy, port=port, registry=registry, admin=bound.admin)
+
+
+def poll_until(predicate, timeout: float = 5.0, interval: float = 0.02, what: str = ""):
+    """Blocking form of wait_for, for tests that drive separate processes:
+    poll until predicate() returns something truthy, and return it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
 
 
 async def wait_for(predicate, timeout: float = 5.0) -> None:

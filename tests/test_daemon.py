@@ -37,6 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy import pki
 from tests.conftest import TestPKI as PKIFiles  # aliased: pytest would try to collect Test*
 from tests.conftest import free_port
+from tests.conftest import poll_until as wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -50,18 +51,6 @@ def tool(name: str) -> str:
     path = shutil.which(name)
     assert path, f"{name} is needed by these tests (.ci/run installs it)"
     return path
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02, what: str = "") -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(interval)
 
 
 # ---- backends (threads in the test process) ---------------------------------------------------------------------

@@ -44,6 +44,8 @@ import pytest
 import yaml
 
 from proxy import pki
+from tests.conftest import free_port
+from tests.conftest import poll_until as wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -98,23 +100,6 @@ def run(argv: list[str], *, timeout: float = TOOL_TIMEOUT, check: bool = True,
         pytest.fail(f"{' '.join(map(str, argv))} exited {result.returncode}\n--- stdout\n{result.stdout}\n"
                     f"--- stderr\n{result.stderr}")
     return result
-
-
-def wait_until(predicate: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int | None, bytes]:

@@ -17,6 +17,7 @@ import yaml
 
 from proxy.workers import usable_cpus
 from tests.conftest import free_port
+from tests.conftest import poll_until as wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -75,14 +76,6 @@ def daemon(test_pki, tmp_path):
             proc.wait(5)
         backend.close()
         log.close()
-
-
-def wait_until(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.05)
 
 
 def http_status(url: str) -> int | None:
