@@ -77,12 +77,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         for warning in mat.warnings:
             log.warning("listeners[%d]: %s", i, warning)
     workers = worker_count(config)
-    if workers > 1:
-        return _run_workers(config, materials, workers, args.drain_timeout)
-    if args.drain_timeout is not None:
-        proxy.drain_timeout = args.drain_timeout
-    _freeze_startup_objects()
     try:
+        if workers > 1:
+            return _run_workers(config, materials, workers, args.drain_timeout)
+        if args.drain_timeout is not None:
+            proxy.drain_timeout = args.drain_timeout
+        _freeze_startup_objects()
         trio.run(run_until_signalled, proxy)
     except (ListenError, BaseExceptionGroup) as caught:
         exc = _listen_error(caught)
@@ -109,13 +109,9 @@ def _freeze_startup_objects() -> None:
 def _run_workers(config: Config, materials, workers: int, drain_timeout: float | None) -> int:
     from proxy.workers import Supervisor
 
-    try:
-        supervisor = Supervisor(config, materials, workers=workers, drain_timeout=drain_timeout)
-        _freeze_startup_objects()
-        return supervisor.run()
-    except ListenError as exc:
-        _error(str(exc))
-        return EXIT_RUNTIME
+    supervisor = Supervisor(config, materials, workers=workers, drain_timeout=drain_timeout)
+    _freeze_startup_objects()
+    return supervisor.run()
 
 
 # ---- check -------------------------------------------------------------------
