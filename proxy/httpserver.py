@@ -80,25 +80,13 @@ class _Limits:
     max_body_bytes: int
 
 
-async def serve_http(
-    handler: Handler,
-    host: str,
-    port: int,
-    *,
-    name: str = "http",
-    request_timeout: float = REQUEST_TIMEOUT,
-    max_connections: int = MAX_CONNECTIONS,
-    max_header_bytes: int = MAX_HEADER_BYTES,
-    max_body_bytes: int = MAX_BODY_BYTES,
-    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
-) -> None:
+async def serve_http(handler: Handler, host: str, port: int, **options) -> None:
     """Serve `handler` over HTTP/1.1 on host:port until cancelled.
 
     Args:
       handler: called once per request; its exceptions become 500 responses.
       host, port: passed to `trio.open_tcp_listeners`; port 0 picks a free port.
-      name: names this server in log lines ("admin", "demo-backend").
-      request_timeout, max_connections, max_header_bytes, max_body_bytes: the limits in the module docstring.
+      options: those of `serve_http_on` (name, the limits in the module docstring, task_status).
 
     Returns only by an exception: cancellation (the normal way to stop) or a failure to bind or accept.
     Reports `(host, port)` of the first listening socket through `task_status`, so that
@@ -107,10 +95,7 @@ async def serve_http(
     Resource handling: the listeners and every connection are closed before this returns.
     """
     listeners = await trio.open_tcp_listeners(port, host=host)
-    await serve_http_on(
-        handler, listeners, name=name, request_timeout=request_timeout, max_connections=max_connections,
-        max_header_bytes=max_header_bytes, max_body_bytes=max_body_bytes, task_status=task_status,
-    )
+    await serve_http_on(handler, listeners, **options)
 
 
 async def serve_http_on(
