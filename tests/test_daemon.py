@@ -87,31 +87,31 @@ class _ThreadingTCPServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
 
 
+@contextlib.contextmanager
+def _serving(server: socketserver.BaseServer) -> Iterator[str]:
+    """Run a socketserver in a thread; yield its host:port; stop and close it after."""
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
 @pytest.fixture
 def http_backend() -> Iterator[str]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HTTPHandler)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with _serving(server) as address:
+        yield address
 
 
 @pytest.fixture
 def echo_backend() -> Iterator[str]:
-    server = _ThreadingTCPServer(("127.0.0.1", 0), _EchoHandler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with _serving(_ThreadingTCPServer(("127.0.0.1", 0), _EchoHandler)) as address:
+        yield address
 
 
 # ---- the daemon process -----------------------------------------------------------------------------------------
