@@ -8,9 +8,7 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml

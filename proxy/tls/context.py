@@ -171,7 +171,7 @@ def build_server_tls(listener: ListenerConfig, materials: ListenerMaterials, *, 
     ctx.set_mode(_MODE_RELEASE_BUFFERS)
     try:
         ctx.set_cipher_list((tls.ciphers or DEFAULT_TLS12_CIPHERS).encode("ascii"))
-    except (SSL.Error, UnicodeEncodeError) as exc:
+    except (SSL.Error, UnicodeEncodeError):
         raise ConfigError(where, [f"{where}.tls.ciphers: OpenSSL accepts no cipher in {tls.ciphers!r}"]) from None
 
     server = materials.server
