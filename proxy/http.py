@@ -76,11 +76,12 @@ import hashlib
 import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import quote
 
 import h11
 
+from proxy.httpresponse import BadResponse, ChunkedReader, Framing, ResponseHead, framing, read_head
 from proxy.identity import PeerIdentity
 
 MAX_HEADER_BYTES = 32 * 1024  # request line + header block, like nginx's large_client_header_buffers 4x8k
@@ -377,25 +378,34 @@ ERRORS = (
     "backend_closed",  # the backend closed while no request was in flight: close, no response
     "backend_unreachable",  # fail(502)
     "backend_timeout",  # fail(504)
-    "internal",  # h11 refused something the relay sent: a bug, reported instead of raised
 )
 
 
-@dataclass
 class _Out:
-    to_backend: bytearray = field(default_factory=bytearray)
-    to_client: bytearray = field(default_factory=bytearray)
-    close: bool = False
-    switch: SwitchToRaw | None = None
-    requests: int = 0
-    statuses: list[int] = field(default_factory=list)
-    error: str | None = None
-    detail: str = ""
+    """What one call is producing. Pieces are joined once, in `step()`: a body read passes through uncopied."""
+
+    __slots__ = ("_to_backend", "_to_client", "close", "switch", "requests", "statuses", "error", "detail")
+
+    def __init__(self) -> None:
+        self._to_backend: list[bytes] = []
+        self._to_client: list[bytes] = []
+        self.close = False
+        self.switch: SwitchToRaw | None = None
+        self.requests = 0
+        self.statuses: list[int] = []
+        self.error: str | None = None
+        self.detail = ""
+
+    def backend(self, data: bytes) -> None:
+        self._to_backend.append(data)
+
+    def client(self, data: bytes) -> None:
+        self._to_client.append(data)
 
     def step(self) -> Step:
         return Step(
-            to_backend=bytes(self.to_backend),
-            to_client=bytes(self.to_client),
+            to_backend=b"".join(self._to_backend),
+            to_client=b"".join(self._to_client),
             close=self.close,
             switch=self.switch,
             requests=self.requests,
@@ -431,25 +441,47 @@ class HttpRelay:
     ) -> None:
         self._policy = policy
         self._added = policy.added_headers(client_ip=client_ip, identity=identity, leaf_der=leaf_der)
-        limit = policy.max_header_bytes
-        self._client = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
-        self._backend = h11.Connection(h11.CLIENT, max_incomplete_event_size=limit)
+        self._limit = policy.max_header_bytes
+        self._client = self._parser(b"", False)
+        self._backend_head = bytearray()  # a response head still arriving
         self.requests = 0  # request heads forwarded on this connection
         self._closed = False
         self._switched = False
-        self._client_paused = False
         self._new_cycle()
+
+    def _parser(self, data: bytes, eof: bool) -> h11.Connection:
+        """A fresh h11 server connection that has read `data` (and the client's EOF if `eof`).
+
+        Each request gets its own: h11 starts a connection's next cycle only after our response went through it,
+        and responses go to the client as the backend sent them (`proxy.httpresponse`), not through h11.
+        """
+        parser = h11.Connection(h11.SERVER, max_incomplete_event_size=self._limit)
+        if data:
+            parser.receive_data(data)
+        if eof:
+            parser.receive_data(b"")
+        return parser
 
     def _new_cycle(self) -> None:
         self._method = b""
         self._client_version = b"1.1"
+        self._request_started = False  # a request head went to the backend in this cycle
+        self._request_done = False  # ... and all of its body
+        self._request_chunked = False
+        self._request_closes = False  # the client asked for the connection to end after this exchange
+        self._upgrade_requested = False
         self._response_started = False  # the client has a final response head for this cycle
         self._close_after_response = False
+        self._body: Framing | None = None  # None: a response head is expected next
+        self._body_left = 0  # Framing.LENGTH: bytes still to come
+        self._chunks: ChunkedReader | None = None  # Framing.CHUNKED
+        self._dechunk = False  # chunked response to an HTTP/1.0 client: send the payload, close-delimited
+        self._rechunk = False  # close-delimited response to an HTTP/1.1 client: chunk it, as h11 would
 
     @property
     def client_paused(self) -> bool:
         """True while a complete request waits for its response and more client bytes are buffered: stop reading."""
-        return self._client_paused and not (self._closed or self._switched)
+        return self._request_done and not (self._closed or self._switched) and bool(self._client.trailing_data[0])
 
     @property
     def closed(self) -> bool:
@@ -468,6 +500,8 @@ class HttpRelay:
         if self._switched:
             return Step(to_backend=data) if data else Step(close=True)
         self._client.receive_data(data)
+        if self._request_done:
+            return Step()  # the next request waits for this response (client_paused tells the driver)
         return self._run(self._drain_client)
 
     def from_backend(self, data: bytes) -> Step:
@@ -476,8 +510,9 @@ class HttpRelay:
             return Step(close=True)
         if self._switched:
             return Step(to_client=data) if data else Step(close=True)
-        self._backend.receive_data(data)
-        return self._run(self._drain_backend)
+        if data:
+            return self._run(lambda out: self._on_backend_bytes(data, out))
+        return self._run(self._on_backend_eof)
 
     def fail(self, status: int = 502) -> Step:
         """The driver could not reach the backend (502, also for a failed write to it) or timed out connecting (504).
@@ -491,21 +526,19 @@ class HttpRelay:
         self._reject(out, _Reject(None if self._switched else status, error))
         return out.step()
 
-    # -- driving h11 --
-
-    def _run(self, drain: Callable[[_Out], None]) -> Step:
+    def _run(self, handle: Callable[[_Out], None]) -> Step:
         out = _Out()
         try:
-            drain(out)
+            handle(out)
+        except BadResponse as exc:
+            self._reject(out, _Reject(502, "bad_response", str(exc)))
         except _Reject as reject:
             self._reject(out, reject)
-        except h11.LocalProtocolError as exc:  # we tried to send something h11 refuses: a bug, never a crash
-            self._reject(out, _Reject(502, "internal", str(exc)))
         return out.step()
 
     def _reject(self, out: _Out, reject: _Reject) -> None:
         if reject.status is not None and not self._response_started:
-            out.to_client += render_error_response(reject.status, head=self._method == b"HEAD")
+            out.client(render_error_response(reject.status, head=self._method == b"HEAD"))
             out.statuses.append(reject.status)
         out.error = reject.error
         out.detail = reject.detail
@@ -515,48 +548,42 @@ class HttpRelay:
         out.close = True
         self._closed = True
 
+    # -- requests: parsed by h11, written again with the identity headers --
+
     def _drain_client(self, out: _Out) -> None:
-        while not out.close and not self._switched:
+        while not out.close and not self._request_done:
             try:
                 event = self._client.next_event()
             except h11.RemoteProtocolError as exc:
                 raise _client_error(exc) from exc
-            if event is h11.NEED_DATA:
+            if event is h11.NEED_DATA or event is h11.PAUSED:
                 return
-            if event is h11.PAUSED:
-                self._client_paused = bool(self._client.trailing_data[0])
-                return
-            self._on_client_event(event, out)
-            if isinstance(event, h11.ConnectionClosed):
-                return
-
-    def _on_client_event(self, event: h11.Event, out: _Out) -> None:
-        if isinstance(event, h11.Request):
-            self._forward_request(event, out)
-        elif isinstance(event, h11.Data):
-            out.to_backend += self._backend.send(h11.Data(data=event.data))
-        elif isinstance(event, h11.EndOfMessage):
-            trailers = [(n, v) for n, v in event.headers.raw_items() if not self._policy.is_stripped(n)]
-            out.to_backend += self._backend.send(h11.EndOfMessage(headers=trailers))
-        elif isinstance(event, h11.ConnectionClosed):
-            # Between requests the connection is over; after a complete request the response still goes back
-            # (a client may half-close once it has sent everything), then h11 ends the connection.
-            if self._backend.our_state is h11.IDLE:
-                self._end(out)
+            if isinstance(event, h11.Request):
+                self._forward_request(event, out)
+            elif isinstance(event, h11.Data):
+                if event.data:  # (an empty chunk would be the last-chunk marker)
+                    out.backend(_chunk(event.data) if self._request_chunked else event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                self._request_done = True
+                if self._request_chunked:
+                    trailers = [(n, v) for n, v in event.headers.raw_items() if not self._policy.is_stripped(n)]
+                    out.backend(_render_fields(b"0", trailers))
+            elif isinstance(event, h11.ConnectionClosed):
+                self._end(out)  # between requests: the client is done (each request has a fresh parser)
 
     def _forward_request(self, request: h11.Request, out: _Out) -> None:
         self._method = request.method
         self._client_version = request.http_version
-        if _head_size(request.method, request.target, request.headers.raw_items()) > self._policy.max_header_bytes:
+        self._request_started = True
+        if _head_size(request.method, request.target, request.headers.raw_items()) > self._limit:
             raise _Reject(431, "headers_too_large")
         if request.method == b"CONNECT":
             raise _Reject(405, "connect_not_allowed")
         names = {name for name, _ in request.headers}
         if b"content-length" in names and b"transfer-encoding" in names:
             raise _Reject(400, "bad_request", "both Content-Length and Transfer-Encoding")
-        headers = self._request_headers(request)
-        forwarded = h11.Request(method=request.method, target=request.target, headers=headers)
-        out.to_backend += self._backend.send(forwarded)
+        self._request_chunked = b"transfer-encoding" in names  # h11 accepts no coding but chunked
+        out.backend(_render_fields(b"%s %s HTTP/1.1" % (request.method, request.target), self._request_headers(request)))
         out.requests += 1
         self.requests += 1
 
@@ -572,88 +599,115 @@ class HttpRelay:
         upgrade = request.http_version >= b"1.1" and b"upgrade" in tokens
         protocols = [value for name, value in request.headers if name == b"upgrade"] if upgrade else []
         headers += [(b"Upgrade", value) for value in protocols]
-        closing = b"close" in tokens or request.http_version < b"1.1"
-        connection = [token for token, wanted in ((b"upgrade", bool(protocols)), (b"close", closing)) if wanted]
+        self._upgrade_requested = bool(protocols)
+        self._request_closes = b"close" in tokens or request.http_version < b"1.1"
+        connection = [token for token, wanted in ((b"upgrade", bool(protocols)), (b"close", self._request_closes)) if wanted]
         if connection:
             headers.append((b"Connection", b", ".join(connection)))
         if not any(raw.lower() == b"host" for raw, _ in headers):
             headers.append((b"Host", b""))  # an HTTP/1.0 request without Host (RFC 9112 section 3.2: empty Host)
         return headers + self._added
 
-    def _drain_backend(self, out: _Out) -> None:
-        while not out.close and not self._switched:
-            try:
-                event = self._backend.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise _Reject(502, "bad_response", str(exc)) from exc
-            if event is h11.NEED_DATA or event is h11.PAUSED:
+    # -- responses: framed by proxy.httpresponse, passed on as they came --
+
+    def _on_backend_bytes(self, data: bytes, out: _Out) -> None:
+        while data and not out.close and not self._switched:
+            if self._body is not None:
+                data = self._relay_body(data, out)
+                continue
+            self._backend_head += data
+            parsed = read_head(self._backend_head, self._limit)
+            if parsed is None:
                 return
-            self._on_backend_event(event, out)
+            head, size = parsed
+            data = bytes(self._backend_head[size:])
+            self._backend_head.clear()
+            self._on_head(head, data, out)
 
-    def _on_backend_event(self, event: h11.Event, out: _Out) -> None:
-        if isinstance(event, h11.ConnectionClosed):
-            # h11 reports a clean close only when no request is in flight (mid-exchange it raises instead): the
-            # client has asked nothing, so it gets no 502, just the close.
-            raise _Reject(None, "backend_closed")
-        if self._backend.our_state is h11.IDLE:
-            raise _Reject(502, "bad_response", "a response without a request")
-        if isinstance(event, h11.InformationalResponse):
-            self._relay_informational(event, out)
-        elif isinstance(event, h11.Response):
-            self._relay_response(event, out)
-        elif isinstance(event, h11.Data):
-            out.to_client += self._client.send(h11.Data(data=event.data))
-        elif isinstance(event, h11.EndOfMessage):
-            trailers = event.headers if self._client_takes_trailers() else []
-            out.to_client += self._client.send(h11.EndOfMessage(headers=trailers))
-            self._finish_cycle(out)
-
-    def _relay_informational(self, event: h11.InformationalResponse, out: _Out) -> None:
-        if event.status_code == 101:
-            self._switch(event, out)
-        elif self._client_version >= b"1.1":  # no 1xx to an HTTP/1.0 client (RFC 9110 section 15.2)
-            out.to_client += self._client.send(_copy_informational(event))
-
-    def _relay_response(self, event: h11.Response, out: _Out) -> None:
-        status_line = b"%d %s" % (event.status_code, event.reason)
-        if _head_size(b"HTTP/1.1", status_line, event.headers.raw_items()) > self._policy.max_header_bytes:
-            raise _Reject(502, "bad_response", "header block too large")
-        headers = list(event.headers.raw_items())
-        # The connections end together: if the backend is closing, or the request body has not all arrived
-        # (an early answer), this response is the last one.
-        if not _keeps_alive(event) or self._client.their_state is h11.SEND_BODY:
+    def _on_head(self, head: ResponseHead, rest: bytes, out: _Out) -> None:
+        if not self._request_started:
+            raise BadResponse("a response without a request")
+        status_line = b"HTTP/1.1 %d %s" % (head.status, head.reason)
+        if head.status == 101:
+            self._switch(status_line, head, rest, out)
+            return
+        if head.status < 200:
+            if self._client_version >= b"1.1":  # no 1xx to an HTTP/1.0 client (RFC 9110 section 15.2)
+                out.client(_render_fields(status_line, head.headers))
+            return
+        body, length = framing(head, self._method)
+        headers = head.headers
+        self._dechunk = body is Framing.CHUNKED and self._client_version < b"1.1"
+        self._rechunk = body is Framing.CLOSE and self._client_version >= b"1.1"
+        if self._dechunk:
+            headers = [(raw, value) for raw, value in headers if raw.lower() != b"transfer-encoding"]
+        if self._rechunk:
+            headers = [*headers, (b"Transfer-Encoding", b"chunked")]
+        # The connections end together: if the backend or the client is closing, or the request body has not all
+        # arrived (an early answer), this response is the last one.
+        if self._request_closes or not self._request_done or not head.keeps_alive() or body is Framing.CLOSE:
             self._close_after_response = True
             headers = _with_close(headers)
-        response = h11.Response(status_code=event.status_code, headers=headers, reason=event.reason)
-        out.to_client += self._client.send(response)
+        out.client(_render_fields(status_line, headers))
+        out.statuses.append(head.status)
         self._response_started = True
-        out.statuses.append(event.status_code)
+        self._body, self._body_left = body, length
+        self._chunks = ChunkedReader(self._limit) if body is Framing.CHUNKED else None
+        if body is Framing.NONE:
+            self._finish_cycle(out)
 
-    def _client_takes_trailers(self) -> bool:
-        """Trailers need chunked framing toward the client, which h11 uses only for an HTTP/1.1 client."""
-        return self._client_version >= b"1.1" and self._method != b"HEAD"
+    def _relay_body(self, data: bytes, out: _Out) -> bytes:
+        """Pass on the part of `data` that belongs to the current body; return the rest (the next response)."""
+        if self._body is Framing.LENGTH:
+            used = min(len(data), self._body_left)
+            out.client(data if used == len(data) else data[:used])
+            self._body_left -= used
+            ended = not self._body_left
+        elif self._body is Framing.CHUNKED:
+            assert self._chunks is not None
+            used, payload = self._chunks.feed(data)
+            out.client(b"".join(payload) if self._dechunk else data if used == len(data) else data[:used])
+            ended = self._chunks.done
+        else:  # Framing.CLOSE: it all belongs to the body
+            out.client(_chunk(data) if self._rechunk else data)
+            return b""
+        if not ended:
+            return b""
+        self._finish_cycle(out)
+        return data[used:]
+
+    def _on_backend_eof(self, out: _Out) -> None:
+        if self._body is Framing.CLOSE:
+            if self._rechunk:
+                out.client(b"0\r\n\r\n")
+            self._finish_cycle(out)  # always the last response: _on_head set close_after_response
+        elif self._body is not None:
+            raise BadResponse("the backend closed in the middle of a response body")
+        elif self._backend_head:
+            raise BadResponse("the backend closed in the middle of a response head")
+        elif self._request_started:
+            raise BadResponse("the backend closed without responding")
+        else:
+            # No request in flight: the client has asked nothing, so it gets no 502, just the close.
+            raise _Reject(None, "backend_closed")
 
     def _finish_cycle(self, out: _Out) -> None:
-        states = (self._client.our_state, self._client.their_state, self._backend.our_state, self._backend.their_state)
-        if self._close_after_response or any(state is not h11.DONE for state in states):
+        if self._close_after_response:
             self._end(out)
             return
-        self._client.start_next_cycle()
-        self._backend.start_next_cycle()
+        leftover, eof = self._client.trailing_data
+        self._client = self._parser(leftover, eof)
         self._new_cycle()
-        self._client_paused = False
-        self._drain_client(out)  # a pipelined request may be waiting
+        if leftover or eof:
+            self._drain_client(out)  # a pipelined request (or the client's EOF) was waiting
 
-    def _switch(self, event: h11.InformationalResponse, out: _Out) -> None:
-        if self._client.their_state is not h11.MIGHT_SWITCH_PROTOCOL or (
-            self._backend.our_state is not h11.SWITCHED_PROTOCOL
-        ):
-            raise _Reject(502, "bad_response", "101 before the upgrade request was complete")
-        out.to_client += self._client.send(_copy_informational(event))
+    def _switch(self, status_line: bytes, head: ResponseHead, rest: bytes, out: _Out) -> None:
+        if not (self._upgrade_requested and self._request_done):
+            raise BadResponse("101 without a complete upgrade request")
+        out.client(_render_fields(status_line, head.headers))
         out.statuses.append(101)
         client_leftover, client_eof = self._client.trailing_data
-        backend_leftover, backend_eof = self._backend.trailing_data
-        out.switch = SwitchToRaw(client_leftover, backend_leftover, client_eof, backend_eof)
+        out.switch = SwitchToRaw(client_leftover, rest, client_eof)
         self._switched = True
 
 
@@ -694,13 +748,17 @@ def _with_close(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]
     return [*others, (b"Connection", b", ".join(kept))]
 
 
-def _keeps_alive(response: h11.Response) -> bool:
-    return b"close" not in _connection_tokens(response.headers) and response.http_version >= b"1.1"
+def _render_fields(first_line: bytes, fields: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """A request or status line (or a last-chunk line) and its fields, up to and including the blank line.
+
+    Every name and value here was either checked by a parser (h11 for requests, `proxy.httpresponse` for
+    responses) or built by `HeaderPolicy` from header-safe text, so nothing needs escaping.
+    """
+    return b"".join([first_line, b"\r\n", *(b"%s: %s\r\n" % field for field in fields), b"\r\n"])
 
 
-def _copy_informational(event: h11.InformationalResponse) -> h11.InformationalResponse:
-    headers = list(event.headers.raw_items())
-    return h11.InformationalResponse(status_code=event.status_code, headers=headers, reason=event.reason)
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
 
 
 def render_error_response(status: int, *, head: bool = False) -> bytes:

@@ -27,6 +27,17 @@ from proxy.http import HttpRelay, Step
 from proxy.pump import CHUNK_SIZE, IdleDeadline, PumpResult, pump
 
 
+async def take(lock: trio.Lock) -> None:
+    """Acquire `lock`, without the trip through the scheduler that `Lock.acquire` makes even when it is free.
+
+    The writes that follow are checkpoints, so nothing is lost; per request this saves a few scheduler passes.
+    """
+    try:
+        lock.acquire_nowait()
+    except trio.WouldBlock:
+        await lock.acquire()
+
+
 @dataclass
 class HttpCounters:
     requests: Callable[[int], None]
@@ -91,9 +102,10 @@ async def relay_http(
 
     async def from_client() -> None:
         while True:
-            async with lock:
-                while relay.client_paused:
-                    await wake_client.wait()
+            if relay.client_paused:
+                async with lock:
+                    while relay.client_paused:
+                        await wake_client.wait()
             try:
                 data = await client.receive_some(CHUNK_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -101,8 +113,11 @@ async def relay_http(
                 nursery.cancel_scope.cancel()
                 return
             idle.touch()
-            async with lock:
+            await take(lock)
+            try:
                 await apply(relay.from_client(data))
+            finally:
+                lock.release()
             if not data:
                 return  # the client finished sending; the backend task carries on
 
@@ -113,9 +128,12 @@ async def relay_http(
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""  # the relay answers a lost backend like a closed one
             idle.touch()
-            async with lock:
+            await take(lock)
+            try:
                 await apply(relay.from_backend(data))
                 wake_client.notify_all()
+            finally:
+                lock.release()
             if not data:
                 return
 
