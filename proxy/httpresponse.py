@@ -67,6 +67,9 @@ def read_head(buf: bytes | bytearray, limit: int) -> tuple[ResponseHead, int] | 
     """
     end = buf.find(b"\r\n\r\n")
     if end < 0:
+        if b"\n\n" in buf or b"\n\r\n" in buf:
+            # A head that ended with a bare LF somewhere: it will never end the way we accept.
+            raise BadResponse("bare LF line ends in the response head")
         if len(buf) > limit:
             raise BadResponse("header block too large")
         return None
