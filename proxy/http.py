@@ -3,30 +3,38 @@
 Theory of operation
 -------------------
 One client connection maps to exactly one backend connection, and they live and die together (as in tcp mode).
-An `HttpRelay` sits between them and holds two h11 connections:
+An `HttpRelay` sits between them:
 
-    client bytes --> h11 SERVER (parses requests)  --rewrite-->  h11 CLIENT (writes requests)  --> backend bytes
-    client bytes <-- h11 SERVER (writes responses) <--as is----  h11 CLIENT (parses responses) <-- backend bytes
+    client bytes --> h11 SERVER (parses requests)  --rewrite, serialise-->  backend bytes
+    client bytes <-- head rewritten, body as is    <--proxy.httpresponse--  backend bytes
 
 The relay does no I/O. The driver feeds what it read (`from_client`, `from_backend`; b"" means EOF) and gets a
-`Step` back: bytes to write to each peer, whether to close, whether to switch to a raw byte pump. Every event is
-re-sent the moment it is parsed, so a body streams through in pieces as large as one read; no body is ever
+`Step` back: bytes to write to each peer, whether to close, whether to switch to a raw byte pump. Every piece is
+passed on the moment it is parsed, so a body streams through in pieces as large as one read; no body is ever
 buffered whole.
 
-Requests are rewritten once, at the head (`_request_headers`):
+Requests are parsed by h11, a fresh receive-only connection per request (h11 only starts a connection's next
+cycle after our response went through it, and responses do not), and rewritten once, at the head
+(`_request_headers`):
   1. every header the proxy owns is dropped, in any spelling (see "Stripping" below);
   2. hop-by-hop headers are dropped and `Connection` is rebuilt with only `close` / `upgrade`, so a client cannot
      name one of our headers in `Connection` and have a later hop delete it;
   3. the proxy's own headers are appended: XFCC (verified clients only), X-Forwarded-For, X-Forwarded-Proto and
      the configured extras. They are computed once per connection, since the identity cannot change.
-Trailers of chunked requests get step 1 too. Responses go back unchanged apart from what h11 does to frame them for
-this client (chunked vs. close-delimited, `Connection: close` when the connection is ending).
+The head is then written out as HTTP/1.1 from h11's checked values; the body keeps its framing (Content-Length
+bytes as they came, chunked re-chunked per piece). Trailers of chunked requests get step 1 too.
 
-h11 runs one request/response cycle at a time. A pipelined request waits in the SERVER connection's buffer (h11
-says PAUSED) until the response to the previous one is complete; then both connections start their next cycle
-and the waiting request is forwarded. That happens inside `from_backend`, which is why one Step can carry bytes for
-both peers. While paused, `client_paused` is True and the driver must stop reading from the client: that is what
-bounds the memory a pipelining client can make us hold.
+Responses are not parsed by h11: `proxy.httpresponse` reads the head strictly and follows the body framing, and
+the body goes to the client byte for byte (h11 parsing and re-serialising both directions cost more than half of
+the relay's time per request). The head is written again unchanged except for what this client needs: HTTP/1.1 in
+the status line, `Connection: close` when the connection is ending, and for an HTTP/1.0 client a chunked body
+de-chunked (for an HTTP/1.1 client a body delimited by the backend's close is chunked, so the end is explicit).
+
+One request/response cycle runs at a time. A pipelined request waits in the request parser's buffer until the
+response to the previous one is complete; then the next cycle starts and the waiting request is forwarded. That
+happens inside `from_backend`, which is why one Step can carry bytes for both peers. While a request waits,
+`client_paused` is True and the driver must stop reading from the client: that is what bounds the memory a
+pipelining client can make us hold.
 
 Stripping
 ---------
@@ -53,8 +61,8 @@ as h11's error_status_hint does):
 Upgrade
 -------
 A request with `Upgrade` (listed in `Connection`, HTTP/1.1) is forwarded as such. When the backend answers
-`101 Switching Protocols` the Step carries the 101 for the client and a `SwitchToRaw` with the bytes each h11
-connection had already read past the HTTP part. The driver writes the 101, then the leftovers, then pumps raw
+`101 Switching Protocols` the Step carries the 101 for the client and a `SwitchToRaw` with the bytes each side
+had already sent past the HTTP part. The driver writes the 101, then the leftovers, then pumps raw
 bytes (proxy.pump). Bytes fed to the relay after the switch (a read already in flight) pass through untouched.
 
 Driving it from two trio tasks
@@ -62,11 +70,11 @@ Driving it from two trio tasks
 Connect to the backend first (`fail(502)` / `fail(504)` if that fails), then run two tasks. One reads the client
 and calls `from_client`, the other reads the backend and calls `from_backend`; a read error from the backend is
 `from_backend(b"")`, a write error to it is `fail(502)`, a broken client connection ends everything. Either call
-can return bytes for either peer, so give each peer stream a `trio.StrictFIFOLock` and enter it right after the
-call: acquiring does not yield unless the task is cancelled or the lock is taken, so the writes to a peer happen in
-the order the relay produced them. Before each client read, wait while `relay.client_paused` (the backend task
-wakes the client task after each of its steps, e.g. with a trio.Condition). After feeding b"" for a peer, stop
-reading that peer. Stop both tasks on `step.close`, after writing that step's bytes.
+can return bytes for either peer, and one Step can hold bytes for both, so hold one lock from the call until that
+step's bytes are written: then each peer gets its bytes in the order the relay produced them. Before each client
+read, wait while `relay.client_paused` (the backend task wakes the client task after each of its steps, e.g. with
+a trio.Condition). After feeding b"" for a peer, stop reading that peer. Stop both tasks on `step.close`, after
+writing that step's bytes. `proxy.httpproxy` is that driver.
 """
 
 from __future__ import annotations
