@@ -58,6 +58,7 @@ async def relay_http(
     lock = trio.Lock()
     wake_client = trio.Condition(lock)  # the backend task wakes a paused client task
     switched = False
+    client_holds_data = False  # the client task has read bytes it has not fed to the relay yet
 
     async def send(stream: trio.abc.SendStream, data: bytes) -> bool:
         try:
@@ -94,13 +95,19 @@ async def relay_http(
             sw = step.switch
             if not (await send(backend, sw.client_leftover) and await send(client, sw.backend_leftover)):
                 result.ended_by = "peer_error"
-            else:
-                switched = True
-            nursery.cancel_scope.cancel()
+                nursery.cancel_scope.cancel()
+                return
+            switched = True
+            # The client task may already hold bytes the client sent after the
+            # 101 (it read them while we wrote): cancelling it would lose them.
+            # It feeds them to the relay, which passes them on raw, and stops.
+            if not client_holds_data:
+                nursery.cancel_scope.cancel()
         elif step.close:
             nursery.cancel_scope.cancel()
 
     async def from_client() -> None:
+        nonlocal client_holds_data
         while True:
             if relay.client_paused:
                 async with lock:
@@ -113,13 +120,15 @@ async def relay_http(
                 nursery.cancel_scope.cancel()
                 return
             idle.touch()
+            client_holds_data = True
             await take(lock)
             try:
                 await apply(relay.from_client(data))
             finally:
                 lock.release()
-            if not data:
-                return  # the client finished sending; the backend task carries on
+                client_holds_data = False
+            if not data or relay.switched:
+                return  # the client finished sending (the backend task carries on), or the raw pump takes over
 
     async def from_backend() -> None:
         while True:
@@ -134,7 +143,7 @@ async def relay_http(
                 wake_client.notify_all()
             finally:
                 lock.release()
-            if not data:
+            if not data or relay.switched:
                 return
 
     idle = IdleDeadline(idle_timeout)
