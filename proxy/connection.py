@@ -24,6 +24,7 @@ from proxy.metrics import ListenerMetrics
 from proxy.http import HeaderPolicy, HttpRelay
 from proxy.httpproxy import HttpCounters, relay_http
 from proxy.pump import CHUNK_SIZE, PumpResult, pump
+from proxy.sockstream import SocketStream
 from proxy.tls.classify import classify
 from proxy.tls.context import HandshakeRecord, ServerTLS
 from proxy.tls.stream import TLSStream
@@ -71,7 +72,7 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _peer(stream: trio.SocketStream) -> str:
+def _peer(stream: SocketStream) -> str:
     try:
         addr = stream.socket.getpeername()
     except OSError:
@@ -79,7 +80,8 @@ def _peer(stream: trio.SocketStream) -> str:
     return str(TCPAddress(addr[0], addr[1])) if isinstance(addr, tuple) else str(addr) or "unix"
 
 
-async def handle_connection(transport: trio.SocketStream, rt: ListenerRuntime) -> None:
+async def handle_connection(accepted: trio.SocketStream, rt: ListenerRuntime) -> None:
+    transport = SocketStream.take_over(accepted)  # the lean stream for the hot path (see proxy.sockstream)
     m = rt.metrics
     started = trio.current_time()
     client = _peer(transport)

@@ -1,0 +1,147 @@
+"""A lean trio stream over a connected socket: the transport under every client and backend connection.
+
+trio's ``SocketStream`` passes each send and receive through several layers: a conflict detector, an
+error-translating context manager, memoryview handling, and the trio socket's ``_nonblocking_helper`` with a
+context manager of its own. That is about 4 µs of Python per call; measured with a 100-byte send and receive on a
+socketpair, 22-24 µs against 14 µs done directly. A kept-alive request makes four such calls on the proxy's core
+(two reads, two writes), and a handshake a few more.
+
+This class does the same I/O on the stdlib socket and waits with trio's ``wait_readable``/``wait_writable``,
+keeping trio's rules for a stream:
+
+- every call is a checkpoint: it raises ``Cancelled`` if cancelled, and yields to the scheduler at least once;
+- a socket error is ``BrokenResourceError`` (the error is its ``__cause__``), use after ``aclose()`` is
+  ``ClosedResourceError``, and a second task sending or receiving at the same time is ``BusyResourceError``;
+- ``aclose()`` wakes a task blocked on the socket (``notify_closing``) before the descriptor is closed.
+
+It is made from a ``trio.SocketStream`` (what ``accept()`` and ``open_tcp_stream`` return, with ``TCP_NODELAY``
+and ``TCP_NOTSENT_LOWAT`` already set) by taking over its descriptor with the public ``detach()``.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import trio
+
+DEFAULT_RECEIVE_SIZE = 64 * 1024
+
+
+class SocketStream(trio.abc.HalfCloseableStream):
+    """A connected TCP or Unix socket. ``socket`` is the stdlib socket (for getpeername and the like)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.socket = sock
+        self._closed = False
+        self._sent_eof = False
+        self._send_busy = False
+        self._recv_busy = False
+
+    @classmethod
+    def take_over(cls, stream: trio.SocketStream) -> SocketStream:
+        """The same connection as ``stream``, which is left detached (closing it does nothing)."""
+        trio_socket = stream.socket
+        sock = socket.socket(trio_socket.family, trio_socket.type, trio_socket.proto, fileno=trio_socket.detach())
+        return cls(sock)
+
+    def _broken(self, exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
+        if self._closed:
+            return trio.ClosedResourceError("the socket was closed")
+        return trio.BrokenResourceError(f"socket error: {exc.strerror or exc}")
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._send_busy:
+            raise trio.BusyResourceError("another task is already sending on this socket")
+        if self._closed:
+            raise trio.ClosedResourceError("the socket was closed")
+        if self._sent_eof:
+            raise trio.ClosedResourceError("send_eof() was already called")
+        self._send_busy = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            sock = self.socket
+            waited = False
+            with memoryview(data) as view:
+                total = len(view)
+                sent = 0
+                while True:
+                    try:
+                        sent += sock.send(view[sent:] if sent else view)
+                    except BlockingIOError:
+                        pass
+                    except OSError as exc:
+                        raise self._broken(exc) from exc
+                    if sent >= total:
+                        break
+                    waited = True
+                    await trio.lowlevel.wait_writable(sock)
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._send_busy = False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is None:
+            max_bytes = DEFAULT_RECEIVE_SIZE
+        elif max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        if self._recv_busy:
+            raise trio.BusyResourceError("another task is already receiving on this socket")
+        if self._closed:
+            raise trio.ClosedResourceError("the socket was closed")
+        self._recv_busy = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            sock = self.socket
+            try:
+                data = sock.recv(max_bytes)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise self._broken(exc) from exc
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return data
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                try:
+                    return sock.recv(max_bytes)
+                except BlockingIOError:
+                    pass  # a spurious wake-up
+                except OSError as exc:
+                    raise self._broken(exc) from exc
+        finally:
+            self._recv_busy = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        if self._send_busy:
+            raise trio.BusyResourceError("another task is already sending on this socket")
+        if self._closed:
+            raise trio.ClosedResourceError("the socket was closed")
+        self._send_busy = True
+        try:
+            await trio.lowlevel.wait_writable(self.socket)
+        finally:
+            self._send_busy = False
+
+    async def send_eof(self) -> None:
+        if self._send_busy:
+            raise trio.BusyResourceError("another task is sending on this socket")
+        if self._closed:
+            raise trio.ClosedResourceError("the socket was closed")
+        await trio.lowlevel.checkpoint()
+        if self._sent_eof:
+            return
+        self._sent_eof = True
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            raise self._broken(exc) from exc
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            trio.lowlevel.notify_closing(self.socket)
+            self.socket.close()
+        await trio.lowlevel.checkpoint()
