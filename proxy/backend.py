@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import trio
 
 from proxy.config import TCPAddress, UnixAddress
@@ -21,6 +23,8 @@ async def connect_backend(address: TCPAddress | UnixAddress, timeout: float) -> 
         with trio.fail_after(timeout):
             if isinstance(address, UnixAddress):
                 stream = await trio.open_unix_socket(str(address.path))
+            elif _is_ip_literal(address.host):
+                stream = await _connect_ip(address.host, address.port)
             else:
                 # open_tcp_stream sets TCP_NODELAY: small writes go out at once.
                 stream = await trio.open_tcp_stream(address.host, address.port)
@@ -30,3 +34,28 @@ async def connect_backend(address: TCPAddress | UnixAddress, timeout: float) -> 
         reason = exc.strerror or str(exc)
         raise BackendError(f"connect to {address} failed: {reason}") from None
     return SocketStream.take_over(stream)  # the lean stream for the hot path (see proxy.sockstream)
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def _connect_ip(host: str, port: int) -> trio.SocketStream:
+    """Connect to an IP address directly.
+
+    ``open_tcp_stream`` resolves the name and races the addresses it gets (happy eyeballs) in a nursery of its own:
+    for the one address a literal names, that machinery cost 140 µs of CPU per connection here (255 against
+    115 µs for connect and close), about 5% of a whole new mTLS connection.
+    """
+    family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
+    sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)  # sets TCP_NODELAY (small writes go out at once), as open_tcp_stream does

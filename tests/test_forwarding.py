@@ -237,6 +237,24 @@ async def test_unix_socket_backend(nursery, test_pki, ctx, short_tmp):
     await settled(p, connections=1, up=len(payload), down=len(payload))
 
 
+@pytest.mark.parametrize(("bind", "address"), [("127.0.0.1", "127.0.0.1:{}"), ("::1", "[::1]:{}"),
+                                             ("127.0.0.1", "localhost:{}")])
+async def test_tcp_backend_by_ipv4_ipv6_literal_and_name(nursery, test_pki, ctx, bind, address):
+    # IP literals are connected to directly, names go through trio's resolver.
+    family = trio.socket.AF_INET6 if ":" in bind else trio.socket.AF_INET
+    sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+    await sock.bind((bind, 0))
+    sock.listen()
+    backend = await serve_listeners_as_backend(nursery, [trio.SocketListener(sock)], echo_handler)
+
+    p = await start_proxy(nursery, test_pki, address.format(sock.getsockname()[1]))
+    client = await open_tls_client(p.port, ctx)
+    with trio.fail_after(5):
+        assert await echo_roundtrip(client, b"ping") == b"ping"
+    await client.aclose()
+    assert backend.accepted == 1
+
+
 # ---- idle timeout -------------------------------------------------------------------
 
 
