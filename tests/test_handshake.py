@@ -208,6 +208,17 @@ async def test_valid_client_round_trips_one_mebibyte(nursery, test_pki, echo_bac
     assert p.metric("mtls_proxy_client_certificates_total", presented="true") == 1
 
 
+async def test_a_reconnecting_client_is_verified_again_but_its_chain_parsed_once(nursery, test_pki, echo_backend):
+    p = await start_proxy(nursery, test_pki, echo_backend.address)
+    tls = p.proxy.runtimes[0].tls
+    for who in (test_pki.alice, test_pki.alice, test_pki.bob):
+        result = await exchange(p.port, client_context(test_pki, who), b"hi")  # a new session each time
+        assert result.ok, result.error
+    assert p.metric("mtls_proxy_handshakes_total", result="success") == 3
+    assert len(tls.chain_identities) == 2  # alice's chain and bob's
+    assert sorted(identity.subject for identity in tls.chain_identities.values()) == sorted([ALICE_DN, "CN=bob,OU=support,O=Acme"])
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_valid_client_counted_by_negotiated_version_and_cipher(nursery, test_pki, echo_backend, access_log,
                                                                     version):

@@ -403,3 +403,38 @@ def test_peer_identity_can_be_built_from_plain_values() -> None:
         chain_issuers=("CN=ca",),
     )
     assert identity.remaining_seconds(NOT_BEFORE) == (NOT_AFTER - NOT_BEFORE).total_seconds()
+
+
+# ---- the per-listener cache of chain identities (proxy.tls.context) ----------------------------------------------
+
+
+def _server_tls():
+    from proxy.tls.context import ServerTLS
+
+    return ServerTLS(context=None, materials=None, policy=None, client_auth="require")
+
+
+def test_a_chain_seen_again_reuses_its_identity_and_another_chain_gets_its_own(pki: Pki, full_leaf) -> None:
+    tls = _server_tls()
+    first = tls.identity_of_chain(pki.chain(full_leaf))
+    assert first == identity_from_chain(pki.chain(full_leaf))
+    # Fresh objects with the same bytes, as the client's next handshake brings them.
+    again = tls.identity_of_chain([x509.load_der_x509_certificate(der(cert)) for cert in pki.chain(full_leaf)])
+    assert again is first
+    other_chain = tls.identity_of_chain([full_leaf, pki.intermediate])  # the same leaf, a shorter chain
+    assert other_chain is not first
+    assert other_chain.chain_issuers == ("CN=Acme Clients CA,O=Acme",)
+
+
+def test_the_chain_identity_cache_is_bounded(pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy.tls import context
+
+    monkeypatch.setattr(context, "IDENTITY_CACHE_SIZE", 2)
+    tls = _server_tls()
+    leaves = [pki.leaf(dn((NameOID.COMMON_NAME, f"client-{i}")), serial=i + 1) for i in range(3)]
+    built = [tls.identity_of_chain(pki.chain(leaf)) for leaf in leaves]
+    assert len(tls.chain_identities) == 2
+    assert tls.identity_of_chain(pki.chain(leaves[2])) is built[2]
+    rebuilt = tls.identity_of_chain(pki.chain(leaves[0]))  # the oldest was dropped: built again
+    assert rebuilt is not built[0] and rebuilt == built[0]
+    assert len(tls.chain_identities) == 2
