@@ -27,17 +27,6 @@ from proxy.http import HttpRelay, Step
 from proxy.pump import CHUNK_SIZE, IdleDeadline, PumpResult, pump
 
 
-async def take(lock: trio.Lock) -> None:
-    """Acquire `lock`, without the trip through the scheduler that `Lock.acquire` makes even when it is free.
-
-    The writes that follow are checkpoints, so nothing is lost; per request this saves a few scheduler passes.
-    """
-    try:
-        lock.acquire_nowait()
-    except trio.WouldBlock:
-        await lock.acquire()
-
-
 @dataclass
 class HttpCounters:
     requests: Callable[[int], None]
@@ -121,11 +110,10 @@ async def relay_http(
                 return
             idle.touch()
             client_holds_data = True
-            await take(lock)
             try:
-                await apply(relay.from_client(data))
+                async with lock:
+                    await apply(relay.from_client(data))
             finally:
-                lock.release()
                 client_holds_data = False
             if not data or relay.switched:
                 return  # the client finished sending (the backend task carries on), or the raw pump takes over
@@ -137,12 +125,9 @@ async def relay_http(
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""  # the relay answers a lost backend like a closed one
             idle.touch()
-            await take(lock)
-            try:
+            async with lock:
                 await apply(relay.from_backend(data))
                 wake_client.notify_all()
-            finally:
-                lock.release()
             if not data or relay.switched:
                 return
 
