@@ -131,3 +131,10 @@ def test_quick_benchmark_measures_every_peer(tmp_path: Path) -> None:
     if has_wrk and "mtls-proxy" in http_peers:
         assert "## HTTP identity mode" in report
         assert "small requests on kept-alive connections, HTTP identity mode | ≤ 3.0× nginx | not measured" not in report
+
+
+def test_the_relay_micro_benchmark_runs():
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "relay.py"), "--requests", "200"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "µs of CPU per request through the HTTP relay (200 requests)" in result.stdout
