@@ -89,7 +89,15 @@ from urllib.parse import quote
 
 import h11
 
-from proxy.httpresponse import BadResponse, ChunkedReader, Framing, ResponseHead, framing, read_head
+from proxy.httpresponse import (
+    BadResponse,
+    ChunkedReader,
+    Framing,
+    ResponseHead,
+    connection_tokens,
+    framing,
+    read_head,
+)
 from proxy.identity import PeerIdentity
 
 MAX_HEADER_BYTES = 32 * 1024  # request line + header block, like nginx's large_client_header_buffers 4x8k
@@ -596,7 +604,7 @@ class HttpRelay:
         self.requests += 1
 
     def _request_headers(self, request: h11.Request) -> list[tuple[bytes, bytes]]:
-        tokens = _connection_tokens(request.headers)
+        tokens = connection_tokens(request.headers)
         dropped = (tokens - _FRAMING) | _HOP_BY_HOP
         headers = [
             (raw, value)
@@ -737,18 +745,9 @@ def _head_size(first: bytes, second: bytes, headers: Iterable[tuple[bytes, bytes
     return len(first) + len(second) + 12 + sum(len(name) + len(value) + 4 for name, value in headers) + 2
 
 
-def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    tokens = set()
-    for name, value in headers:
-        if name == b"connection":
-            tokens.update(token.strip().lower() for token in value.split(b","))
-    tokens.discard(b"")
-    return frozenset(tokens)
-
-
 def _with_close(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """The headers with `close` among the Connection tokens (and no `keep-alive`), in a single Connection header."""
-    tokens = _connection_tokens((raw.lower(), value) for raw, value in headers)
+    tokens = connection_tokens(headers)
     if b"close" in tokens:
         return headers
     kept = sorted(tokens - {b"keep-alive"}) + [b"close"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
@@ -51,13 +52,20 @@ class ResponseHead:
         """Every value of the header `name` (lowercase), in order."""
         return [value for raw, value in self.headers if raw.lower() == name]
 
-    def connection_tokens(self) -> frozenset[bytes]:
-        tokens = {token.strip().lower() for value in self.values(b"connection") for token in value.split(b",")}
-        tokens.discard(b"")
-        return frozenset(tokens)
-
     def keeps_alive(self) -> bool:
-        return self.http_version == b"1.1" and b"close" not in self.connection_tokens()
+        return self.http_version == b"1.1" and b"close" not in connection_tokens(self.headers)
+
+
+def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """The tokens of every Connection header among `headers` (names in any case), lowercased."""
+    tokens = {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == b"connection"
+        for token in value.split(b",")
+    }
+    tokens.discard(b"")
+    return frozenset(tokens)
 
 
 def read_head(buf: bytes | bytearray, limit: int) -> tuple[ResponseHead, int] | None:
