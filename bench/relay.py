@@ -33,7 +33,8 @@ def main() -> None:
         answered = relay.from_backend(RESPONSE)
     elapsed = time.process_time() - started
     assert forwarded.requests == 1 and answered.statuses == (200,) and not answered.close
-    print(f"{elapsed / args.requests * 1e6:.1f} µs of CPU per request through the HTTP relay ({args.requests} requests)")
+    per_request = elapsed / args.requests * 1e6
+    print(f"{per_request:.1f} µs of CPU per request through the HTTP relay ({args.requests} requests)")
 
 
 if __name__ == "__main__":

@@ -599,7 +599,8 @@ class HttpRelay:
         if b"content-length" in names and b"transfer-encoding" in names:
             raise _Reject(400, "bad_request", "both Content-Length and Transfer-Encoding")
         self._request_chunked = b"transfer-encoding" in names  # h11 accepts no coding but chunked
-        out.backend(_render_fields(b"%s %s HTTP/1.1" % (request.method, request.target), self._request_headers(request)))
+        request_line = b"%s %s HTTP/1.1" % (request.method, request.target)
+        out.backend(_render_fields(request_line, self._request_headers(request)))
         out.requests += 1
         self.requests += 1
 
@@ -617,7 +618,8 @@ class HttpRelay:
         headers += [(b"Upgrade", value) for value in protocols]
         self._upgrade_requested = bool(protocols)
         self._request_closes = b"close" in tokens or request.http_version < b"1.1"
-        connection = [token for token, wanted in ((b"upgrade", bool(protocols)), (b"close", self._request_closes)) if wanted]
+        flags = ((b"upgrade", self._upgrade_requested), (b"close", self._request_closes))
+        connection = [token for token, on in flags if on]
         if connection:
             headers.append((b"Connection", b", ".join(connection)))
         if not any(raw.lower() == b"host" for raw, _ in headers):

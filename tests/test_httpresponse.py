@@ -420,7 +420,7 @@ def test_pipelined_responses_arrive_in_order_whatever_the_split() -> None:
                 outputs_seen.add(output)
 
 
-# ---- a head with bare LF line ends is refused at once, not waited on -----------------------------------------------------------------------------------------------
+# ---- a head with bare LF line ends is refused at once, not waited on -------------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -26,8 +26,8 @@ the measurements behind each number):
   we keep decrypting records already in the BIO up to ``max_bytes``, which
   quarters the number of Python-level round trips for bulk data.
 - ``send_all`` writes 64 KiB plaintext pieces and drains the outgoing BIO with
-  one ``bio_read`` of what is there (about 64 KiB): larger transient buffers cost page faults and halved
-  throughput when measured.
+  one ``bio_read`` of what is there (about 64 KiB): larger transient buffers
+  cost page faults and halved throughput when measured.
 - A best-effort flush of the alert OpenSSL writes when a handshake fails, so the
   client learns *why* (``unknown ca``, ``certificate expired``) instead of seeing
   a bare reset.
