@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from prometheus_client import CollectorRegistry
 
@@ -125,11 +126,10 @@ class Backend:
         return f"127.0.0.1:{self.port}"
 
 
-async def _serve_backend(backend: Backend, handler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    backend.port = listeners[0].socket.getsockname()[1]
+def _connection_handler(backend: Backend, handler):
+    """Serves one backend connection: counts it, runs ``handler``, closes; a peer that breaks off ends it quietly."""
 
-    async def run(stream):
+    async def run(stream) -> None:
         backend.accepted += 1
         async with stream:
             try:
@@ -137,8 +137,22 @@ async def _serve_backend(backend: Backend, handler, *, task_status=trio.TASK_STA
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
 
+    return run
+
+
+async def _serve_backend(backend: Backend, handler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    backend.port = listeners[0].socket.getsockname()[1]
     task_status.started(backend)
-    await trio.serve_listeners(run, listeners)
+    await trio.serve_listeners(_connection_handler(backend, handler), listeners)
+
+
+async def serve_listeners_as_backend(nursery, listeners, handler) -> Backend:
+    """Like the backends above, on listeners the test made (fixed port, Unix socket)."""
+    backend = Backend()
+    nursery.start_soon(trio.serve_listeners, _connection_handler(backend, handler), listeners)
+    await trio.testing.wait_all_tasks_blocked()
+    return backend
 
 
 async def echo_handler(stream: trio.SocketStream, backend: Backend) -> None:

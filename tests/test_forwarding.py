@@ -22,7 +22,15 @@ import trio
 import trio.testing
 
 from proxy.tls.stream import TLSStream
-from tests.conftest import Backend, echo_handler, free_port, start_backend, start_proxy, wait_for
+from tests.conftest import (
+    Backend,
+    echo_handler,
+    free_port,
+    serve_listeners_as_backend,
+    start_backend,
+    start_proxy,
+    wait_for,
+)
 from tests.tlskit import (
     client_connection,
     open_tls_client,
@@ -84,23 +92,6 @@ async def echo_roundtrip(stream: TLSStream, payload: bytes) -> bytes:
         nursery.start_soon(receive)
         await stream.send_all(payload)
     return got
-
-
-async def serve_listeners_as_backend(nursery, listeners, handler) -> Backend:
-    """Like conftest's backends, on listeners the test made (fixed port, Unix socket)."""
-    backend = Backend()
-
-    async def run(stream) -> None:
-        backend.accepted += 1
-        async with stream:
-            try:
-                await handler(stream, backend)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-
-    nursery.start_soon(trio.serve_listeners, run, listeners)
-    await trio.testing.wait_all_tasks_blocked()
-    return backend
 
 
 async def closed_within(stream: TLSStream, seconds: float) -> tuple[str, float]:
