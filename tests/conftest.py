@@ -8,6 +8,7 @@ that must be independent TLS stacks (stdlib ``ssl``, ``openssl s_client``,
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import time
@@ -177,6 +178,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def kubernetes_secret(root: Path, version: str, issued: pki.Issued, ca_pem: bytes) -> None:
+    """Lay out a Secret the way the kubelet does: files in a timestamped folder,
+    `..data` pointing at it, and the visible names pointing through `..data`."""
+    folder = root / f"..{version}"
+    folder.mkdir()
+    (folder / "tls.crt").write_bytes(issued.chain_pem())
+    (folder / "tls.key").write_bytes(issued.key_pem())
+    (folder / "ca.crt").write_bytes(ca_pem)
+    tmp_link = root / "..data_tmp"
+    tmp_link.symlink_to(folder.name)
+    os.replace(tmp_link, root / "..data")  # the atomic swap
+    for name in ("tls.crt", "tls.key", "ca.crt"):
+        if not (root / name).is_symlink():
+            (root / name).symlink_to(f"..data/{name}")
 
 
 # ---- the proxy -----------------------------------------------------------------

@@ -4,7 +4,6 @@ the kubelet swaps a mounted Secret's `..data` symlink, and nobody sends a signal
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
 import ssl
 import threading
@@ -14,25 +13,10 @@ from pathlib import Path
 import pytest
 
 from proxy import pki
-from tests.conftest import free_port
+from tests.conftest import free_port, kubernetes_secret
 from tests.test_daemon import Daemon, echo_backend, wait_until  # noqa: F401 (echo_backend is a fixture)
 
 pytestmark = pytest.mark.slow
-
-
-def write_secret(root: Path, version: str, server: pki.Issued, ca_pem: bytes) -> None:
-    """Lay out a Secret the way the kubelet does and swap `..data` to it atomically."""
-    folder = root / f"..{version}"
-    folder.mkdir()
-    (folder / "tls.crt").write_bytes(server.chain_pem())
-    (folder / "tls.key").write_bytes(server.key_pem())
-    (folder / "ca.crt").write_bytes(ca_pem)
-    tmp_link = root / "..data_tmp"
-    tmp_link.symlink_to(folder.name)
-    os.replace(tmp_link, root / "..data")
-    for name in ("tls.crt", "tls.key", "ca.crt"):
-        if not (root / name).is_symlink():
-            (root / name).symlink_to(f"..data/{name}")
 
 
 def client(server_ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
@@ -62,7 +46,7 @@ def secret_daemon(tmp_path, test_pki, echo_backend):  # noqa: F811
     secret = tmp_path / "secret"
     secret.mkdir()
     first = pki.make_server_cert(server_ca)
-    write_secret(secret, "2026_11_28_01", first, test_pki.client_ca.read_bytes())
+    kubernetes_secret(secret, "2026_11_28_01", first, test_pki.client_ca.read_bytes())
     config = {
         "admin": {"listen": f"127.0.0.1:{free_port()}"},
         "log": {"level": "info", "format": "json"},
@@ -114,7 +98,7 @@ def test_secret_swap_rotates_server_cert_and_ca_bundle_under_live_traffic(secret
     try:
         time.sleep(0.3)
         rotated = pki.make_server_cert(server_ca)
-        write_secret(secret, "2026_11_28_02", rotated, test_pki.client_ca.read_bytes() + new_ca.cert_pem())
+        kubernetes_secret(secret, "2026_11_28_02", rotated, test_pki.client_ca.read_bytes() + new_ca.cert_pem())
         wait_until(lambda: daemon.sample("mtls_proxy_reloads_total", result="success") == 1, timeout=10,
                    what="the swap to be reloaded")
         wait_until(lambda: rotated.sha256 in served, timeout=5, what="live clients to see the new certificate")
@@ -136,7 +120,7 @@ def test_broken_secret_update_keeps_the_old_material_serving(secret_daemon, test
     alice = client(tmp_path / "server-ca.crt", test_pki.alice.cert, test_pki.alice.key)
     # A certificate with someone else's key: what a botched rotation looks like.
     mismatched = pki.Issued(cert=pki.make_server_cert(server_ca).cert, key=pki.make_server_cert(server_ca).key)
-    write_secret(secret, "2026_11_28_02", mismatched, test_pki.client_ca.read_bytes())
+    kubernetes_secret(secret, "2026_11_28_02", mismatched, test_pki.client_ca.read_bytes())
     wait_until(lambda: daemon.sample("mtls_proxy_reloads_total", result="failure") == 1, timeout=10,
                what="the broken swap to be refused")
     assert echo(port, alice) == first.sha256

@@ -4,7 +4,6 @@ Secret updates, revocation, and what /status and the metrics say about them."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import ssl
@@ -16,7 +15,7 @@ import pytest
 import trio
 
 from proxy import pki
-from tests.conftest import client_context, exchange, start_proxy, wait_for
+from tests.conftest import client_context, exchange, kubernetes_secret, start_proxy, wait_for
 
 
 def served_fingerprint(port: int, ctx: ssl.SSLContext) -> str:
@@ -142,22 +141,6 @@ async def test_trusted_ca_bundle_rotation_admits_the_new_ca(nursery, test_pki, e
 
 
 # ---- file watching ---------------------------------------------------------------
-
-
-def kubernetes_secret(root: Path, version: str, issued: pki.Issued, ca_pem: bytes) -> None:
-    """Lay out a Secret the way the kubelet does: files in a timestamped folder,
-    `..data` pointing at it, and the visible names pointing through `..data`."""
-    folder = root / f"..{version}"
-    folder.mkdir()
-    (folder / "tls.crt").write_bytes(issued.chain_pem())
-    (folder / "tls.key").write_bytes(issued.key_pem())
-    (folder / "ca.crt").write_bytes(ca_pem)
-    tmp_link = root / "..data_tmp"
-    tmp_link.symlink_to(folder.name)
-    os.replace(tmp_link, root / "..data")  # the atomic swap
-    for name in ("tls.crt", "tls.key", "ca.crt"):
-        if not (root / name).is_symlink():
-            (root / name).symlink_to(f"..data/{name}")
 
 
 async def test_kubernetes_secret_symlink_swap_is_picked_up_without_a_signal(
