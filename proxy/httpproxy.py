@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import trio
 
 from proxy.http import HttpRelay, Step
-from proxy.pump import CHUNK_SIZE, IdleDeadline, PumpResult, pump
+from proxy.pump import CHUNK_SIZE, IdleDeadline, PumpResult, chunk_reader, pump
 
 
 @dataclass
@@ -119,9 +119,10 @@ async def relay_http(
                 return  # the client finished sending (the backend task carries on), or the raw pump takes over
 
     async def from_backend() -> None:
+        read = chunk_reader(backend, client)
         while True:
             try:
-                data = await backend.receive_some(CHUNK_SIZE)
+                data = await read()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""  # the relay answers a lost backend like a closed one
             idle.touch()

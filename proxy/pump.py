@@ -16,10 +16,13 @@ ends.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import trio
+
+from proxy.sockstream import SocketStream
 
 CHUNK_SIZE = 64 * 1024
 
@@ -55,6 +58,19 @@ class IdleDeadline:
             self._next_move = now + self.granularity
 
 
+def chunk_reader(src: trio.abc.ReceiveStream, dst: object) -> Callable[[], Awaitable[bytes]]:
+    """``src.receive_some(CHUNK_SIZE)``, telling ``dst`` when ``src`` goes quiet.
+
+    A TLS stream's buffers grow with a burst it sends and are given back
+    when no more is coming (``TLSStream.release_buffers``); the read of the
+    other side is where that shows first.
+    """
+    release = getattr(dst, "release_buffers", None)
+    if release is not None and isinstance(src, SocketStream):
+        return functools.partial(src.receive_some, CHUNK_SIZE, before_waiting=release)
+    return functools.partial(src.receive_some, CHUNK_SIZE)
+
+
 @dataclass
 class _Direction:
     src: trio.abc.ReceiveStream
@@ -63,6 +79,9 @@ class _Direction:
     src_error: str  # the outcome when reading src fails
     dst_error: str  # the outcome when writing dst fails
     total: int = 0
+
+    def __post_init__(self) -> None:
+        self.read = chunk_reader(self.src, self.dst)
 
 
 async def pump(
@@ -103,7 +122,7 @@ async def pump(
 async def _copy(d: _Direction, idle: IdleDeadline) -> str:
     while True:
         try:
-            data = await d.src.receive_some(CHUNK_SIZE)
+            data = await d.read()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return d.src_error
         if not data:

@@ -21,6 +21,7 @@ and ``TCP_NOTSENT_LOWAT`` already set) by taking over its descriptor with the pu
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 
 import trio
 
@@ -81,7 +82,13 @@ class SocketStream(trio.abc.HalfCloseableStream):
         finally:
             self._send_busy = False
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None, *, before_waiting: Callable[[], object] | None = None
+                           ) -> bytes:
+        """trio's ``receive_some``; ``before_waiting`` is called (once) if the socket has nothing to read yet.
+
+        That is the moment a caller learns the peer has gone quiet, and a read may wait for a long time: the TLS
+        stream gives back the buffers a burst made it grow (``TLSStream.release_buffers``).
+        """
         if max_bytes is None:
             max_bytes = DEFAULT_RECEIVE_SIZE
         elif max_bytes < 1:
@@ -103,6 +110,8 @@ class SocketStream(trio.abc.HalfCloseableStream):
             else:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return data
+            if before_waiting is not None:
+                before_waiting()
             while True:
                 await trio.lowlevel.wait_readable(sock)
                 try:

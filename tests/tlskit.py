@@ -9,10 +9,14 @@
 - ``open_tls_client``: an in-process trio TLS client over real TCP, so that a
   test can call ``send_eof()`` (a stdlib ``ssl`` client cannot half-close and
   then keep reading).
+- ``malloc_in_use``: glibc's count of the C heap in use, for the tests that
+  check what an idle connection keeps.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 from collections.abc import Callable
 
 import trio
@@ -27,6 +31,8 @@ from tests.conftest import Cred, TestPKI, listener_config
 _VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
 # SSL_MODE_ENABLE_PARTIAL_WRITE (pyOpenSSL turns it on; TLSStream needs it off).
 MODE_ENABLE_PARTIAL_WRITE = 0x1
+# SSL_MODE_RELEASE_BUFFERS, which the proxy's server Context sets.
+MODE_RELEASE_BUFFERS = 0x10
 
 
 def server_tls(test_pki: TestPKI, version: str | None = None, **overrides) -> ServerTLS:
@@ -138,3 +144,20 @@ class RecordingStream(trio.abc.HalfCloseableStream):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                     "keepcost")
+    ]
+
+
+def malloc_in_use() -> int:
+    """Bytes glibc's malloc has handed out and not had back: OpenSSL's buffers live here."""
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = _Mallinfo2
+    gc.collect()
+    info = mallinfo2()
+    return info.uordblks + info.hblkhd
