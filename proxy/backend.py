@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import socket
 
 import trio
 
 from proxy.config import TCPAddress, UnixAddress
-from proxy.sockstream import SocketStream
+from proxy.sockstream import SocketStream, tune_tcp
 
 
 class BackendError(Exception):
@@ -25,7 +26,7 @@ async def connect_backend(address: TCPAddress | UnixAddress, timeout: float) -> 
             if isinstance(address, UnixAddress):
                 stream = await trio.open_unix_socket(str(address.path))
             elif _is_ip_literal(address.host):
-                stream = await _connect_ip(address.host, address.port)
+                return await _connect_ip(address.host, address.port)
             else:
                 # open_tcp_stream sets TCP_NODELAY: small writes go out at once.
                 stream = await trio.open_tcp_stream(address.host, address.port)
@@ -47,7 +48,7 @@ def _is_ip_literal(host: str) -> bool:
     return True
 
 
-async def _connect_ip(host: str, port: int) -> trio.SocketStream:
+async def _connect_ip(host: str, port: int) -> SocketStream:
     """Connect to an IP address directly.
 
     ``open_tcp_stream`` resolves the name and races the addresses it gets (happy eyeballs) in a nursery of its own:
@@ -58,7 +59,9 @@ async def _connect_ip(host: str, port: int) -> trio.SocketStream:
     sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
     try:
         await sock.connect((host, port))
+        connected = socket.socket(family, socket.SOCK_STREAM, fileno=sock.detach())
     except BaseException:
         sock.close()
         raise
-    return trio.SocketStream(sock)  # sets TCP_NODELAY (small writes go out at once), as open_tcp_stream does
+    tune_tcp(connected)  # TCP_NODELAY (small writes go out at once), as open_tcp_stream's SocketStream does
+    return SocketStream(connected)

@@ -80,8 +80,7 @@ def _peer(stream: SocketStream) -> str:
     return str(TCPAddress(addr[0], addr[1])) if isinstance(addr, tuple) else str(addr) or "unix"
 
 
-async def handle_connection(accepted: trio.SocketStream, rt: ListenerRuntime) -> None:
-    transport = SocketStream.take_over(accepted)  # the lean stream for the hot path (see proxy.sockstream)
+async def handle_connection(transport: SocketStream, rt: ListenerRuntime) -> None:
     m = rt.metrics
     started = trio.current_time()
     client = _peer(transport)

@@ -29,6 +29,7 @@ from proxy.connection import ListenerRuntime, handle_connection
 from proxy.httpserver import serve_http
 from proxy.materials import ListenerMaterials, load_listener_materials
 from proxy.metrics import Metrics
+from proxy.sockstream import SocketListener, SocketStream
 from proxy.tls.context import build_server_tls
 from proxy.watch import changed, snapshot, watched_paths
 
@@ -46,7 +47,7 @@ def format_address(sockname) -> str:
 
 
 async def accept_loop(
-    listener: trio.SocketListener,
+    listener: SocketListener,
     rt: ListenerRuntime,
     slots: trio.Semaphore,
     handler_nursery: trio.Nursery,
@@ -74,7 +75,7 @@ async def accept_loop(
         handler_nursery.start_soon(_run_handler, stream, rt, slots)
 
 
-async def _run_handler(stream: trio.SocketStream, rt: ListenerRuntime, slots: trio.Semaphore) -> None:
+async def _run_handler(stream: SocketStream, rt: ListenerRuntime, slots: trio.Semaphore) -> None:
     try:
         await handle_connection(stream, rt)
     except Exception:
@@ -128,7 +129,7 @@ class Proxy:
 
     # ---- lifecycle --------------------------------------------------------
 
-    async def run(self, *, sockets: list[list[trio.SocketListener]] | None = None,
+    async def run(self, *, sockets: list[list[SocketListener]] | None = None,
                   task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until :meth:`stop`; then drain and return.
 
@@ -181,13 +182,14 @@ class Proxy:
                     await trio.aclose_forcefully(s)
             handlers.cancel_scope.deadline = trio.current_time() + self.drain_timeout
 
-    async def _bind_all(self) -> list[list[trio.SocketListener]]:
-        out: list[list[trio.SocketListener]] = []
+    async def _bind_all(self) -> list[list[SocketListener]]:
+        out: list[list[SocketListener]] = []
         try:
             for rt in self.runtimes:
                 addr = rt.config.listen
                 try:
-                    out.append(await trio.open_tcp_listeners(addr.port, host=addr.host))
+                    listeners = await trio.open_tcp_listeners(addr.port, host=addr.host)
+                    out.append([SocketListener.take_over(listener) for listener in listeners])
                 except OSError as exc:
                     raise ListenError(f"listener {rt.config.name}: cannot listen on {addr}: {exc.strerror or exc}") from None
         except BaseException:

@@ -14,18 +14,39 @@ keeping trio's rules for a stream:
   ``ClosedResourceError``, and a second task sending or receiving at the same time is ``BusyResourceError``;
 - ``aclose()`` wakes a task blocked on the socket (``notify_closing``) before the descriptor is closed.
 
-It is made from a ``trio.SocketStream`` (what ``accept()`` and ``open_tcp_stream`` return, with ``TCP_NODELAY``
-and ``TCP_NOTSENT_LOWAT`` already set) by taking over its descriptor with the public ``detach()``.
+Client connections come from ``SocketListener.accept()``, which accepts on the stdlib listening socket directly
+and sets the options trio's ``SocketStream`` would (``TCP_NODELAY``, ``TCP_NOTSENT_LOWAT``); trio's accept path
+builds a trio socket and a ``trio.SocketStream`` per connection only for them to be taken over. Backend
+connections from ``open_tcp_stream`` are taken over with the public ``detach()``.
 """
 
 from __future__ import annotations
 
+import errno
 import socket
 from collections.abc import Callable
 
 import trio
 
 DEFAULT_RECEIVE_SIZE = 64 * 1024
+# What trio's SocketStream sets: small writes leave at once, and the kernel
+# holds at most 16 KiB not yet sent, so backpressure reaches the sender early.
+NOTSENT_LOWAT = 16 * 1024
+# A connection that failed between the kernel's accept queue and accept():
+# that client is gone, the listener is fine (the list trio's listener uses).
+_IGNORABLE_ACCEPT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in ("EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET",
+                 "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH")
+    if hasattr(errno, name)
+)
+
+
+def tune_tcp(sock: socket.socket) -> None:
+    """Set the options trio's SocketStream sets on a TCP socket (a Unix socket has neither)."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
 
 
 class SocketStream(trio.abc.HalfCloseableStream):
@@ -147,6 +168,63 @@ class SocketStream(trio.abc.HalfCloseableStream):
             self.socket.shutdown(socket.SHUT_WR)
         except OSError as exc:
             raise self._broken(exc) from exc
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            trio.lowlevel.notify_closing(self.socket)
+            self.socket.close()
+        await trio.lowlevel.checkpoint()
+
+
+class SocketListener(trio.abc.Listener[SocketStream]):
+    """A listening socket whose ``accept()`` gives a ``SocketStream``. ``socket`` is the stdlib socket.
+
+    Like trio's ``SocketListener``: every ``accept()`` is a checkpoint, a connection that died in the accept
+    queue is skipped, other errors (``EMFILE`` and the like) are raised for the caller to handle, and
+    ``aclose()`` wakes a task blocked in ``accept()`` with ``ClosedResourceError``.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.socket = sock
+        self._closed = False
+
+    @classmethod
+    def take_over(cls, listener: trio.SocketListener) -> SocketListener:
+        """The same listening socket as ``listener``, which is left detached (closing it does nothing)."""
+        trio_socket = listener.socket
+        sock = socket.socket(trio_socket.family, trio_socket.type, trio_socket.proto, fileno=trio_socket.detach())
+        return cls(sock)
+
+    async def accept(self) -> SocketStream:
+        if self._closed:
+            raise trio.ClosedResourceError("the listener was closed")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
+        while True:
+            try:
+                sock, _ = self.socket.accept()
+            except BlockingIOError:
+                waited = True
+                await trio.lowlevel.wait_readable(self.socket)
+                continue
+            except OSError as exc:
+                if self._closed:
+                    raise trio.ClosedResourceError("the listener was closed") from None
+                if exc.errno in _IGNORABLE_ACCEPT_ERRNOS:
+                    continue
+                raise
+            break
+        try:
+            tune_tcp(sock)
+            stream = SocketStream(sock)
+        except BaseException:
+            sock.close()
+            raise
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return stream
 
     async def aclose(self) -> None:
         if not self._closed:

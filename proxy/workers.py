@@ -39,6 +39,7 @@ import trio
 
 from proxy.config import Config
 from proxy.materials import ListenerMaterials
+from proxy.sockstream import SocketListener
 
 log = logging.getLogger("proxy.workers")
 
@@ -234,7 +235,7 @@ class Supervisor:
     async def _worker_main(self) -> None:
         from proxy.lifecycle import run_until_signalled
 
-        listeners = [[trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks] for socks in self.sockets]
+        listeners = [[SocketListener(s) for s in socks] for socks in self.sockets]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_exit_with_parent, self.proxy.abort)
             await run_until_signalled(self.proxy, sockets=listeners)

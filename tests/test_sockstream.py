@@ -1,4 +1,4 @@
-"""proxy.sockstream.SocketStream: trio's own conformance checks for a half-closeable stream, over real sockets."""
+"""proxy.sockstream: trio's own conformance checks for the SocketStream over real sockets, and the SocketListener."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from proxy.sockstream import SocketStream
+from proxy.sockstream import NOTSENT_LOWAT, SocketListener, SocketStream
 
 
 def socket_pair() -> tuple[SocketStream, SocketStream]:
@@ -17,13 +17,16 @@ def socket_pair() -> tuple[SocketStream, SocketStream]:
 
 
 async def tcp_pair() -> tuple[SocketStream, SocketStream]:
-    listener = trio.socket.socket()
-    await listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    client = await trio.open_tcp_stream(*listener.getsockname())
-    server_sock, _ = await listener.accept()
-    listener.close()
-    return SocketStream.take_over(client), SocketStream.take_over(trio.SocketStream(server_sock))
+    async with listening() as listener:
+        client = await trio.open_tcp_stream(*listener.socket.getsockname())
+        return SocketStream.take_over(client), await listener.accept()
+
+
+def listening() -> SocketListener:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    return SocketListener(sock)
 
 
 async def unix_pair() -> tuple[SocketStream, SocketStream]:
@@ -54,3 +57,62 @@ async def test_a_reset_connection_is_broken_not_an_oserror() -> None:
         for _ in range(100):  # the first write may still be accepted by the kernel
             await a.send_all(b"x" * 65536)
     await a.aclose()
+
+
+# ---- the listener ----------------------------------------------------------------
+
+
+async def test_accepted_streams_have_trios_tcp_options() -> None:
+    async with listening() as listener:
+        client = socket.create_connection(listener.socket.getsockname())
+        server = await listener.accept()
+        assert server.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert server.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == NOTSENT_LOWAT
+        client.sendall(b"hello")
+        assert await server.receive_some(10) == b"hello"
+        await server.aclose()
+        client.close()
+
+
+async def test_accept_is_a_checkpoint_even_with_a_connection_waiting() -> None:
+    async with listening() as listener:
+        client = socket.create_connection(listener.socket.getsockname())
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await listener.accept()  # cancelled before it takes the connection
+        assert scope.cancelled_caught
+        with trio.testing.assert_checkpoints():
+            server = await listener.accept()  # the connection is still there
+        await server.aclose()
+        client.close()
+
+
+async def test_aclose_wakes_a_blocked_accept() -> None:
+    listener = listening()
+    port = listener.socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+
+        async def accept() -> None:
+            with pytest.raises(trio.ClosedResourceError):
+                await listener.accept()
+
+        nursery.start_soon(accept)
+        await trio.testing.wait_all_tasks_blocked()
+        await listener.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await listener.accept()
+    with pytest.raises(ConnectionRefusedError):  # the port is really closed
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+async def test_take_over_of_a_trio_listener() -> None:
+    (trio_listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    listener = SocketListener.take_over(trio_listener)
+    assert trio_listener.socket.fileno() == -1  # detached: closing it does nothing
+    async with listener:
+        client = await trio.open_tcp_stream(*listener.socket.getsockname())
+        server = await listener.accept()
+        await client.send_all(b"ping")
+        assert await server.receive_some(10) == b"ping"
+        await server.aclose()
+        await client.aclose()
