@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -138,3 +139,11 @@ def test_the_relay_micro_benchmark_runs():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "µs of CPU per request through the HTTP relay (200 requests)" in result.stdout
+
+
+def test_the_stream_micro_benchmark_runs():
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "stream.py"), "--mib", "2"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"client to server: [\d.]+ CPU-s/GiB, server to client: [\d.]+ CPU-s/GiB \(2 MiB\)\n",
+                        result.stdout), result.stdout

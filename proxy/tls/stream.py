@@ -26,8 +26,12 @@ the measurements behind each number):
   we keep decrypting records already in the BIO up to ``max_bytes``, which
   quarters the number of Python-level round trips for bulk data.
 - ``send_all`` writes 64 KiB plaintext pieces and drains the outgoing BIO with
-  one ``bio_read`` of what is there (about 64 KiB): larger transient buffers
-  cost page faults and halved throughput when measured.
+  one read of what is there (about 64 KiB): larger transient buffers cost
+  page faults and halved throughput when measured.
+- Bulk data is copied as little as pyOpenSSL's cffi layer allows: records
+  are decrypted into one buffer and copied out once, and ciphertext goes from
+  the BIO to the socket without becoming ``bytes`` (``_openssl.ReadBuffer``,
+  ``_openssl.drain``).
 - A best-effort flush of the alert OpenSSL writes when a handshake fails, so the
   client learns *why* (``unknown ca``, ``certificate expired``) instead of seeing
   a bare reset.
@@ -53,7 +57,7 @@ import operator
 import trio
 from OpenSSL import SSL
 from proxy.sockstream import SocketStream
-from proxy.tls._openssl import incoming_bytes, outgoing_bytes, release_bio_buffers, session_reused
+from proxy.tls._openssl import ReadBuffer, drain, incoming_bytes, outgoing_bytes, release_bio_buffers, session_reused
 
 # Plaintext is handed to SSL_write in pieces of this size. Each piece becomes
 # four full records, about 64.1 KiB of ciphertext, taken out with one bio_read.
@@ -117,14 +121,13 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     # ---- the core ---------------------------------------------------------
 
-    def _drain_outgoing(self) -> bytes:
+    def _drain_outgoing(self) -> bytes | memoryview:
         pending = outgoing_bytes(self.connection)
         if not pending:
             return b""
         if pending > self._bio_peak:
             self._bio_peak = pending
-        # Asking bio_read for exactly what is there takes it all in one call.
-        return self.connection.bio_read(pending)
+        return drain(self.connection, pending)  # all of it, in one call
 
     def _release_bio_buffers(self) -> None:
         # After the transport's EOF the incoming BIO carries the end of input
@@ -194,7 +197,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 and self.connection.get_protocol_version_name() == "TLSv1.3"
                 and self.server_side
             ):
-                self._delayed_outgoing = to_send
+                self._delayed_outgoing = bytes(to_send)
                 to_send = b""
 
             if to_send:
@@ -309,42 +312,38 @@ class TLSStream(trio.abc.HalfCloseableStream):
             raise trio.BusyResourceError("another task is already receiving")
         self._recv_busy = True
         try:
+            buffer = ReadBuffer(max_bytes)
             try:
-                data = await self._retry(self.connection.recv, max_bytes)
+                await self._retry(buffer.read_from, self.connection)
             except SSL.SysCallError as exc:
                 # EOF without close_notify (or a stale errno in memory-BIO
                 # mode): either way the transport is gone.
                 raise trio.BrokenResourceError("the peer closed without close_notify") from exc
             except SSL.Error as exc:
                 raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
-            if data and len(data) < max_bytes:
-                data = await self._batch_records(data, max_bytes)
-            return data
+            if buffer.filled and buffer.room:
+                await self._batch_records(buffer)
+            return buffer.take()
         finally:
             self._recv_busy = False
 
-    async def _batch_records(self, first: bytes, max_bytes: int) -> bytes:
-        """Append further records that are already in the incoming BIO."""
+    async def _batch_records(self, buffer: ReadBuffer) -> None:
+        """Add further records that are already in the incoming BIO to ``buffer``."""
         conn = self.connection
-        parts = [first]
-        total = len(first)
-        # Only while there is something left to decrypt: a recv() that finds
+        # Only while there is something left to decrypt: a read that finds
         # nothing raises WantReadError, which costs more than asking first.
-        while total < max_bytes and (incoming_bytes(conn) or conn.pending()):
+        while buffer.room and (incoming_bytes(conn) or conn.pending()):
             try:
-                more = conn.recv(max_bytes - total)
+                buffer.read_from(conn)
             except (SSL.WantReadError, SSL.ZeroReturnError):
                 break  # nothing decryptable left now; EOF is reported next call
             except SSL.Error:
                 self._state = _State.BROKEN
                 break  # deliver what we have; the next call raises
-            parts.append(more)
-            total += len(more)
         if conn.want_write():
             # A post-handshake message (e.g. a TLS 1.3 KeyUpdate) asked for
             # an answer; let _retry send it in order with other writers.
             await self._retry(lambda: None)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         self._check_handshaken()
