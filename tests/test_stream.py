@@ -438,3 +438,40 @@ async def test_idle_connections_keep_no_ciphertext_buffers_after_bulk(tls, clien
         await server.aclose()
         await client.aclose()
     assert grown < 8 * 1024, f"{grown / 1024:.1f} KiB more per idle pair of ends after bulk"
+
+
+async def test_buffers_given_back_mid_record_lose_nothing(tls, client_ctx):
+    # The server's buffers are given back when its read must wait, which can
+    # be in the middle of a record: the part already read sits in OpenSSL's
+    # record layer, not in the BIO, and must survive the swap.
+    a, b = socket.socketpair()
+    conn, _ = tls.new_connection()
+    server = TLSStream(SocketStream(a), conn)
+    client = TLSStream(SocketStream(b), client_connection(client_ctx), server_side=False)
+    await handshake_both(server, client)
+    big = _pattern(200_000)
+    await client.send_all(big)  # the server's buffers grow past the keep limit
+    assert await receive_exactly(server, len(big)) == big
+
+    # One 16 KiB record, sent in two halves with a pause: the server's read
+    # waits after the first half.
+    record = _pattern(16 * 1024)[::-1]
+    client.connection.send(record)
+    ciphertext = client.connection.bio_read(65536)
+    original_bio = server.connection._into_ssl
+
+    async with trio.open_nursery() as nursery:
+
+        async def receive() -> None:
+            assert await receive_exactly(server, len(record)) == record
+
+        nursery.start_soon(receive)
+        await client.transport_stream.send_all(ciphertext[:5000])
+        await trio.testing.wait_all_tasks_blocked()
+        # Otherwise this test would prove nothing: the swap happened mid-record.
+        assert server.connection._into_ssl != original_bio
+        await client.transport_stream.send_all(ciphertext[5000:])
+    await client.send_all(b"and after")
+    assert await receive_exactly(server, 9) == b"and after"
+    await client.aclose()
+    await server.aclose()
