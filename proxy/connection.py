@@ -9,6 +9,7 @@ closed, the gauges back where they were, and exactly one access-log line.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -179,14 +180,16 @@ async def _connect(stream: TLSStream, record: HandshakeRecord, rt: ListenerRunti
     return backend
 
 
-async def _forward(stream: TLSStream, backend, record: HandshakeRecord, rt: ListenerRuntime) -> PumpResult:
+def _forward(stream: TLSStream, backend, record: HandshakeRecord, rt: ListenerRuntime) -> Awaitable[PumpResult]:
+    # Not a coroutine itself: it hands back the relay's, so the relay's frames
+    # are not nested one deeper for the life of the connection.
     m = rt.metrics
     idle = rt.config.timeouts.idle
     if rt.config.backend.protocol == "http":
         counters = HttpCounters(requests=m.http_requests.inc, status=m.http_response, up=m.bytes_up.inc,
                                 down=m.bytes_down.inc)
-        return await relay_http(stream, backend, _http_relay(stream, record, rt), idle_timeout=idle, counters=counters)
-    return await pump(stream, backend, idle_timeout=idle, on_up=m.bytes_up.inc, on_down=m.bytes_down.inc)
+        return relay_http(stream, backend, _http_relay(stream, record, rt), idle_timeout=idle, counters=counters)
+    return pump(stream, backend, idle_timeout=idle, on_up=m.bytes_up.inc, on_down=m.bytes_down.inc)
 
 
 def _http_relay(stream: TLSStream, record: HandshakeRecord, rt: ListenerRuntime) -> HttpRelay:

@@ -100,18 +100,16 @@ async def pump(
     with idle.scope:
         async with trio.open_nursery() as nursery:
 
-            async def copy(d: _Direction) -> None:
-                outcome = await _copy(d, idle)
-                if outcome != "eof":
-                    # One side is broken: the other direction cannot finish
-                    # meaningfully, and the caller closes both streams.
-                    result.ended_by = outcome
-                    nursery.cancel_scope.cancel()
+            def broken(outcome: str) -> None:
+                # One side is broken: the other direction cannot finish
+                # meaningfully, and the caller closes both streams.
+                result.ended_by = outcome
+                nursery.cancel_scope.cancel()
 
             # One direction in a task of its own, the other in this one:
             # a task fewer per connection (thousands of idle connections).
-            nursery.start_soon(copy, up)
-            await copy(down)
+            nursery.start_soon(_copy, up, idle, broken)
+            await _copy(down, idle, broken)
     if idle.scope.cancelled_caught:
         result.ended_by = "idle_timeout"
     result.bytes_up = up.total
@@ -119,23 +117,27 @@ async def pump(
     return result
 
 
-async def _copy(d: _Direction, idle: IdleDeadline) -> str:
+async def _copy(d: _Direction, idle: IdleDeadline, broken: Callable[[str], None]) -> None:
+    """Copy until the source ends, then half-close the destination; if a side fails, tell ``broken`` which.
+
+    (Called directly, without a wrapper coroutine: every frame of a waiting task is kept for as long as an idle
+    connection lives.)
+    """
     while True:
         try:
             data = await d.read()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return d.src_error
+            return broken(d.src_error)
         if not data:
             break
         idle.touch()
         try:
             await d.dst.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return d.dst_error
+            return broken(d.dst_error)
         d.total += len(data)
         d.count(len(data))
     try:
         await d.dst.send_eof()
     except (trio.BrokenResourceError, trio.ClosedResourceError):
-        return d.dst_error
-    return "eof"
+        broken(d.dst_error)
