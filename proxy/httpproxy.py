@@ -117,6 +117,7 @@ async def relay_http(
                 client_holds_data = False
             if not data or relay.switched:
                 return  # the client finished sending (the backend task carries on), or the raw pump takes over
+            del data  # not kept alive through the next read's wait
 
     async def from_backend() -> None:
         read = chunk_reader(backend, client)
@@ -131,6 +132,7 @@ async def relay_http(
                 wake_client.notify_all()
             if not data or relay.switched:
                 return
+            del data  # not kept alive through the next read's wait
 
     idle = IdleDeadline(idle_timeout)
     with idle.scope:
