@@ -62,8 +62,12 @@ from proxy.tls._openssl import ReadBuffer, drain, incoming_bytes, outgoing_bytes
 # Plaintext is handed to SSL_write in pieces of this size. Each piece becomes
 # four full records, about 64.1 KiB of ciphertext, taken out with one bio_read.
 SEND_PIECE_SIZE = 64 * 1024
-# One transport read takes up to this much ciphertext (four records).
-TRANSPORT_RECEIVE_SIZE = 64 * 1024
+# One transport read takes up to this much ciphertext (sixteen full records),
+# decrypted by one receive_some when the caller asks for as much: 256 KiB
+# instead of 64 KiB took a quarter less CPU per GB from client to backend.
+# The incoming BIO grows to hold it while data flows and gives it back when
+# the client goes quiet.
+TRANSPORT_RECEIVE_SIZE = 256 * 1024
 DEFAULT_RECEIVE_SIZE = 64 * 1024
 # Memory BIOs that have held more than this are swapped for empty ones when
 # a peer goes quiet. Small requests and responses stay under it and never pay
