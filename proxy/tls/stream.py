@@ -25,9 +25,10 @@ the measurements behind each number):
 - Record batching on receive: ``SSL_read`` returns at most one 16 KiB record;
   we keep decrypting records already in the BIO up to ``max_bytes``, which
   quarters the number of Python-level round trips for bulk data.
-- ``send_all`` writes 64 KiB plaintext pieces and drains the outgoing BIO with
-  one read of what is there (about 64 KiB): larger transient buffers cost
-  page faults and halved throughput when measured.
+- ``send_all`` writes 256 KiB plaintext pieces and drains the outgoing BIO
+  with one read of what is there: one transport write per piece. (Draining
+  in several reads and joining them cost page faults and halved throughput;
+  see research/tls-engine.md.)
 - Bulk data is copied as little as pyOpenSSL's cffi layer allows: records
   are decrypted into one buffer and copied out once, and ciphertext goes from
   the BIO to the socket without becoming ``bytes`` (``_openssl.ReadBuffer``,
@@ -40,7 +41,7 @@ the measurements behind each number):
 - Bounded memory while idle. ``SSL_MODE_RELEASE_BUFFERS`` (the context sets
   it) frees OpenSSL's own record buffers between records, but a memory BIO's
   buffer never shrinks: a connection that moved a large body and went idle
-  would keep about 170 KiB. So the BIOs are swapped for empty ones after the
+  would keep about 680 KiB (each BIO grows to 4/3 of the most it held). So the BIOs are swapped for empty ones after the
   handshake (about 5 KiB per connection), and after they held more than
   ``BIO_KEEP_LIMIT``, when a peer goes quiet: the client (our own read from a
   ``SocketStream`` transport would wait) or, through ``release_buffers()``,
@@ -59,9 +60,11 @@ from OpenSSL import SSL
 from proxy.sockstream import SocketStream
 from proxy.tls._openssl import ReadBuffer, drain, incoming_bytes, outgoing_bytes, release_bio_buffers, session_reused
 
-# Plaintext is handed to SSL_write in pieces of this size. Each piece becomes
-# four full records, about 64.1 KiB of ciphertext, taken out with one bio_read.
-SEND_PIECE_SIZE = 64 * 1024
+# Plaintext is handed to SSL_write in pieces of this size, the pump's chunk.
+# Each piece becomes sixteen full records, about 256.4 KiB of ciphertext,
+# taken out with one read and sent with one write: against 64 KiB pieces,
+# 10% less CPU per GB from backend to client.
+SEND_PIECE_SIZE = 256 * 1024
 # One transport read takes up to this much ciphertext (sixteen full records),
 # decrypted by one receive_some when the caller asks for as much: 256 KiB
 # instead of 64 KiB took a quarter less CPU per GB from client to backend.
