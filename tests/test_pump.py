@@ -29,10 +29,10 @@ async def wait_for_eof(stream: trio.abc.ReceiveStream) -> None:
 async def test_a_quiet_backend_lets_the_client_stream_give_its_buffers_back(test_pki):
     # The client downloads 256 KiB through the pump and then nobody sends.
     # The proxy's TLS stream to the client grew its outgoing buffer to hold
-    # each 64 KiB piece; its own read from the client has been waiting since
+    # each 256 KiB piece; its own read from the client has been waiting since
     # before the download, so only the pump's read of the quiet backend can
     # tell it to give the buffer back. Without that, 20 such connections keep
-    # about 90 KiB each.
+    # about 570 KiB each (both ends of the test together).
     tls = server_tls(test_pki, "1.3")
     client_ctx = openssl_client_context(test_pki, test_pki.alice, version="1.3")
     client_ctx.set_mode(MODE_RELEASE_BUFFERS)

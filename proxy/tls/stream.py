@@ -40,9 +40,10 @@ the measurements behind each number):
   classified as ``not_tls`` (plain HTTP or junk on the TLS port).
 - Bounded memory while idle. ``SSL_MODE_RELEASE_BUFFERS`` (the context sets
   it) frees OpenSSL's own record buffers between records, but a memory BIO's
-  buffer never shrinks: a connection that moved a large body and went idle
-  would keep about 680 KiB (each BIO grows to 4/3 of the most it held). So the BIOs are swapped for empty ones after the
-  handshake (about 5 KiB per connection), and after they held more than
+  buffer never shrinks: a connection that moved a large body each way and
+  went idle would keep about 570 KiB (measured in tests/test_stream.py). So
+  the BIOs are swapped for empty ones after the handshake (about 5 KiB per
+  connection), and after they held more than
   ``BIO_KEEP_LIMIT``, when a peer goes quiet: the client (our own read from a
   ``SocketStream`` transport would wait) or, through ``release_buffers()``,
   the backend (the pump's read would wait). Not while bytes keep coming: a
