@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import socket
 
 import trio
 
 from proxy.config import TCPAddress, UnixAddress
-from proxy.sockstream import SocketStream, tune_tcp
+from proxy.sockstream import SocketStream, detach, tune_tcp
 
 
 class BackendError(Exception):
@@ -59,7 +58,7 @@ async def _connect_ip(host: str, port: int) -> SocketStream:
     sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
     try:
         await sock.connect((host, port))
-        connected = socket.socket(family, socket.SOCK_STREAM, fileno=sock.detach())
+        connected = detach(sock)
     except BaseException:
         sock.close()
         raise

@@ -42,6 +42,11 @@ _IGNORABLE_ACCEPT_ERRNOS = frozenset(
 )
 
 
+def detach(trio_socket: trio.socket.SocketType) -> socket.socket:
+    """A stdlib socket for ``trio_socket``'s descriptor; ``trio_socket`` is left detached (closing it does nothing)."""
+    return socket.socket(trio_socket.family, trio_socket.type, trio_socket.proto, fileno=trio_socket.detach())
+
+
 def tune_tcp(sock: socket.socket) -> None:
     """Set the options trio's SocketStream sets on a TCP socket (a Unix socket has neither)."""
     if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -63,9 +68,7 @@ class SocketStream(trio.abc.HalfCloseableStream):
     @classmethod
     def take_over(cls, stream: trio.SocketStream) -> SocketStream:
         """The same connection as ``stream``, which is left detached (closing it does nothing)."""
-        trio_socket = stream.socket
-        sock = socket.socket(trio_socket.family, trio_socket.type, trio_socket.proto, fileno=trio_socket.detach())
-        return cls(sock)
+        return cls(detach(stream.socket))
 
     def _broken(self, exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
         if self._closed:
@@ -193,9 +196,7 @@ class SocketListener(trio.abc.Listener[SocketStream]):
     @classmethod
     def take_over(cls, listener: trio.SocketListener) -> SocketListener:
         """The same listening socket as ``listener``, which is left detached (closing it does nothing)."""
-        trio_socket = listener.socket
-        sock = socket.socket(trio_socket.family, trio_socket.type, trio_socket.proto, fileno=trio_socket.detach())
-        return cls(sock)
+        return cls(detach(listener.socket))
 
     async def accept(self) -> SocketStream:
         if self._closed:
