@@ -43,12 +43,12 @@ the measurements behind each number):
   buffer never shrinks: a connection that moved a large body each way and
   went idle would keep about 570 KiB (measured in tests/test_stream.py). So
   the BIOs are swapped for empty ones after the handshake (about 5 KiB per
-  connection), and after they held more than
-  ``BIO_KEEP_LIMIT``, when a peer goes quiet: the client (our own read from a
-  ``SocketStream`` transport would wait) or, through ``release_buffers()``,
-  the backend (the pump's read would wait). Not while bytes keep coming: a
-  fresh buffer is zeroed as it grows and cleansed when freed, and swapping
-  after every 64 KiB cost 10% of bulk throughput.
+  connection), and after they held more than ``BIO_KEEP_LIMIT``, when a peer
+  goes quiet: the client (our own read from a ``SocketStream`` transport would
+  wait) or, through ``release_buffers()``, the backend (the pump's read would
+  wait). Not while bytes keep coming: a fresh buffer is zeroed as it grows
+  and cleansed when freed, and swapping after every 64 KiB cost 10% of bulk
+  throughput.
 """
 
 from __future__ import annotations
