@@ -1,4 +1,4 @@
-"""proxy.pump: what a relayed connection keeps once its peers go quiet."""
+"""proxy.pump and the HTTP driver (proxy.httpproxy): what a relayed connection keeps once its peers go quiet."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import socket
 import trio
 import trio.testing
 
+from proxy.http import HeaderPolicy, HttpRelay
+from proxy.httpproxy import HttpCounters, relay_http
 from proxy.pump import pump
 from proxy.sockstream import SocketStream
 from proxy.tls.stream import TLSStream
@@ -72,3 +74,64 @@ async def test_a_quiet_backend_lets_the_client_stream_give_its_buffers_back(test
     for stream in (*proxy_ends, *(far_end for _, far_end in links)):
         await trio.aclose_forcefully(stream)
     assert grown < 8 * 1024, f"{grown / 1024:.1f} KiB more per quiet connection after a download"
+
+
+async def exchange(client: TLSStream, far_end: SocketStream, response: bytes) -> None:
+    """One GET from the client through the relay, answered by the far end with ``response``."""
+    await client.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        head += await far_end.receive_some(65536)
+    assert head.startswith(b"GET / HTTP/1.1\r\n")
+    await far_end.send_all(response)
+    assert await receive_exactly(client, len(response)) == response
+
+
+async def test_after_an_http_download_the_quiet_connection_gives_its_buffers_back(test_pki):
+    # The same through HTTP mode's driver: a 256 KiB response, then a client
+    # that keeps the connection open and asks nothing more.
+    tls = server_tls(test_pki, "1.3")
+    client_ctx = openssl_client_context(test_pki, test_pki.alice, version="1.3")
+    client_ctx.set_mode(MODE_RELEASE_BUFFERS)
+    body = bytes(range(251)) * 1045
+    response = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    nothing = HttpCounters(requests=lambda n: None, status=lambda s: None, up=lambda n: None, down=lambda n: None)
+
+    async def relay_then_close(proxy_side: TLSStream, backend: SocketStream, relay: HttpRelay) -> None:
+        await relay_http(proxy_side, backend, relay, idle_timeout=60, counters=nothing)
+        await proxy_side.aclose()  # as the proxy does: the client sees close_notify
+    links = []
+    proxy_ends = []
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                client_sock, proxy_sock = socket.socketpair()
+                backend_sock, far_sock = socket.socketpair()
+                conn, _ = tls.new_connection()
+                proxy_side = TLSStream(SocketStream(proxy_sock), conn)
+                client = TLSStream(SocketStream(client_sock), client_connection(client_ctx), server_side=False)
+                async with trio.open_nursery() as handshakes:
+                    handshakes.start_soon(proxy_side.do_handshake)
+                    handshakes.start_soon(client.do_handshake)
+                backend, far_end = SocketStream(backend_sock), SocketStream(far_sock)
+                relay = HttpRelay(HeaderPolicy({}), client_ip="127.0.0.1", identity=None)
+                nursery.start_soon(relay_then_close, proxy_side, backend, relay)
+                links.append((client, far_end))
+                proxy_ends.extend((proxy_side, backend))
+            small = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+            for client, far_end in links:
+                # A small exchange first, so that what the client keeps of
+                # the handshake (its session tickets) is not measured.
+                await exchange(client, far_end, small)
+            await trio.testing.wait_all_tasks_blocked()
+            before = malloc_in_use()
+            for client, far_end in links:
+                await exchange(client, far_end, response)
+                nursery.start_soon(wait_for_eof, client)
+            await trio.testing.wait_all_tasks_blocked()
+            grown = (malloc_in_use() - before) / len(links)
+            for _, far_end in links:
+                await far_end.send_eof()
+    for stream in (*proxy_ends, *(far_end for _, far_end in links)):
+        await trio.aclose_forcefully(stream)
+    assert grown < 8 * 1024, f"{grown / 1024:.1f} KiB more per quiet connection after an HTTP download"
