@@ -7,20 +7,39 @@ import socket
 
 import trio
 import trio.testing
+from OpenSSL import SSL
 
 from proxy.http import HeaderPolicy, HttpRelay
 from proxy.httpproxy import HttpCounters, relay_http
 from proxy.pump import pump
 from proxy.sockstream import SocketStream
+from proxy.tls.context import ServerTLS
 from proxy.tls.stream import TLSStream
 from tests.tlskit import (
     MODE_RELEASE_BUFFERS,
-    client_connection,
     malloc_in_use,
     openssl_client_context,
     receive_exactly,
     server_tls,
+    tls_pair,
 )
+
+
+def contexts(test_pki) -> tuple[ServerTLS, SSL.Context]:
+    """The proxy's server context, and a client context that frees OpenSSL's own record buffers as the proxy's
+    does: only the buffers the stream manages are measured."""
+    client_ctx = openssl_client_context(test_pki, test_pki.alice, version="1.3")
+    client_ctx.set_mode(MODE_RELEASE_BUFFERS)
+    return server_tls(test_pki, "1.3"), client_ctx
+
+
+async def open_link(tls: ServerTLS, client_ctx: SSL.Context) -> tuple[TLSStream, TLSStream, SocketStream, SocketStream]:
+    """(client, proxy side, backend, far end): a handshaken TLS pair over a socketpair, and the socketpair from the
+    proxy to the backend's far end."""
+    client_sock, proxy_sock = socket.socketpair()
+    proxy_side, client = await tls_pair(lambda: (SocketStream(proxy_sock), SocketStream(client_sock)), tls, client_ctx)
+    backend_sock, far_sock = socket.socketpair()
+    return client, proxy_side, SocketStream(backend_sock), SocketStream(far_sock)
 
 
 async def wait_for_eof(stream: trio.abc.ReceiveStream) -> None:
@@ -35,24 +54,14 @@ async def test_a_quiet_backend_lets_the_client_stream_give_its_buffers_back(test
     # before the download, so only the pump's read of the quiet backend can
     # tell it to give the buffer back. Without that, 20 such connections keep
     # about 570 KiB each (both ends of the test together).
-    tls = server_tls(test_pki, "1.3")
-    client_ctx = openssl_client_context(test_pki, test_pki.alice, version="1.3")
-    client_ctx.set_mode(MODE_RELEASE_BUFFERS)
+    tls, client_ctx = contexts(test_pki)
     body = bytes(range(251)) * 1045  # 262,295 bytes
     links = []
     proxy_ends = []
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             for _ in range(20):
-                client_sock, proxy_sock = socket.socketpair()
-                backend_sock, far_sock = socket.socketpair()
-                conn, _ = tls.new_connection()
-                proxy_side = TLSStream(SocketStream(proxy_sock), conn)
-                client = TLSStream(SocketStream(client_sock), client_connection(client_ctx), server_side=False)
-                async with trio.open_nursery() as handshakes:
-                    handshakes.start_soon(proxy_side.do_handshake)
-                    handshakes.start_soon(client.do_handshake)
-                backend, far_end = SocketStream(backend_sock), SocketStream(far_sock)
+                client, proxy_side, backend, far_end = await open_link(tls, client_ctx)
                 nursery.start_soon(functools.partial(pump, proxy_side, backend, idle_timeout=60))
                 links.append((client, far_end))
                 proxy_ends.extend((proxy_side, backend))
@@ -90,9 +99,7 @@ async def exchange(client: TLSStream, far_end: SocketStream, response: bytes) ->
 async def test_after_an_http_download_the_quiet_connection_gives_its_buffers_back(test_pki):
     # The same through HTTP mode's driver: a 256 KiB response, then a client
     # that keeps the connection open and asks nothing more.
-    tls = server_tls(test_pki, "1.3")
-    client_ctx = openssl_client_context(test_pki, test_pki.alice, version="1.3")
-    client_ctx.set_mode(MODE_RELEASE_BUFFERS)
+    tls, client_ctx = contexts(test_pki)
     body = bytes(range(251)) * 1045
     response = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
     nothing = HttpCounters(requests=lambda n: None, status=lambda s: None, up=lambda n: None, down=lambda n: None)
@@ -105,15 +112,7 @@ async def test_after_an_http_download_the_quiet_connection_gives_its_buffers_bac
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             for _ in range(20):
-                client_sock, proxy_sock = socket.socketpair()
-                backend_sock, far_sock = socket.socketpair()
-                conn, _ = tls.new_connection()
-                proxy_side = TLSStream(SocketStream(proxy_sock), conn)
-                client = TLSStream(SocketStream(client_sock), client_connection(client_ctx), server_side=False)
-                async with trio.open_nursery() as handshakes:
-                    handshakes.start_soon(proxy_side.do_handshake)
-                    handshakes.start_soon(client.do_handshake)
-                backend, far_end = SocketStream(backend_sock), SocketStream(far_sock)
+                client, proxy_side, backend, far_end = await open_link(tls, client_ctx)
                 relay = HttpRelay(HeaderPolicy({}), client_ip="127.0.0.1", identity=None)
                 nursery.start_soon(relay_then_close, proxy_side, backend, relay)
                 links.append((client, far_end))
