@@ -383,6 +383,11 @@ class ClientAuthConfig(_Model):
     # by a trusted CA.
     verify_depth: int = Field(default=4, ge=0, le=32)
     allow: AllowConfig | None = None
+    # Refuse client leaves that OpenSSL accepts by default but no client
+    # certificate should be: one marked CA:TRUE, or one whose keyUsage lacks
+    # digitalSignature (it cannot sign the handshake). false restores
+    # OpenSSL's behaviour for legacy PKIs.
+    strict: bool = True
 
     @model_validator(mode="after")
     def _consistent_with_mode(self) -> ClientAuthConfig:
@@ -412,6 +417,25 @@ class BackendConfig(_Model):
     # http only: extra request headers built from the client's identity,
     # header name -> variable (subject, issuer, common_name, verify, ...).
     identity_headers: dict[str, str] = Field(default_factory=dict)
+    # http only: the Upgrade protocols a client may switch to (compared
+    # case-insensitively, without a version). After a 101 the connection is a
+    # raw byte stream the proxy no longer reads, so only protocols that carry
+    # no HTTP requests of their own may pass; h2c never does (its streams
+    # would reach the backend with headers the client wrote).
+    upgrades: tuple[str, ...] = ("websocket",)
+
+    @field_validator("upgrades")
+    @classmethod
+    def _valid_upgrades(cls, protocols: tuple[str, ...]) -> tuple[str, ...]:
+        names = []
+        for protocol in protocols:
+            name = protocol.strip().lower()
+            if not name or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9a-z-]+", name):
+                raise ValueError(f"{protocol!r} is not an Upgrade protocol name (a token such as websocket)")
+            if name == "h2c":
+                raise ValueError("h2c cannot be allowed: its HTTP/2 streams would bypass the identity headers")
+            names.append(name)
+        return tuple(names)
 
     @field_validator("identity_headers")
     @classmethod
@@ -427,6 +451,8 @@ class BackendConfig(_Model):
             raise ValueError("proxy_protocol_client_cert needs proxy_protocol: v2 (v1 has no room for it)")
         if self.identity_headers and self.protocol != "http":
             raise ValueError("identity_headers needs protocol: http (a tcp backend gets no headers)")
+        if "upgrades" in self.model_fields_set and self.protocol != "http":
+            raise ValueError("upgrades needs protocol: http (a tcp backend relays bytes, not requests)")
         return self
 
 
