@@ -48,7 +48,8 @@ class ListenerRuntime:
 
     def __post_init__(self) -> None:
         if self.config.backend.protocol == "http" and self.http_policy is None:
-            self.http_policy = HeaderPolicy(self.config.backend.identity_headers)
+            backend = self.config.backend
+            self.http_policy = HeaderPolicy(backend.identity_headers, upgrades=backend.upgrades)
 
 
 @dataclass

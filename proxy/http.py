@@ -54,16 +54,35 @@ as h11's error_status_hint does):
 - malformed request -> 400; header block over `max_header_bytes` -> 431; a transfer coding other than chunked
   -> 501; CONNECT -> 405; both Content-Length and Transfer-Encoding -> 400 (the request-smuggling shape, RFC 9112
   section 6.3, refused rather than repaired).
+- framing that h11 accepts but a backend could read differently -> 400: Transfer-Encoding in an HTTP/1.0 request
+  (RFC 9112 section 6.1: faulty framing), a Content-Length or a chunk size that does not fit in 64 bits (h11 reads
+  any number of digits, a backend that wraps round would see another length and take the rest for a request of
+  its own). Chunked request bodies are followed beside h11 by the response side's strict `ChunkedReader` for that.
+- an HTTP/1.0 request without Host -> 400. HTTP/1.1 requires Host and h11 enforces it; 1.0 did not, and nginx
+  would fill in its server_name. This proxy has no one authority to fill in (it may listen on several names, SNI
+  is optional), and a made-up Host could route the request to a virtual host the client never named.
 - malformed, truncated or unsolicited response -> 502.
 - the driver reports backend failures with `fail(502)` (unreachable, reset, a failed write) or `fail(504)`
   (connect timeout); `render_error_response` renders the same responses for use without a relay.
 
 Upgrade
 -------
-A request with `Upgrade` (listed in `Connection`, HTTP/1.1) is forwarded as such. When the backend answers
-`101 Switching Protocols` the Step carries the 101 for the client and a `SwitchToRaw` with the bytes each side
-had already sent past the HTTP part. The driver writes the 101, then the leftovers, then pumps raw
-bytes (proxy.pump). Bytes fed to the relay after the switch (a read already in flight) pass through untouched.
+After a 101 the connection is a raw byte pump: the relay no longer reads what passes, so it can no longer strip
+or add a header. That is fine for a protocol that carries no HTTP requests (WebSocket), and fatal for one that does:
+after `Upgrade: h2c` the client's HTTP/2 streams would reach the backend with whatever identity headers the client
+wrote. So only protocols on the policy's allow-list (`backend.upgrades`, default websocket; h2c is refused at
+construction) may be upgraded to:
+  - `Upgrade` counts only in HTTP/1.1 and when `Connection` names it (RFC 9110 section 7.8). Each protocol in it
+    (`name` or `name/version`) is kept when its name, compared case-insensitively and without the version, is on
+    the allow-list; the others are dropped. If none is left the request goes on as a plain request, without
+    `Upgrade` and without `Connection: upgrade`. `HTTP2-Settings` never passes (it is hop-by-hop for h2c, RFC 7540
+    section 3.2.1).
+  - A `101 Switching Protocols` is accepted only after a complete request that offered an allowed protocol, and
+    only if every protocol in the 101's `Upgrade` was offered. Any other 101 gets the client a 502 and the
+    connection closes (`upgrade_refused`): no tunnel is opened that the proxy did not agree to.
+On an accepted 101 the Step carries the 101 for the client and a `SwitchToRaw` with the bytes each side had
+already sent past the HTTP part. The driver writes the 101, then the leftovers, then pumps raw bytes
+(proxy.pump). Bytes fed to the relay after the switch (a read already in flight) pass through untouched.
 
 Driving it from two trio tasks
 ------------------------------
@@ -122,12 +141,17 @@ ALWAYS_STRIPPED = (
 )
 
 # Hop-by-hop headers never forwarded as received (RFC 9110 section 7.6.1); Connection and Upgrade are rebuilt.
-_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade"})
+# HTTP2-Settings belongs to the h2c upgrade, which never passes (RFC 7540 section 3.2.1: hop-by-hop).
+_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade", b"http2-settings"})
 # Framing and routing headers a Connection token must not remove, nor a configured extra header replace.
 _FRAMING = frozenset({b"host", b"content-length", b"transfer-encoding"})
 _NOT_CONFIGURABLE = _FRAMING | _HOP_BY_HOP | {b"trailer", b"expect"}
 
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Upgrade protocols that may never be allowed: their traffic carries HTTP requests the relay would not see.
+_NEVER_UPGRADED = frozenset({"h2c"})
+# Content-Length digits that always fit in 63 bits (a signed 64-bit off_t, as nginx and most servers read it).
+_MAX_LENGTH_DIGITS = 18
 _NON_ALNUM = bytes(b for b in range(256) if not chr(b).isascii() or not chr(b).isalnum())
 
 _REASONS = {
@@ -283,14 +307,22 @@ VARIABLES: Mapping[str, Callable[[_Client], str]] = {
 class HeaderPolicy:
     """What a listener adds and strips; built once from the config, so mistakes surface at startup.
 
-    `extra_headers` maps a header name to one of `VARIABLES`, e.g. {"X-Client-DN": "subject"}.
+    `extra_headers` maps a header name to one of `VARIABLES`, e.g. {"X-Client-DN": "subject"}. `upgrades` are
+    the protocol names a client may switch to with Upgrade (see "Upgrade" in the module docstring).
     """
 
-    def __init__(self, extra_headers: Mapping[str, str] | None = None, *, max_header_bytes: int = MAX_HEADER_BYTES):
+    def __init__(
+        self,
+        extra_headers: Mapping[str, str] | None = None,
+        *,
+        max_header_bytes: int = MAX_HEADER_BYTES,
+        upgrades: Iterable[str] = ("websocket",),
+    ):
         extras = dict(extra_headers or {})
         _check_extra_headers(extras)
         if max_header_bytes < 1024:
             raise ValueError(f"max_header_bytes must be at least 1024, got {max_header_bytes}")
+        self.upgrades = _checked_upgrades(upgrades)
         self.extra_headers: Mapping[str, str] = extras
         self.max_header_bytes = max_header_bytes
         owned = [XFCC, XFF, XFP, *ALWAYS_STRIPPED, *extras]
@@ -304,6 +336,10 @@ class HeaderPolicy:
     def is_stripped(self, name: str | bytes) -> bool:
         """Whether an incoming header of this name is removed (see "Stripping" in the module docstring)."""
         return reduce_name(name) in self._stripped
+
+    def allowed_upgrades(self, protocols: Iterable[bytes]) -> list[bytes]:
+        """The protocols (as sent: `WebSocket`, `foo/2`) whose name is on the allow-list, in order."""
+        return [protocol for protocol in protocols if protocol_name(protocol) in self.upgrades]
 
     def added_headers(
         self, *, client_ip: str, identity: PeerIdentity | None, leaf_der: bytes | None = None
@@ -348,6 +384,28 @@ def _check_extra_headers(extras: Mapping[str, str]) -> None:
             )
 
 
+def _checked_upgrades(upgrades: Iterable[str]) -> frozenset[str]:
+    if isinstance(upgrades, str):
+        raise ValueError(f"upgrades must be a list of protocol names, not the string {upgrades!r}")
+    names = frozenset(name.lower() for name in upgrades)
+    for name in names:
+        if not _TOKEN_RE.fullmatch(name) or "/" in name:
+            raise ValueError(f"upgrade {name!r} is not a protocol name (a token without a version, such as websocket)")
+    if names & _NEVER_UPGRADED:
+        raise ValueError("upgrade 'h2c' cannot be allowed: its HTTP/2 streams would bypass the identity headers")
+    return names
+
+
+def upgrade_protocols(values: Iterable[bytes]) -> list[bytes]:
+    """The protocols listed in Upgrade header values, stripped, in order (`b"websocket, foo/2"` -> two)."""
+    return [token.strip() for value in values for token in value.split(b",") if token.strip()]
+
+
+def protocol_name(protocol: bytes) -> str:
+    """What the allow-list compares: the name without its version, lowercased (`WebSocket/13` -> `websocket`)."""
+    return protocol.split(b"/", 1)[0].strip().lower().decode("latin-1")
+
+
 def _check_leaf_der(identity: PeerIdentity | None, leaf_der: bytes | None) -> None:
     if identity is not None and leaf_der is not None and hashlib.sha256(leaf_der).hexdigest() != identity.sha256:
         raise ValueError("leaf_der is not the certificate of this identity (SHA-256 differs)")
@@ -386,11 +444,12 @@ class Step:
 
 # The closed set of Step.error values.
 ERRORS = (
-    "bad_request",  # 400: malformed request (h11), or both Content-Length and Transfer-Encoding
+    "bad_request",  # 400: malformed request (h11), ambiguous framing (see "Errors"), an HTTP/1.0 request without Host
     "headers_too_large",  # 431
     "not_implemented",  # 501: a transfer coding other than chunked
     "connect_not_allowed",  # 405: CONNECT is not proxied
     "bad_response",  # 502 (or close): malformed, truncated or unsolicited backend response
+    "upgrade_refused",  # 502: a 101 to a protocol the client did not offer or the allow-list does not name
     "backend_closed",  # the backend closed while no request was in flight: close, no response
     "backend_unreachable",  # fail(502)
     "backend_timeout",  # fail(504)
@@ -484,8 +543,9 @@ class HttpRelay:
         self._request_started = False  # a request head went to the backend in this cycle
         self._request_done = False  # ... and all of its body
         self._request_chunked = False
+        self._request_chunks: ChunkedReader | None = None  # strict check of a chunked request body (see "Errors")
         self._request_closes = False  # the client asked for the connection to end after this exchange
-        self._upgrade_requested = False
+        self._upgrades_offered: frozenset[str] = frozenset()  # allowed protocol names forwarded in Upgrade
         self._response_started = False  # the client has a final response head for this cycle
         self._close_after_response = False
         self._body: Framing | None = None  # None: a response head is expected next
@@ -515,10 +575,10 @@ class HttpRelay:
             return Step(close=True)
         if self._switched:
             return Step(to_backend=data) if data else Step(close=True)
-        self._client.receive_data(data)
         if self._request_done:
+            self._client.receive_data(data)
             return Step()  # the next request waits for this response (client_paused tells the driver)
-        return self._run(self._drain_client)
+        return self._run(lambda out: self._on_client_bytes(data, out))
 
     def from_backend(self, data: bytes) -> Step:
         """Bytes read from the backend; b"" = the backend closed (also pass b"" when a read from it fails)."""
@@ -566,6 +626,19 @@ class HttpRelay:
 
     # -- requests: parsed by h11, written again with the identity headers --
 
+    def _on_client_bytes(self, data: bytes, out: _Out) -> None:
+        if self._request_chunks is not None:
+            self._check_request_chunks(data)  # before h11 sees them, so nothing of a bad chunk is forwarded
+        self._client.receive_data(data)
+        self._drain_client(out)
+
+    def _check_request_chunks(self, data: bytes) -> None:
+        assert self._request_chunks is not None
+        try:
+            self._request_chunks.skip(data)
+        except BadResponse as exc:
+            raise _Reject(400, "bad_request", str(exc)) from exc
+
     def _drain_client(self, out: _Out) -> None:
         while not out.close and not self._request_done:
             try:
@@ -595,10 +668,11 @@ class HttpRelay:
             raise _Reject(431, "headers_too_large")
         if request.method == b"CONNECT":
             raise _Reject(405, "connect_not_allowed")
-        names = {name for name, _ in request.headers}
-        if b"content-length" in names and b"transfer-encoding" in names:
-            raise _Reject(400, "bad_request", "both Content-Length and Transfer-Encoding")
-        self._request_chunked = b"transfer-encoding" in names  # h11 accepts no coding but chunked
+        _check_framing(request)
+        self._request_chunked = any(name == b"transfer-encoding" for name, _ in request.headers)
+        if self._request_chunked:  # h11 accepts no coding but chunked
+            self._request_chunks = ChunkedReader(self._limit)
+            self._check_request_chunks(self._client.trailing_data[0])  # the body bytes that came with the head
         request_line = b"%s %s HTTP/1.1" % (request.method, request.target)
         out.backend(_render_fields(request_line, self._request_headers(request)))
         out.requests += 1
@@ -612,19 +686,24 @@ class HttpRelay:
             for raw, value in request.headers.raw_items()
             if raw.lower() not in dropped and not self._policy.is_stripped(raw)
         ]
-        # Upgrade counts only in HTTP/1.1 and when Connection names it (RFC 9110 section 7.8).
-        upgrade = request.http_version >= b"1.1" and b"upgrade" in tokens
-        protocols = [value for name, value in request.headers if name == b"upgrade"] if upgrade else []
-        headers += [(b"Upgrade", value) for value in protocols]
-        self._upgrade_requested = bool(protocols)
+        offered = self._offered_upgrades(request, tokens)
+        if offered:
+            headers.append((b"Upgrade", b", ".join(offered)))
+        self._upgrades_offered = frozenset(protocol_name(protocol) for protocol in offered)
         self._request_closes = b"close" in tokens or request.http_version < b"1.1"
-        flags = ((b"upgrade", self._upgrade_requested), (b"close", self._request_closes))
+        flags = ((b"upgrade", bool(offered)), (b"close", self._request_closes))
         connection = [token for token, on in flags if on]
         if connection:
             headers.append((b"Connection", b", ".join(connection)))
-        if not any(raw.lower() == b"host" for raw, _ in headers):
-            headers.append((b"Host", b""))  # an HTTP/1.0 request without Host (RFC 9112 section 3.2: empty Host)
         return headers + self._added
+
+    def _offered_upgrades(self, request: h11.Request, connection_tokens: frozenset[bytes]) -> list[bytes]:
+        """The Upgrade protocols that go on to the backend: only allowed ones (see "Upgrade" in the docstring)."""
+        # Upgrade counts only in HTTP/1.1 and when Connection names it (RFC 9110 section 7.8).
+        if request.http_version < b"1.1" or b"upgrade" not in connection_tokens:
+            return []
+        protocols = upgrade_protocols(value for name, value in request.headers if name == b"upgrade")
+        return self._policy.allowed_upgrades(protocols)
 
     # -- responses: framed by proxy.httpresponse, passed on as they came --
 
@@ -720,8 +799,12 @@ class HttpRelay:
             self._drain_client(out)  # a pipelined request (or the client's EOF) was waiting
 
     def _switch(self, status_line: bytes, head: ResponseHead, rest: bytes, out: _Out) -> None:
-        if not (self._upgrade_requested and self._request_done):
-            raise BadResponse("101 without a complete upgrade request")
+        switched_to = {protocol_name(protocol) for protocol in upgrade_protocols(head.values(b"upgrade"))}
+        if not self._upgrades_offered or not switched_to or not switched_to <= self._upgrades_offered:
+            offered = ", ".join(sorted(self._upgrades_offered)) or "none"
+            raise _Reject(502, "upgrade_refused", f"101 to {sorted(switched_to)} (allowed and offered: {offered})")
+        if not self._request_done:
+            raise BadResponse("101 before the upgrade request was complete")
         out.client(_render_fields(status_line, head.headers))
         out.statuses.append(101)
         client_leftover, client_eof = self._client.trailing_data
@@ -730,6 +813,21 @@ class HttpRelay:
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------------
+
+
+def _check_framing(request: h11.Request) -> None:
+    """Refuse what h11 lets through but a backend might frame differently (see "Errors" in the module docstring)."""
+    names = {name for name, _ in request.headers}
+    if b"content-length" in names and b"transfer-encoding" in names:
+        raise _Reject(400, "bad_request", "both Content-Length and Transfer-Encoding")
+    if request.http_version < b"1.1":
+        if b"transfer-encoding" in names:
+            raise _Reject(400, "bad_request", "Transfer-Encoding in an HTTP/1.0 request")
+        if b"host" not in names:
+            raise _Reject(400, "bad_request", "an HTTP/1.0 request without Host")
+    for name, value in request.headers:
+        if name == b"content-length" and len(value) > _MAX_LENGTH_DIGITS:
+            raise _Reject(400, "bad_request", f"Content-Length {value[:40]!r} is too large")
 
 
 def _client_error(exc: h11.RemoteProtocolError) -> _Reject:

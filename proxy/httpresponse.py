@@ -31,7 +31,9 @@ _VCHAR = rb"[\x21-\x7e\x80-\xff]"  # visible characters and obs-text
 _FIELD_VALUE = rb"(?:" + _VCHAR + rb"(?:[\t \x21-\x7e\x80-\xff]*" + _VCHAR + rb")?)?"
 _HEADER_LINE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(" + _FIELD_VALUE + rb")[ \t]*")
 _STATUS_LINE = re.compile(rb"HTTP/(1\.[01]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\xff]*))?")
-# chunk-size [ chunk-ext ]: the extensions are passed on, so they may hold no control characters.
+# chunk-size [ chunk-ext ]: the extensions are passed on, so they may hold no control characters. At most 16 hex
+# digits: every size fits in 64 bits, so no reader further on can wrap it round into another size (RFC 9112
+# section 7.1 asks recipients to guard against exactly that overflow).
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[\t \x21-\x7e\x80-\xff]*)?")
 # A chunk line is a size and optional extensions: nobody needs more than this.
 MAX_CHUNK_LINE = 4096
@@ -138,7 +140,8 @@ class ChunkedReader:
 
     `feed` says how much of its input belongs to the body (all of it until the body ends) and returns the payload
     found in it; `done` turns True at the blank line after the trailers. Lines are checked as the head's are, and
-    the trailer section is bounded by `limit` like a head.
+    the trailer section is bounded by `limit` like a head. The relay also runs one over chunked request bodies,
+    beside h11, for the checks h11 does not make (`proxy.http`); there a `BadResponse` is the client's fault.
     """
 
     def __init__(self, limit: int) -> None:
@@ -151,11 +154,23 @@ class ChunkedReader:
 
     def feed(self, data: bytes) -> tuple[int, list[bytes]]:
         """Returns (bytes of `data` that belong to the body, payload pieces)."""
-        pos, size, payload = 0, len(data), []
+        payload: list[bytes] = []
+        return self._follow(data, payload), payload
+
+    def skip(self, data: bytes) -> int:
+        """`feed` for a caller that only needs the framing checked: the bytes of `data` that belong to the body.
+
+        No payload is cut out of `data` (that would copy every chunk once more).
+        """
+        return self._follow(data, None)
+
+    def _follow(self, data: bytes, payload: list[bytes] | None) -> int:
+        pos, size = 0, len(data)
         while pos < size and not self.done:
             if self._state is _Chunk.DATA:
                 take = min(self._left, size - pos)
-                payload.append(data[pos : pos + take])
+                if payload is not None:
+                    payload.append(data[pos : pos + take])
                 pos += take
                 self._left -= take
                 if not self._left:
@@ -171,7 +186,7 @@ class ChunkedReader:
                     self._state = _Chunk.SIZE
             else:
                 pos = self._read_line(data, pos)
-        return pos, payload
+        return pos
 
     def _read_line(self, data: bytes, pos: int) -> int:
         end = data.find(b"\n", pos)

@@ -614,11 +614,10 @@ def test_close_delimited_backend_response_is_rechunked_for_the_client() -> None:
     assert step.close and step.to_client == b"0\r\n\r\n"
 
 
-def test_http10_client_without_host() -> None:
+def test_http10_client_gets_no_1xx_and_a_dechunked_body() -> None:
     r = relay()
-    step = r.from_client(b"GET /old HTTP/1.0\r\n\r\n")
+    step = r.from_client(b"GET /old HTTP/1.0\r\nHost: a\r\n\r\n")
     request = only_request(step.to_backend)
-    assert values(request, b"host") == [b""]
     assert values(request, b"connection") == [b"close"]
     step = r.from_backend(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n")
     assert step.to_client.startswith(b"HTTP/1.1 200 OK\r\n")  # no 1xx for an HTTP/1.0 client
@@ -698,11 +697,12 @@ def test_upgrade_needs_the_connection_token() -> None:
     assert values(request, b"upgrade") == [] and values(request, b"connection") == []
 
 
-def test_unsolicited_101_is_a_bad_response() -> None:
+def test_unsolicited_101_is_refused() -> None:
     r = relay()
     r.from_client(get())
     step = r.from_backend(WS_101)
-    assert step.to_client == render_error_response(502) and step.close and step.error == "bad_response"
+    assert step.to_client == render_error_response(502) and step.close and step.error == "upgrade_refused"
+    assert step.switch is None and not r.switched
 
 
 # ---- errors ----------------------------------------------------------------------------------------------------
@@ -868,3 +868,164 @@ def test_requests_and_statuses_are_counted_per_step_and_per_connection() -> None
     statuses += step.statuses
     assert statuses == [200, 304, 500, 400]
     assert requests == r.requests == 3
+
+
+# ---- Upgrade allow-list: no tunnel the proxy did not agree to ----------------------------------------------------
+
+H2C_REQUEST = (
+    b"GET /admin HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+    b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+    b"X-Forwarded-Client-Cert: Hash=FORGED;Subject=\"CN=admin\"\r\nX-Client-Verify: SUCCESS\r\n"
+    b"X-Forwarded-For: 10.6.6.6\r\n\r\n"
+)
+
+
+def upgrade_relay(upgrades: tuple[str, ...] = ("websocket",)) -> HttpRelay:
+    policy = HeaderPolicy({"X-Client-Verify": "verify"}, upgrades=upgrades)
+    return HttpRelay(policy, client_ip=CLIENT_IP, identity=None)
+
+
+def test_h2c_upgrade_request_goes_on_as_a_plain_request_without_its_settings() -> None:
+    r = upgrade_relay()
+    step = r.from_client(H2C_REQUEST)
+    request = only_request(step.to_backend)
+    assert values(request, b"upgrade") == [] and values(request, b"connection") == []
+    assert values(request, b"http2-settings") == []
+    assert values(request, b"x-forwarded-client-cert") == []
+    assert values(request, b"x-client-verify") == [b"NONE"]
+    assert values(request, b"x-forwarded-for") == [CLIENT_IP.encode()]
+    # The backend answers it as the plain request it got, and the connection stays HTTP.
+    step = r.from_backend(OK)
+    assert step.statuses == (200,) and step.switch is None and not step.close
+    assert r.from_client(get()).requests == 1
+
+
+@pytest.mark.parametrize(
+    ("upgrade_lines", "forwarded"),
+    [
+        ([b"websocket"], [b"websocket"]),
+        ([b"WebSocket/13"], [b"WebSocket/13"]),  # case and version do not count
+        ([b"h2c, websocket"], [b"websocket"]),
+        ([b"H2C/2, websocket , foo"], [b"websocket"]),
+        ([b"h2c", b"websocket"], [b"websocket"]),  # several Upgrade lines
+        ([b"h2c"], []),
+        ([b"h2c/1.0, foo/2"], []),
+        ([b"websocketx, web"], []),  # names are compared whole
+    ],
+)
+def test_only_allow_listed_upgrade_protocols_reach_the_backend(
+    upgrade_lines: list[bytes], forwarded: list[bytes]
+) -> None:
+    lines = b"".join(b"Upgrade: %s\r\n" % line for line in upgrade_lines)
+    step = upgrade_relay().from_client(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\n" + lines + b"\r\n")
+    request = only_request(step.to_backend)
+    assert values(request, b"upgrade") == ([b", ".join(forwarded)] if forwarded else [])
+    assert values(request, b"connection") == ([b"upgrade"] if forwarded else [])
+
+
+def test_http2_settings_never_reaches_the_backend_even_without_upgrade() -> None:
+    step = upgrade_relay().from_client(get("/", "HTTP2-Settings: AAMAAABk"))
+    assert values(only_request(step.to_backend), b"http2-settings") == []
+
+
+def test_the_configured_upgrades_replace_the_default() -> None:
+    r = upgrade_relay(("echo",))
+    step = r.from_client(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket, Echo/2\r\n\r\n")
+    assert values(only_request(step.to_backend), b"upgrade") == [b"Echo/2"]
+    step = r.from_backend(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: ECHO\r\nConnection: upgrade\r\n\r\n")
+    assert step.switch is not None and step.statuses == (101,)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "response"),
+    [
+        (H2C_REQUEST, b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"),
+        (WS_REQUEST, b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"),
+        (WS_REQUEST, b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket, h2c\r\n\r\n"),
+        (WS_REQUEST, b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\r\n"),  # switched to what?
+    ],
+    ids=["h2c-requested", "h2c-instead-of-websocket", "h2c-on-top-of-websocket", "no-upgrade-header"],
+)
+def test_101_to_a_protocol_not_both_offered_and_allowed_is_502_and_no_tunnel(
+    request_bytes: bytes, response: bytes
+) -> None:
+    r = upgrade_relay()
+    r.from_client(request_bytes)
+    step = r.from_backend(response + b"\x00\x00\x12\x04raw h2 frames")
+    assert step.to_client == render_error_response(502)
+    assert step.close and step.switch is None and not r.switched
+    assert step.error == "upgrade_refused" and step.error in ERRORS and step.statuses == (502,)
+    assert r.from_client(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") == Step(close=True)  # nothing more passes
+
+
+@pytest.mark.parametrize(
+    ("upgrades", "message"),
+    [(("h2c",), "h2c"), (("H2C", "websocket"), "h2c"), (("websocket/13",), "protocol name"), (("a b",), "a b"),
+     ("websocket", "list")],
+)
+def test_policy_refuses_upgrades_it_cannot_keep_safe(upgrades: tuple[str, ...], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        HeaderPolicy(upgrades=upgrades)
+
+
+# ---- HTTP/1 framing that a backend could read differently: 400 and close ----------------------------------------
+
+
+def assert_refused_with_400(step: Step) -> None:
+    assert step.to_client == render_error_response(400)
+    assert step.close and step.error == "bad_request" and step.statuses == (400,)
+
+
+def test_transfer_encoding_in_an_http10_request_is_400() -> None:
+    r = relay()
+    step = r.from_client(b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+    assert_refused_with_400(step)
+    assert step.to_backend == b"" and "HTTP/1.0" in step.detail
+
+
+def test_http10_request_without_host_is_400() -> None:
+    step = relay().from_client(b"GET /old HTTP/1.0\r\n\r\n")
+    assert_refused_with_400(step)
+    assert step.to_backend == b"" and "Host" in step.detail
+
+
+@pytest.mark.parametrize("size", [b"10000000000000000", b"F" * 20], ids=["2^64", "h11-max"])
+def test_chunk_size_over_64_bits_is_400(size: bytes) -> None:
+    # With the head: nothing of the request reaches the backend.
+    step = relay().from_client(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n%s\r\nabc" % size)
+    assert_refused_with_400(step)
+    assert step.to_backend == b""
+    # After the head went on: the bad chunk line itself is not forwarded.
+    r = relay()
+    r.from_client(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+    step = r.from_client(size + b"\r\nabc")
+    assert_refused_with_400(step)
+    assert step.to_backend == b""
+
+
+def test_largest_64_bit_chunk_size_still_streams() -> None:
+    r = relay()
+    step = r.from_client(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nabc")
+    assert step.to_backend.endswith(b"3\r\nabc\r\n") and not step.close
+
+
+def test_chunked_request_body_split_anywhere_still_passes_the_strict_check() -> None:
+    body = b"5;ext=1\r\nhello\r\n1F\r\n" + b"z" * 31 + b"\r\n0\r\nX-Sum: 1\r\n\r\n"
+    head = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    wire = head + body + get("/next")
+    for split in range(len(head) - 2, len(wire)):
+        r = relay()
+        first = r.from_client(wire[:split])
+        second = r.from_client(wire[split:])
+        assert not first.close and not second.close, split
+        requests = backend_view(first.to_backend + second.to_backend)
+        assert requests[0][1] == b"hello" + b"z" * 31 and requests[0][2] == [(b"X-Sum", b"1")], split
+        assert r.from_backend(OK).requests == 1, split  # the pipelined request follows
+
+
+def test_content_length_over_18_digits_is_400() -> None:
+    step = relay().from_client(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 18446744073709551621\r\n\r\nabc")
+    assert_refused_with_400(step)
+    assert step.to_backend == b""
+    ok = relay().from_client(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 999999999999999999\r\n\r\nabc")
+    assert not ok.close and ok.requests == 1

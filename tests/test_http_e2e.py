@@ -262,7 +262,7 @@ def upgrade_then_echo(port: int, ctx: ssl.SSLContext) -> bytes:
 
 async def test_upgrade_switches_to_a_raw_pump(nursery, test_pki):
     backend = await start_backend(nursery, h11_backend)
-    p = await start_proxy(nursery, test_pki, backend.address, backend={"protocol": "http"})
+    p = await start_proxy(nursery, test_pki, backend.address, backend={"protocol": "http", "upgrades": ["echo"]})
     echoed = await trio.to_thread.run_sync(upgrade_then_echo, p.port, client_context(test_pki, test_pki.alice))
     assert echoed == b"raw bytes after the upgrade"
     await wait_for(lambda: p.metric("mtls_proxy_http_responses_total", code="101") == 1)
