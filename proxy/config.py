@@ -40,6 +40,8 @@ from pydantic import (
     model_validator,
 )
 
+from proxy.policy import compile_dns_pattern, compile_uri_pattern
+
 __all__ = [
     "AdminConfig",
     "AllowConfig",
@@ -342,6 +344,18 @@ def _check_san_pattern(value: str) -> str:
     return value
 
 
+def _check_dns_pattern(value: str) -> str:
+    # Compiled here, as the policy will compile it, so that `check` names the entry (dns_sans[0]) of a pattern
+    # such as "web-*.prod.svc" instead of failing later without saying which.
+    compile_dns_pattern(value)
+    return value
+
+
+def _check_uri_pattern(value: str) -> str:
+    compile_uri_pattern(value)
+    return value
+
+
 def _check_not_empty(value: str) -> str:
     if not value:
         raise ValueError("must not be empty")
@@ -350,7 +364,8 @@ def _check_not_empty(value: str) -> str:
 
 DistinguishedName = Annotated[str, AfterValidator(_normalise_dn)]
 Fingerprint = Annotated[str, AfterValidator(_normalise_fingerprint)]
-SanPattern = Annotated[str, AfterValidator(_check_san_pattern)]
+DnsPattern = Annotated[str, AfterValidator(_check_san_pattern), AfterValidator(_check_dns_pattern)]
+UriPattern = Annotated[str, AfterValidator(_check_san_pattern), AfterValidator(_check_uri_pattern)]
 NonEmptyStr = Annotated[str, AfterValidator(_check_not_empty)]
 
 
@@ -361,8 +376,8 @@ class AllowConfig(_Model):
     issuers: tuple[DistinguishedName, ...] = ()
     common_names: tuple[NonEmptyStr, ...] = ()
     organizational_units: tuple[NonEmptyStr, ...] = ()
-    dns_sans: tuple[SanPattern, ...] = ()
-    uri_sans: tuple[SanPattern, ...] = ()
+    dns_sans: tuple[DnsPattern, ...] = ()
+    uri_sans: tuple[UriPattern, ...] = ()
     sha256_fingerprints: tuple[Fingerprint, ...] = ()
 
     @model_validator(mode="after")

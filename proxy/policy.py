@@ -2,8 +2,9 @@
 
 Shaped like ghostunnel's ACL (auth/auth.go): a flat sequence of "if this rule matches, admit" checks and a final
 deny. No rules at all (`allow` omitted from the config) admits any client whose chain verified; an allow section
-whose lists are all empty admits nobody. Patterns are compiled once, in `Policy.from_rules`, so that a bad pattern
-surfaces when the config is loaded rather than on the first handshake, and matching is a regex fullmatch per SAN.
+whose lists are all empty admits nobody. Patterns are compiled once per listener, in `Policy.from_rules`, and
+matching is a regex fullmatch per SAN. The config compiles each pattern as it loads too, so that a bad one
+surfaces in `check` with the entry that holds it (`allow.dns_sans[0]`) rather than on the first handshake.
 
 Wildcards are whole labels (DNS) or whole path segments (URI), never part of one, as in ghostunnel's wildcard
 package: `*.prod.svc` and `spiffe://acme/ns/*/sa/*` are patterns, `web-*.prod.svc` is an error.

@@ -203,7 +203,7 @@ def test_unknown_field_lists_allowed_fields_and_suggests_one() -> None:
     problem = only_problem(with_listener(**{"client_auth.trusted_cas": "/pki/ca.crt"}))
     assert problem == (
         "listeners[0].client_auth.trusted_cas: unknown field "
-        "(allowed: mode, trusted_ca, advertised_ca, crl, verify_depth, allow); did you mean 'trusted_ca'?"
+        "(allowed: mode, trusted_ca, advertised_ca, crl, verify_depth, allow, strict); did you mean 'trusted_ca'?"
     )
 
 
