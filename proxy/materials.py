@@ -20,7 +20,8 @@ from typing import TypeVar
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes, PrivateKeyTypes
 
 from proxy.config import Config, ConfigError, ListenerConfig
 
@@ -28,6 +29,7 @@ __all__ = [
     "EXPIRY_WARNING",
     "ListenerMaterials",
     "ServerCredentials",
+    "describe_key",
     "describe_name",
     "load_all",
     "load_listener_materials",
@@ -251,13 +253,19 @@ def _load_server_credentials(listener: ListenerConfig, report: _Report) -> Serve
         _check_chain(chain, cert_path, report)
     if chain is None or key is None:
         return None
-    if not _same_public_key(chain[0], key):
+    public_key = _try(lambda: _public_key(chain[0]), "tls.cert", cert_path, report)
+    if public_key is None:
+        return None
+    if not _same_public_key(public_key, key):
         report.error(
             "tls.key",
             key_path,
             f"does not match the certificate in {cert_path} (subject {describe_name(chain[0].subject)}): "
-            "their public keys differ",
+            f"their public keys differ{_key_types_differ(public_key, key.public_key())}",
         )
+        return None
+    if problem := _server_key_problem(public_key):
+        report.error("tls.cert", cert_path, f"server certificate {problem}")
         return None
     return ServerCredentials(chain=tuple(chain), key=key, cert_path=cert_path, key_path=key_path)
 
@@ -271,10 +279,25 @@ def _try(load: Callable[[], T], field_name: str, path: Path, report: _Report) ->
         return None
 
 
-def _same_public_key(certificate: x509.Certificate, key: PrivateKeyTypes) -> bool:
+def _key_types_differ(in_cert: CertificatePublicKeyTypes, in_key_file: CertificatePublicKeyTypes) -> str:
+    """", and are of different kinds (...)" when they are, else nothing."""
+    cert_kind, key_kind = describe_key(in_cert), describe_key(in_key_file)
+    if cert_kind == key_kind:
+        return ""
+    return f", and are of different kinds ({cert_kind} in the certificate, {key_kind} in the key file)"
+
+
+def _public_key(certificate: x509.Certificate) -> CertificatePublicKeyTypes:
+    try:
+        return certificate.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise _Unusable(f"the key of {describe_name(certificate.subject)} is of a type that cannot be used ({exc})") from None
+
+
+def _same_public_key(public_key: CertificatePublicKeyTypes, key: PrivateKeyTypes) -> bool:
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
     der = serialization.Encoding.DER
-    return certificate.public_key().public_bytes(der, spki) == key.public_key().public_bytes(der, spki)
+    return public_key.public_bytes(der, spki) == key.public_key().public_bytes(der, spki)
 
 
 def _check_chain(chain: list[x509.Certificate], path: Path, report: _Report) -> None:
@@ -323,6 +346,81 @@ def _check_server_validity(certificate: x509.Certificate, position: int, path: P
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Key types and sizes
+#
+# OpenSSL refuses keys below its security level when the Context is built (server key: "ee key too small") or,
+# worse, on every handshake (a trusted CA's key: X509 error "CA certificate key too weak"). The level this build
+# runs at is 2, 112-bit security, measured: RSA 1024 and EC secp192r1 are refused, RSA 2048 and EC secp224r1 are
+# accepted. Checking here lets `check` say which key and what it needs, before anything is built.
+#
+# OpenSSL also accepts server keys that no client can use. Measured with Python's ssl (OpenSSL 3.0) as the client,
+# TLS 1.2 and 1.3 each: a DSA, secp224r1, secp256k1 or brainpoolP256r1 server key fails every handshake ("no shared
+# cipher", "unsupported protocol", "no suitable signature algorithm"); RSA 2048, P-256, Ed25519 and Ed448 work.
+
+_MIN_RSA_DSA_BITS = 2048
+_MIN_EC_BITS = 224
+# The curves TLS 1.3 signs with (ecdsa_secp256r1_sha256 and its two siblings), which every client offers.
+_TLS_CURVES = ("secp256r1", "secp384r1", "secp521r1")
+_SECURITY_LEVEL = "OpenSSL's security level (2, 112-bit security)"
+
+
+def describe_key(key: CertificatePublicKeyTypes) -> str:
+    """A key's algorithm and size as an operator would name it: "RSA 1024 bits", "EC secp192r1", "Ed448"."""
+    if isinstance(key, (rsa.RSAPublicKey, dsa.DSAPublicKey)):
+        return f"{'RSA' if isinstance(key, rsa.RSAPublicKey) else 'DSA'} {key.key_size} bits"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return f"EC {key.curve.name}"
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return "Ed25519"
+    if isinstance(key, ed448.Ed448PublicKey):
+        return "Ed448"
+    return type(key).__name__.removeprefix("_").removesuffix("PublicKey") or "unknown key type"
+
+
+def key_too_small(key: CertificatePublicKeyTypes) -> str | None:
+    """Why OpenSSL's security level refuses ``key``, or None."""
+    if isinstance(key, (rsa.RSAPublicKey, dsa.DSAPublicKey)) and key.key_size < _MIN_RSA_DSA_BITS:
+        return f"key too small: {describe_key(key)}; {_SECURITY_LEVEL} needs {_MIN_RSA_DSA_BITS} or more"
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.key_size < _MIN_EC_BITS:
+        return (
+            f"key too small: {describe_key(key)} ({key.curve.key_size} bits); "
+            f"{_SECURITY_LEVEL} needs a curve of {_MIN_EC_BITS} bits or more, such as secp256r1"
+        )
+    return None
+
+
+def _server_key_problem(key: CertificatePublicKeyTypes) -> str | None:
+    """Why ``key`` cannot serve TLS (too small, or of a kind no client signs with), or None."""
+    if problem := key_too_small(key):
+        return problem
+    if isinstance(key, dsa.DSAPublicKey):
+        return (
+            f"key is {describe_key(key)}: TLS 1.3 has no DSA signature and the TLS 1.2 cipher suites offered "
+            "need an ECDSA or RSA key, so every handshake would fail; use an ECDSA P-256 or RSA 2048 key"
+        )
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name not in _TLS_CURVES:
+        return (
+            f"key is on curve {key.curve.name}: clients sign and verify TLS handshakes only on "
+            f"{', '.join(_TLS_CURVES)}, so every handshake would fail; use an ECDSA P-256 key"
+        )
+    if not isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey,
+                            ed448.Ed448PublicKey)):
+        return f"key is {describe_key(key)}, which cannot sign a TLS handshake"
+    return None
+
+
+def _check_ca_key(certificate: x509.Certificate, number: int, path: Path, report: _Report) -> None:
+    who = f"entry {number} ({describe_name(certificate.subject)})"
+    try:
+        problem = key_too_small(_public_key(certificate))
+    except _Unusable as exc:
+        problem = str(exc)
+    if problem:
+        report.error("client_auth.trusted_ca", path,
+                     f"{who}: {problem}; every client chain through this CA would fail verification")
+
+
+# --------------------------------------------------------------------------------------------------------------
 # CA bundles and CRLs
 
 
@@ -332,6 +430,9 @@ def _load_ca_bundle(path: Path, field_name: str, report: _Report) -> tuple[x509.
     if certificates is None:
         return ()
     for number, certificate in enumerate(certificates, start=1):
+        if field_name == "client_auth.trusted_ca":
+            # Only the trust store verifies with the CA's key; advertised_ca only sends its name.
+            _check_ca_key(certificate, number, path, report)
         if not _is_ca(certificate):
             report.error(
                 field_name,
