@@ -12,11 +12,15 @@ error reason strings; the transport failed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 from OpenSSL import SSL
+from OpenSSL._util import ffi as _ffi  # see "OpenSSL's verification vocabulary"
+from OpenSSL._util import lib as _lib
 
-from proxy.tls.context import HandshakeRecord
+if TYPE_CHECKING:  # context imports this module for the X509 error codes
+    from proxy.tls.context import HandshakeRecord
 
 REASONS = (
     "no_client_cert",
@@ -37,35 +41,45 @@ REASONS = (
 # A TLS connection opens with a handshake record: content type 22.
 _TLS_HANDSHAKE_RECORD = 0x16
 
-# X509_V_ERR_* codes (include/openssl/x509_vfy.h) -> (reason, what it means).
-# Codes not listed are `bad_certificate` with OpenSSL's number in the detail.
-X509_ERRORS: dict[int, tuple[str, str]] = {
-    2: ("unknown_ca", "unable to get issuer certificate"),
-    3: ("bad_certificate", "unable to get certificate CRL"),
-    4: ("bad_certificate", "unable to decrypt certificate signature"),
-    6: ("bad_certificate", "unable to decode issuer public key"),
-    7: ("bad_certificate", "certificate signature failure"),
-    8: ("bad_certificate", "CRL signature failure"),
-    9: ("not_yet_valid", "certificate is not yet valid"),
-    10: ("expired", "certificate has expired"),
-    11: ("bad_certificate", "CRL is not yet valid"),
-    12: ("bad_certificate", "CRL has expired"),
-    13: ("bad_certificate", "format error in certificate's notBefore field"),
-    14: ("bad_certificate", "format error in certificate's notAfter field"),
-    18: ("unknown_ca", "self-signed certificate"),
-    19: ("unknown_ca", "self-signed certificate in certificate chain"),
-    20: ("unknown_ca", "unable to get local issuer certificate"),
-    21: ("unknown_ca", "unable to verify the first certificate"),
-    22: ("bad_certificate", "certificate chain too long (verify_depth)"),
-    23: ("revoked", "certificate revoked"),
-    24: ("bad_certificate", "invalid CA certificate"),
-    25: ("bad_certificate", "path length constraint exceeded"),
-    26: ("bad_certificate", "unsupported certificate purpose (not for client authentication)"),
-    28: ("bad_certificate", "certificate rejected"),
-    32: ("bad_certificate", "key usage does not include certificate signing"),
-    34: ("bad_certificate", "unhandled critical extension"),
-    36: ("bad_certificate", "unhandled critical CRL extension"),
+# ---- OpenSSL's verification vocabulary ---------------------------------------
+#
+# X509_V_ERR_* numbers change between OpenSSL versions (24 meant "invalid CA
+# certificate" until 1.1.1; since 3.0 that is 79 and 24 is "issuer
+# certificate doesn't have a public key"), so every number here comes from the
+# linked library's own header, x509_vfy.h, as pyOpenSSL's cffi bindings expose
+# it, and every text from its X509_verify_cert_error_string. pyOpenSSL has no
+# public API for either; these few lines are the only use of its bindings
+# outside proxy.tls._openssl.
+
+X509_V_ERR_INVALID_NON_CA: int = _lib.X509_V_ERR_INVALID_NON_CA
+X509_V_ERR_KEYUSAGE_NO_DIGITAL_SIGNATURE: int = _lib.X509_V_ERR_KEYUSAGE_NO_DIGITAL_SIGNATURE
+X509_V_ERR_INVALID_EXTENSION: int = _lib.X509_V_ERR_INVALID_EXTENSION
+
+
+def verify_error_text(code: int) -> str:
+    """OpenSSL's own words for an X509_V_ERR_* code ("certificate has expired")."""
+    return _ffi.string(_lib.X509_verify_cert_error_string(code)).decode("ascii", "replace")
+
+
+# X509 error -> reason, for the codes that are not `bad_certificate` (signature,
+# purpose, depth, weak key, malformed, ... and the strict leaf rules).
+X509_REASONS: dict[int, str] = {
+    _lib.X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT: "unknown_ca",
+    _lib.X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT: "unknown_ca",
+    _lib.X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN: "unknown_ca",
+    _lib.X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY: "unknown_ca",
+    _lib.X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE: "unknown_ca",
+    _lib.X509_V_ERR_CERT_NOT_YET_VALID: "not_yet_valid",
+    _lib.X509_V_ERR_CERT_HAS_EXPIRED: "expired",
+    _lib.X509_V_ERR_CERT_REVOKED: "revoked",
 }
+
+# Where OpenSSL's words leave the operator guessing which setting is involved.
+_X509_HINTS: dict[int, str] = {
+    _lib.X509_V_ERR_CERT_CHAIN_TOO_LONG: "more intermediates than client_auth.verify_depth allows",
+    _lib.X509_V_ERR_INVALID_PURPOSE: "its extended key usage does not allow client authentication",
+}
+
 
 # Substrings of OpenSSL error reasons -> reason. Checked in order.
 _OPENSSL_REASONS: tuple[tuple[str, str], ...] = (
@@ -94,9 +108,10 @@ class HandshakeFailure:
 
 
 def describe_x509_error(errno: int, depth: int) -> tuple[str, str]:
-    reason, text = X509_ERRORS.get(errno, ("bad_certificate", "certificate verification failed"))
+    """(reason, detail) for an X509 error the verify callback recorded at ``depth``."""
     where = "client certificate" if depth == 0 else f"CA certificate at depth {depth}"
-    return reason, f"{text} ({where}, X509 error {errno})"
+    hint = f"; {_X509_HINTS[errno]}" if errno in _X509_HINTS else ""
+    return X509_REASONS.get(errno, "bad_certificate"), f"{verify_error_text(errno)} ({where}, X509 error {errno}{hint})"
 
 
 def openssl_reasons(exc: SSL.Error) -> list[str]:
@@ -131,6 +146,8 @@ def classify(exc: BaseException, record: HandshakeRecord | None, first_bytes: by
         if record.errors:
             reason, detail = describe_x509_error(*record.errors[0])
             return HandshakeFailure(reason, detail)
+        if record.refusal is not None:
+            return HandshakeFailure("bad_certificate", record.refusal)
         if record.denied:
             return HandshakeFailure("forbidden", "verified client certificate matches no allow rule")
     if isinstance(exc, (SSL.SysCallError, SSL.ZeroReturnError)):

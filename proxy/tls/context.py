@@ -19,17 +19,27 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from OpenSSL import SSL, crypto
 
-from proxy.config import ConfigError, ListenerConfig
+from proxy.config import AllowConfig, ConfigError, ListenerConfig, TLSConfig
 from proxy.identity import PeerIdentity, identity_from_chain
-from proxy.materials import ListenerMaterials
+from proxy.materials import ListenerMaterials, ServerCredentials, describe_key, key_too_small
 from proxy.policy import Decision, Policy
+from proxy.tls.classify import (
+    X509_V_ERR_INVALID_EXTENSION,
+    X509_V_ERR_INVALID_NON_CA,
+    X509_V_ERR_KEYUSAGE_NO_DIGITAL_SIGNATURE,
+)
 from proxy.tls._openssl import (
     X509_V_ERR_APPLICATION_VERIFICATION,
     X509_V_ERR_UNABLE_TO_GET_CRL,
@@ -56,6 +66,7 @@ _MODE_ENABLE_PARTIAL_WRITE = 0x1
 # SSL_MODE_RELEASE_BUFFERS: free the 16 KiB+ read/write buffers of a session
 # while it is idle; a proxy holds many idle connections.
 _MODE_RELEASE_BUFFERS = 0x10
+_E = TypeVar("_E", bound=x509.ExtensionType)
 # Bounded: a few hundred bytes each, one per distinct client certificate.
 IDENTITY_CACHE_SIZE = 10_000
 
@@ -70,6 +81,8 @@ class HandshakeRecord:
     leaf: x509.Certificate | None = None  # the client's certificate, also when rejected
     chain: dict[int, x509.Certificate] = field(default_factory=dict)  # depth -> verified cert
     errors: list[tuple[int, int]] = field(default_factory=list)  # (X509 error, depth)
+    strict: bool = True  # client_auth.strict: apply the strict leaf rules
+    refusal: str | None = None  # the strict leaf rule the client's certificate broke
     identity: PeerIdentity | None = None
     decision: Decision | None = None
 
@@ -103,7 +116,11 @@ def _verify_callback(conn: SSL.Connection, step: VerifyStep, ok: bool) -> bool:
     record.chain[depth] = cert
     if depth != 0:
         return True
-    # The leaf, after its whole chain verified: authorize.
+    # The leaf, after its whole chain verified: the strict rules, then authorize.
+    if record.strict and (broken := strict_leaf_refusal(cert)) is not None:
+        record.refusal, code = broken
+        step.set_error(code)  # OpenSSL answers it with a bad_certificate alert
+        return False
     try:
         record.identity = record.identify([record.chain[d] for d in sorted(record.chain)])
         record.decision = record.policy.authorize(record.identity)
@@ -118,6 +135,33 @@ def _verify_callback(conn: SSL.Connection, step: VerifyStep, ok: bool) -> bool:
     return True
 
 
+def strict_leaf_refusal(leaf: x509.Certificate) -> tuple[str, int] | None:
+    """The rule of ``client_auth.strict`` that ``leaf`` breaks, with the X509 error to report, or None.
+
+    OpenSSL accepts both as a client's leaf: a CA certificate, which should
+    only ever sign certificates, and a keyUsage without digitalSignature, which
+    says the key may not sign, while a client signs the handshake with it.
+    OpenSSL's ssl_x509err2alert turns both codes into a bad_certificate alert.
+    """
+    try:
+        constraints = _extension(leaf, x509.BasicConstraints)
+        usage = _extension(leaf, x509.KeyUsage)
+    except (ValueError, TypeError, x509.DuplicateExtension):
+        return "client certificate extensions cannot be parsed", X509_V_ERR_INVALID_EXTENSION
+    if constraints is not None and constraints.ca:
+        return "client certificate is a CA certificate (basicConstraints CA:TRUE)", X509_V_ERR_INVALID_NON_CA
+    if usage is not None and not usage.digital_signature:
+        return "client certificate keyUsage lacks digitalSignature", X509_V_ERR_KEYUSAGE_NO_DIGITAL_SIGNATURE
+    return None
+
+
+def _extension(cert: x509.Certificate, kind: type[_E]) -> _E | None:
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
+
+
 @dataclass(frozen=True)
 class ServerTLS:
     """One generation of a listener's TLS setup: Context, material and rules."""
@@ -126,6 +170,7 @@ class ServerTLS:
     materials: ListenerMaterials
     policy: Policy
     client_auth: str
+    strict: bool = True  # client_auth.strict
     # Identities of recently verified clients by leaf fingerprint: a resumed
     # session skips verification, so this is how it gets its chain back.
     identities: OrderedDict[str, PeerIdentity] = field(default_factory=OrderedDict)
@@ -169,17 +214,50 @@ class ServerTLS:
 
     def new_connection(self) -> tuple[SSL.Connection, HandshakeRecord]:
         conn = SSL.Connection(self.context, None)
-        record = HandshakeRecord(policy=self.policy, identify=self.identity_of_chain)
+        record = HandshakeRecord(policy=self.policy, identify=self.identity_of_chain, strict=self.strict)
         conn.set_app_data(record)
         conn.set_accept_state()
         return conn, record
 
 
 def build_server_tls(listener: ListenerConfig, materials: ListenerMaterials, *, index: int = 0) -> ServerTLS:
-    """Build the Context; a setting OpenSSL refuses becomes a ConfigError."""
+    """Build the Context and compile the allow rules, or raise ConfigError.
+
+    This is the one failure boundary of a listener's TLS setup: whatever
+    OpenSSL, cryptography or the pattern compiler refuses here becomes a
+    ConfigError naming the field and the file, so ``check`` and ``run`` exit
+    with a message and a reload keeps the old material. materials.py already
+    explains what it can foresee (key sizes, curves); this catches the rest.
+    """
     where = f"listeners[{index}]"
     tls = listener.tls
     auth = listener.client_auth
+    ctx = _new_context(tls, where)
+    _use_server_credentials(ctx, materials.server, where)
+
+    if auth.mode != "none":
+        _trust_client_cas(ctx, listener, materials, where)
+        set_verify(ctx, _VERIFY_MODES[auth.mode], _verify_callback)
+    else:
+        ctx.set_verify(SSL.VERIFY_NONE)
+
+    # Resumption with client auth needs a session id context, or OpenSSL
+    # fails the handshake of every client that tries to resume.
+    ctx.set_session_id(hashlib.sha256(b"mtls-proxy/" + listener.name.encode()).digest()[:32])
+
+    if tls.alpn:
+        ctx.set_alpn_select_callback(_alpn_selector(tuple(p.encode() for p in tls.alpn)))
+
+    return ServerTLS(
+        context=ctx,
+        materials=materials,
+        policy=_compile_policy(auth.allow, where),
+        client_auth=auth.mode,
+        strict=auth.strict,
+    )
+
+
+def _new_context(tls: TLSConfig, where: str) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(_VERSIONS[tls.min_version])
     ctx.set_max_proto_version(_VERSIONS[tls.max_version])
@@ -199,44 +277,82 @@ def build_server_tls(listener: ListenerConfig, materials: ListenerMaterials, *, 
         ctx.set_cipher_list((tls.ciphers or DEFAULT_TLS12_CIPHERS).encode("ascii"))
     except (SSL.Error, UnicodeEncodeError):
         raise ConfigError(where, [f"{where}.tls.ciphers: OpenSSL accepts no cipher in {tls.ciphers!r}"]) from None
+    return ctx
 
-    server = materials.server
-    ctx.use_certificate(server.leaf)
-    for intermediate in server.chain[1:]:
-        ctx.add_extra_chain_cert(intermediate)
-    ctx.use_privatekey(server.key)
-    ctx.check_privatekey()
 
-    if auth.mode != "none":
-        store = ctx.get_cert_store()
+def _use_server_credentials(ctx: SSL.Context, server: ServerCredentials, where: str) -> None:
+    with _refused(f"{where}.tls.cert", server.cert_path, server.leaf.public_key()):
+        ctx.use_certificate(server.leaf)
+        for intermediate in server.chain[1:]:
+            ctx.add_extra_chain_cert(intermediate)
+    with _refused(f"{where}.tls.key", server.key_path, server.key.public_key()):
+        ctx.use_privatekey(server.key)
+        ctx.check_privatekey()
+
+
+def _trust_client_cas(ctx: SSL.Context, listener: ListenerConfig, materials: ListenerMaterials, where: str) -> None:
+    auth = listener.client_auth
+    store = ctx.get_cert_store()
+    with _refused(f"{where}.client_auth.trusted_ca", auth.trusted_ca):
         for ca in materials.trusted_ca:
             store.add_cert(crypto.X509.from_cryptography(ca))
+    with _refused(f"{where}.client_auth.crl", auth.crl):
         for crl in materials.crls:
             store.add_crl(crl)
         if materials.crls:
             store.set_flags(crypto.X509StoreFlags.CRL_CHECK | crypto.X509StoreFlags.CRL_CHECK_ALL)
-        # The trust store and the advertised list are separate in OpenSSL:
-        # without add_client_ca the CertificateRequest names no CA at all.
+    # The trust store and the advertised list are separate in OpenSSL:
+    # without add_client_ca the CertificateRequest names no CA at all.
+    with _refused(f"{where}.client_auth.{'advertised_ca' if auth.advertised_ca else 'trusted_ca'}",
+                  auth.advertised_ca or auth.trusted_ca):
         for ca in materials.advertised_ca:
             ctx.add_client_ca(ca)
-        ctx.set_verify_depth(auth.verify_depth)
-        set_verify(ctx, _VERIFY_MODES[auth.mode], _verify_callback)
-    else:
-        ctx.set_verify(SSL.VERIFY_NONE)
+    ctx.set_verify_depth(auth.verify_depth)
 
-    # Resumption with client auth needs a session id context, or OpenSSL
-    # fails the handshake of every client that tries to resume.
-    ctx.set_session_id(hashlib.sha256(b"mtls-proxy/" + listener.name.encode()).digest()[:32])
 
-    if tls.alpn:
-        ctx.set_alpn_select_callback(_alpn_selector(tuple(p.encode() for p in tls.alpn)))
+def _compile_policy(allow: AllowConfig | None, where: str) -> Policy:
+    # config.py validates every pattern when it loads; this is the backstop for
+    # a config built some other way.
+    try:
+        return Policy.from_rules(allow)
+    except ValueError as exc:
+        raise ConfigError(where, [f"{where}.client_auth.allow: {exc}"]) from None
 
-    return ServerTLS(
-        context=ctx,
-        materials=materials,
-        policy=Policy.from_rules(auth.allow),
-        client_auth=auth.mode,
-    )
+
+# What OpenSSL, cryptography and pyOpenSSL raise for material they refuse.
+_MATERIAL_ERRORS = (SSL.Error, crypto.Error, ValueError, TypeError, UnsupportedAlgorithm)
+
+
+@contextmanager
+def _refused(field_name: str, path: Path | None, key: CertificatePublicKeyTypes | None = None) -> Iterator[None]:
+    """Turn a refusal of the material from ``path`` into a ConfigError naming ``field_name`` and the file."""
+    try:
+        yield
+    except _MATERIAL_ERRORS as exc:
+        raise ConfigError(str(path), [f"{field_name}: {path}: {_readable(exc, key)}"]) from None
+
+
+def _readable(exc: Exception, key: CertificatePublicKeyTypes | None) -> str:
+    """OpenSSL's reason codes ("ee key too small") in words an operator can act on."""
+    reasons = _openssl_reasons(exc)
+    for reason in reasons:
+        if reason in ("ee key too small", "ca key too small") and key is not None:
+            return key_too_small(key) or f"key too small for OpenSSL's security level: {describe_key(key)}"
+        if reason == "ca md too weak":
+            return "signed with a digest OpenSSL's security level refuses (such as SHA-1); re-issue it with SHA-256"
+        if reason == "key values mismatch":
+            return "the private key does not match the certificate"
+    if reasons:
+        return f"OpenSSL refused it: {'; '.join(reasons)}"
+    return f"cannot be used: {exc}"
+
+
+def _openssl_reasons(exc: Exception) -> list[str]:
+    """The reason strings of an SSL.Error or crypto.Error (args[0] is [(lib, func, reason), ...])."""
+    errors = exc.args[0] if isinstance(exc, (SSL.Error, crypto.Error)) and exc.args else None
+    if not isinstance(errors, list):
+        return []
+    return [str(entry[-1]) for entry in errors if isinstance(entry, tuple) and entry]
 
 
 def _alpn_selector(ours: tuple[bytes, ...]):
