@@ -23,7 +23,10 @@ connections from ``open_tcp_stream`` are taken over with the public ``detach()``
 from __future__ import annotations
 
 import errno
+import fcntl
 import socket
+import struct
+import termios
 from collections.abc import Callable
 
 import trio
@@ -178,6 +181,45 @@ class SocketStream(trio.abc.HalfCloseableStream):
             trio.lowlevel.notify_closing(self.socket)
             self.socket.close()
         await trio.lowlevel.checkpoint()
+
+    def unread_bytes(self) -> int:
+        """Bytes the peer sent that wait in the kernel for us to read."""
+        return self._queue_size(termios.FIONREAD)
+
+    def unsent_bytes(self) -> int:
+        """Bytes we sent that the peer's kernel has not acknowledged yet (sent or still queued)."""
+        return self._queue_size(termios.TIOCOUTQ)
+
+    def _queue_size(self, request: int) -> int:
+        if self._closed:
+            return 0
+        try:
+            return struct.unpack("i", fcntl.ioctl(self.socket, request, b"\0\0\0\0"))[0]
+        except OSError:
+            return 0  # not a socket that keeps such a queue
+
+    async def aclose_lingering(self, *, seconds: float, max_bytes: int) -> None:
+        """Close without making the kernel reset the connection: half-close, read what still comes, then close.
+
+        Closing a socket that has unread input makes the kernel answer with a reset (RFC 1122 4.2.2.13), and
+        the reset throws away whatever we sent that the peer has not acknowledged; a peer whose next write meets
+        it gets an error instead of reading what we sent last (a TLS alert, the end of a reply). So: a FIN
+        first, then read and discard until the peer's EOF, for at most ``seconds``, and no more than
+        ``max_bytes`` once everything we sent has been acknowledged (then a reset costs the peer nothing: Linux
+        lets it read what arrived before the reset). Cancelling this still closes the socket.
+        """
+        try:
+            with trio.move_on_after(seconds):
+                await self.send_eof()
+                discarded = 0
+                while data := await self.receive_some(DEFAULT_RECEIVE_SIZE):
+                    discarded += len(data)
+                    if discarded >= max_bytes and not self.unsent_bytes():
+                        break
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+            pass  # the peer is gone already, or someone else still reads: nothing to wait for
+        finally:
+            await self.aclose()
 
 
 class SocketListener(trio.abc.Listener[SocketStream]):

@@ -33,9 +33,15 @@ the measurements behind each number):
   are decrypted into one buffer and copied out once, and ciphertext goes from
   the BIO to the socket without becoming ``bytes`` (``_openssl.ReadBuffer``,
   ``_openssl.drain``).
-- A best-effort flush of the alert OpenSSL writes when a handshake fails, so the
-  client learns *why* (``unknown ca``, ``certificate expired``) instead of seeing
-  a bare reset.
+- The fatal alert OpenSSL writes whenever it fails the session, in the
+  handshake (``unknown ca``, ``certificate required``) or after it (``bad record
+  mac``, ``unexpected message``), reaches the peer: every OpenSSL error goes
+  through ``_retry``, which sends the alert before raising (``_send_alert``). Then
+  ``aclose()`` closes the way OpenSSL's s_server does, half-close first and the
+  peer's last records read and dropped, so that the kernel does not answer them
+  with a reset that could destroy the alert (``SocketStream.aclose_lingering``).
+  The same lingering close protects the end of a reply when the peer was still
+  sending.
 - The first bytes the peer sent are kept, so that a failed handshake can be
   classified as ``not_tls`` (plain HTTP or junk on the TLS port).
 - Bounded memory while idle. ``SSL_MODE_RELEASE_BUFFERS`` (the context sets
@@ -77,8 +83,18 @@ DEFAULT_RECEIVE_SIZE = 64 * 1024
 # a peer goes quiet. Small requests and responses stay under it and never pay
 # for the swap.
 BIO_KEEP_LIMIT = 16 * 1024
-# How long a failed handshake may spend telling the client why.
+# How long a failed session may spend sending the alert that says why.
 ALERT_FLUSH_TIMEOUT = 0.5
+# The lingering close after an alert, or with the peer's data still unread: at
+# most this long (the proxy's own close timeout may cut it shorter), and once
+# all we sent is acknowledged, no more than this much read and dropped. 256 KiB
+# is one of our transport reads: discarding it costs a small fraction of the
+# handshake before it (tens of microseconds against about a millisecond), so a
+# client that fails on purpose gains nothing, while a request of that size
+# written before the client reads (a POST right after the handshake) is
+# absorbed, and its writer gets to read the alert.
+LINGER_TIMEOUT = 1.0
+LINGER_MAX_BYTES = 256 * 1024
 # How many leading bytes of the peer's first transmission are kept for
 # failure classification (a TLS record header is 5 bytes).
 FIRST_BYTES_KEPT = 8
@@ -118,6 +134,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._state = _State.OK
         self._handshake_done = False
         self._sent_eof = False
+        self._ciphertext_cut = False  # a transport write failed part-way: nothing more may follow it
+        self._alert_sent = False
         self._delayed_outgoing = b""
         self._bio_peak = 0  # the most either memory BIO held since they were last swapped
         self._transport_eof = False
@@ -174,15 +192,21 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     # context's OP_IGNORE_UNEXPECTED_EOF reports the same way)
                     # before the handshake completed: that is a failure.
                     self._state = _State.BROKEN
+                    await self._send_alert()
                     raise
                 # close_notify received: a clean end of the peer's data.
                 ret = b""
                 finished = True
+            except SSL.Error:
+                # A bad record, a failed verification, EOF without
+                # close_notify (SysCallError)...: the session is broken for
+                # good, and OpenSSL may have written the alert that says why.
+                self._state = _State.BROKEN
+                await self._send_alert()
+                raise
             except BaseException:
-                # SSL.Error, SysCallError (EOF without close_notify), or an
-                # exception raised inside one of our callbacks, which
-                # pyOpenSSL re-raises as itself. Any of them breaks the
-                # session for good.
+                # An exception raised inside one of our callbacks, which
+                # pyOpenSSL re-raises as itself: broken too.
                 self._state = _State.BROKEN
                 raise
             else:
@@ -219,6 +243,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     except BaseException:
                         # An unknown part of the data went out: the stream is doomed.
                         self._state = _State.BROKEN
+                        self._ciphertext_cut = True
                         raise
             elif want_read:
                 recv_count = self._recv_count
@@ -271,10 +296,6 @@ class TLSStream(trio.abc.HalfCloseableStream):
             return
         try:
             await self._retry(self.connection.do_handshake, is_handshake=True)
-        except (SSL.Error, trio.BrokenResourceError, trio.ClosedResourceError):
-            self._state = _State.BROKEN
-            await self._flush_alert()
-            raise
         except BaseException:
             self._state = _State.BROKEN
             raise
@@ -284,16 +305,32 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._bio_peak = BIO_KEEP_LIMIT + 1
         self._release_bio_buffers()
 
-    async def _flush_alert(self) -> None:
+    async def _send_alert(self) -> None:
+        """Send what OpenSSL wrote as it failed the session: the fatal alert that tells the peer why.
+
+        Through the send lock like any other ciphertext, behind what another
+        task is sending (and behind session tickets held back: the peer
+        counts records, and would fail to decrypt an alert that skipped
+        some). Not after a write that was cut part-way: the alert would be
+        read as the rest of that record.
+        """
         alert = self._drain_outgoing()
         if not alert:
             return
         with trio.move_on_after(ALERT_FLUSH_TIMEOUT) as scope:
             scope.shield = True  # the caller's deadline may already be spent
-            try:
-                await self.transport_stream.send_all(alert)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass  # the peer is gone; nothing left to explain
+            async with self._send_lock:
+                if self._ciphertext_cut:
+                    return
+                alert, self._delayed_outgoing = self._delayed_outgoing + alert, b""
+                try:
+                    await self.transport_stream.send_all(alert)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._ciphertext_cut = True
+                    return  # the peer is gone; nothing left to explain
+                self._alert_sent = True
+        if scope.cancelled_caught:
+            self._ciphertext_cut = True
 
     # ---- data -------------------------------------------------------------
 
@@ -346,8 +383,11 @@ class TLSStream(trio.abc.HalfCloseableStream):
             except (SSL.WantReadError, SSL.ZeroReturnError):
                 break  # nothing decryptable left now; EOF is reported next call
             except SSL.Error:
+                # Deliver what we have; the next call raises. The alert
+                # goes now, as from _retry.
                 self._state = _State.BROKEN
-                break  # deliver what we have; the next call raises
+                await self._send_alert()
+                return
         if conn.want_write():
             # A post-handshake message (e.g. a TLS 1.3 KeyUpdate) asked for
             # an answer; let _retry send it in order with other writers.
@@ -401,8 +441,10 @@ class TLSStream(trio.abc.HalfCloseableStream):
     async def aclose(self) -> None:
         """Send close_notify if we can, then close the transport.
 
-        Like trio, we do not wait for the peer's close_notify. Cancelling
-        this still closes the transport.
+        Like trio, we do not wait for the peer's close_notify. But after a
+        fatal alert, or with the peer's data still unread, the transport is
+        closed lingering (see the module docstring). Cancelling this still
+        closes the transport.
         """
         if self._state is _State.CLOSED:
             await trio.lowlevel.checkpoint()
@@ -416,7 +458,21 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     pass  # the peer is gone; closing is all that is left
         finally:
             self._state = _State.CLOSED
-            await self.transport_stream.aclose()
+            await self._close_transport()
+
+    async def _close_transport(self) -> None:
+        transport = self.transport_stream
+        if isinstance(transport, SocketStream) and self._peer_may_be_sending(transport):
+            await transport.aclose_lingering(seconds=LINGER_TIMEOUT, max_bytes=LINGER_MAX_BYTES)
+        else:
+            await transport.aclose()
+
+    def _peer_may_be_sending(self, transport: SocketStream) -> bool:
+        # After an alert, the peer's next records may be on their way,
+        # whatever it has sent so far: a TLS 1.3 client sends its request
+        # right behind its Finished, before it can know its certificate was
+        # refused.
+        return not self._transport_eof and (self._alert_sent or transport.unread_bytes() > 0)
 
     # ---- what was negotiated ---------------------------------------------
 
