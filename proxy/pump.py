@@ -9,6 +9,13 @@ TLS side), the other side gets ``send_eof()`` and the opposite direction keeps
 flowing until it ends too. A request/response protocol where the client
 half-closes after its request therefore still gets the whole response.
 
+A side that stops taking data ends only the direction that writes to it: a
+backend that answers early and closes while the client is still sending
+makes the next write toward it fail, but what it sent before closing is on
+its way back, and the other direction delivers it, up to the backend's EOF
+(or reset, or the idle timeout). A side that fails as it is read breaks the
+whole pump: nothing more can come from it.
+
 The idle timeout is a cancel scope whose deadline moves forward as chunks
 pass in either direction (see IdleDeadline); when it expires the whole pump
 ends.
@@ -36,7 +43,10 @@ CHUNK_SIZE = 256 * 1024
 class PumpResult:
     bytes_up: int = 0      # client -> backend
     bytes_down: int = 0    # backend -> client
-    ended_by: str = "eof"  # eof | idle_timeout | client_error | backend_error
+    # eof | idle_timeout | client_error | backend_error, or backend_closed_early:
+    # the backend stopped taking the client's data (it answered and closed while
+    # the client was still sending); what it had sent was still delivered.
+    ended_by: str = "eof"
 
 
 class IdleDeadline:
@@ -81,8 +91,8 @@ class _Direction:
     src: trio.abc.ReceiveStream
     dst: trio.abc.HalfCloseableStream
     count: Callable[[int], None]
-    src_error: str  # the outcome when reading src fails
-    dst_error: str  # the outcome when writing dst fails
+    src_error: str  # the outcome when reading src fails: the whole pump ends
+    dst_error: str  # the outcome when writing dst fails: this direction ends
     total: int = 0
 
     def __post_init__(self) -> None:
@@ -99,22 +109,28 @@ async def pump(
 ) -> PumpResult:
     """Relay until both directions have ended, one side breaks, or idle timeout."""
     result = PumpResult()
-    up = _Direction(client, backend, on_up, src_error="client_error", dst_error="backend_error")
+    up = _Direction(client, backend, on_up, src_error="client_error", dst_error="backend_closed_early")
     down = _Direction(backend, client, on_down, src_error="backend_error", dst_error="client_error")
     idle = IdleDeadline(idle_timeout)
     with idle.scope:
         async with trio.open_nursery() as nursery:
 
+            def stopped(outcome: str) -> None:
+                # The first failure names the end: a backend that closed early
+                # then resets, and the read of its reset is only the echo.
+                if result.ended_by == "eof":
+                    result.ended_by = outcome
+
             def broken(outcome: str) -> None:
-                # One side is broken: the other direction cannot finish
-                # meaningfully, and the caller closes both streams.
-                result.ended_by = outcome
+                # A side failed as it was read: the other direction cannot
+                # finish meaningfully, and the caller closes both streams.
+                stopped(outcome)
                 nursery.cancel_scope.cancel()
 
             # One direction in a task of its own, the other in this one:
             # a task fewer per connection (thousands of idle connections).
-            nursery.start_soon(_copy, up, idle, broken)
-            await _copy(down, idle, broken)
+            nursery.start_soon(_copy, up, idle, broken, stopped)
+            await _copy(down, idle, broken, stopped)
     if idle.scope.cancelled_caught:
         result.ended_by = "idle_timeout"
     result.bytes_up = up.total
@@ -122,8 +138,11 @@ async def pump(
     return result
 
 
-async def _copy(d: _Direction, idle: IdleDeadline, broken: Callable[[str], None]) -> None:
-    """Copy until the source ends, then half-close the destination; if a side fails, tell ``broken`` which.
+async def _copy(d: _Direction, idle: IdleDeadline, broken: Callable[[str], None], stopped: Callable[[str], None]
+                ) -> None:
+    """Copy until the source ends, then half-close the destination.
+
+    If the source fails, tell ``broken``; if the destination does, tell ``stopped`` and end only this direction.
 
     (Called directly, without a wrapper coroutine: every frame of a waiting task is kept for as long as an idle
     connection lives.)
@@ -139,11 +158,11 @@ async def _copy(d: _Direction, idle: IdleDeadline, broken: Callable[[str], None]
         try:
             await d.dst.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return broken(d.dst_error)
+            return stopped(d.dst_error)
         d.total += len(data)
         d.count(len(data))
         del data  # not kept alive through the next read's wait, however long
     try:
         await d.dst.send_eof()
     except (trio.BrokenResourceError, trio.ClosedResourceError):
-        broken(d.dst_error)
+        stopped(d.dst_error)

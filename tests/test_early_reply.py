@@ -1,0 +1,97 @@
+"""A backend that answers and closes while the client is still sending: the answer reaches the client whole.
+
+A server that refuses an upload (too large, not allowed) often reads the start of it, writes its answer and closes.
+Closing with the client's bytes unread makes its kernel reset the connection, so the proxy's next write toward the
+backend fails (EPIPE, ECONNRESET) while the answer is already on its way back, or in the proxy's socket buffer. That
+failure must not throw the answer away, and nor must the proxy's own close toward the client, which still has
+upload bytes unread: closed with them, it would reset the connection too, and lose whatever of the answer the client
+had not acknowledged yet.
+
+Through the real proxy in TCP mode on loopback: the client (stdlib TLS over memory BIOs, tests/memclient.py)
+uploads in one task and reads in another, as a client that streams a body does.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import struct
+
+import pytest
+import trio
+
+from tests.conftest import client_context, start_backend, start_proxy, wait_for
+from tests.memclient import MemoryBIOClient
+
+REPLY = bytes(range(256)) * 256  # 64 KiB
+UPLOAD_CHUNK = b"u" * (64 * 1024)
+UPLOAD_LIMIT = 64 * 1024 * 1024  # far more than any buffer on the way holds: still sending when the reply comes
+RUNS = 20
+
+
+def answering_backend(linger_zero: bool):
+    """Reads the start of the upload, answers REPLY, closes (with SO_LINGER 0: a reset at once)."""
+
+    async def handle(stream: trio.SocketStream, backend) -> None:
+        backend.received += await stream.receive_some(1024)
+        await stream.send_all(REPLY)
+        if linger_zero:
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    return handle
+
+
+async def upload_and_read(port: int, ctx) -> tuple[bytes, str]:
+    """Upload until the proxy ends the connection, reading meanwhile; what was read and how reading ended."""
+    client = await MemoryBIOClient.connect(port, ctx)
+    got = bytearray()
+    ending = "?"
+
+    async def upload() -> None:
+        sent = 0
+        try:
+            while sent < UPLOAD_LIMIT:
+                await client.send(UPLOAD_CHUNK)
+                sent += len(UPLOAD_CHUNK)
+        except (trio.BrokenResourceError, ssl.SSLError):
+            pass  # the proxy stopped taking the upload (or the reader saw the end); the reader carries on
+
+    async def read() -> None:
+        nonlocal ending
+        try:
+            while data := await client.receive():
+                got.extend(data)
+            ending = "close_notify"
+        except Exception as exc:  # an SSL error or a reset: how the connection ended, for the message
+            ending = f"{type(exc).__name__}: {exc}"
+        nursery.cancel_scope.cancel()
+
+    try:
+        await client.handshake()
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(upload)
+                await read()
+    finally:
+        await client.aclose()
+    return bytes(got), ending
+
+
+@pytest.mark.parametrize("linger_zero", [False, True], ids=["close", "reset"])
+async def test_the_backend_reply_reaches_a_client_still_uploading(nursery, test_pki, caplog, linger_zero):
+    caplog.set_level(logging.INFO, logger="proxy.access")
+    backend = await start_backend(nursery, answering_backend(linger_zero))
+    p = await start_proxy(nursery, test_pki, backend.address)
+    ctx = client_context(test_pki, test_pki.alice, version="1.3")
+    outcomes = [await upload_and_read(p.port, ctx) for _ in range(RUNS)]
+    short = [(len(got), ending) for got, ending in outcomes if got != REPLY]
+    assert not short, f"{len(short)} of {RUNS} runs lost part of the reply (bytes read, ending): {short}"
+    await wait_for(lambda: len(access_lines(caplog)) == RUNS)
+    ended_by = {line["ended_by"] for line in access_lines(caplog)}
+    assert ended_by == {"backend_closed_early"}, ended_by
+    assert all(line["bytes_down"] == len(REPLY) for line in access_lines(caplog))
+
+
+def access_lines(caplog) -> list[dict]:
+    return [r.fields for r in caplog.records if r.name == "proxy.access"]
