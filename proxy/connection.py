@@ -33,7 +33,8 @@ from proxy.tls.stream import TLSStream
 log = logging.getLogger("proxy.connection")
 
 # How long closing may take (sending close_notify to a client that does not
-# read): after this the socket is closed regardless.
+# read, the lingering close after an alert or with the client's data unread):
+# after this the socket is closed regardless, also when draining for shutdown.
 CLOSE_TIMEOUT = 1.0
 
 
@@ -155,6 +156,8 @@ async def _handshake(stream: TLSStream, record: HandshakeRecord, tls: ServerTLS,
     if failure is not None:
         out.outcome, out.reason, out.detail = "handshake_failed", failure.reason, failure.detail
         m.handshake_failed(failure.reason, elapsed)
+        if stream.resumed:  # OpenSSL took the session; the resumption check refused it, or the client left
+            m.resumption_failed(failure.reason)
         return False
     out.version, out.cipher, out.resumed, out.alpn = stream.version, stream.cipher, stream.resumed, stream.alpn_protocol
     m.handshake_succeeded(
@@ -228,8 +231,10 @@ def _identify_resumed(stream: TLSStream, record: HandshakeRecord, tls: ServerTLS
     No need to authorize again: a session resumes only under the Context that
     established it (a reload builds a new Context, whose new session keys
     cannot open older sessions), and there it passed verification and the
-    same allow rules. The identity with the whole chain comes from the
-    Context's cache; if it was evicted, the leaf alone still names the client.
+    same allow rules. Nor has its certificate expired since: the resumption
+    check (tls/resumption.py) refused that handshake already. The identity
+    with the whole chain comes from the Context's cache; if it was evicted,
+    the leaf alone still names the client.
     """
     if record.identity is not None or tls.client_auth == "none":
         return

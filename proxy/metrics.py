@@ -50,6 +50,13 @@ class Metrics:
         self.handshake_failures = Counter(
             PREFIX + "handshake_failures", "Failed handshakes by reason.", L + ("reason",), registry=r
         )
+        self.resumption_failures = Counter(
+            PREFIX + "resumption_failures",
+            "Handshakes that resumed a session and failed, by reason (expired: the client certificate behind the "
+            "session has expired since, and the proxy refused the resumption).",
+            L + ("reason",),
+            registry=r,
+        )
         self.handshake_duration = Histogram(
             PREFIX + "handshake_duration_seconds",
             "Time from accept to a verified, authorized client (or to the failure).",
@@ -180,6 +187,7 @@ class ListenerMetrics:
         self.backend_failures = m.backend_connect_failures.labels(listener)
         self.backend_connect_duration = m.backend_connect_duration.labels(listener)
         self.client_certificate_remaining = m.client_certificate_remaining.labels(listener)
+        self.resumption_failures = {reason: m.resumption_failures.labels(listener, reason) for reason in REASONS}
         self.recent = RecentFailures()
         self.http_requests = m.http_requests.labels(listener)
         self._http_responses: dict[int, object] = {}
@@ -190,6 +198,10 @@ class ListenerMetrics:
         self.failures[reason].inc()
         self.handshake_duration_failure.observe(seconds)
         self.recent.add(reason)
+
+    def resumption_failed(self, reason: str) -> None:
+        """A handshake that failed after OpenSSL had accepted the client's session (also counted as failed)."""
+        self.resumption_failures[reason].inc()
 
     def handshake_succeeded(self, seconds: float, *, version: str, cipher: str, resumed: bool, presented: bool) -> None:
         self.handshake_success.inc()
