@@ -304,3 +304,32 @@ async def test_a_large_upload_streams_in_bounded_memory(nursery, test_pki):
     assert answer == expected.hexdigest()
     # 64 MiB went through; what the process held at any moment stayed a few chunks.
     assert peak < 8 * 1024 * 1024, peak
+
+
+# ---- HTTP/1 framing a backend could read differently ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST / HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        b"GET / HTTP/1.0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n10000000000000005\r\nGET /smuggled HTTP/1.1",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 18446744073709551621\r\n\r\nabcde",
+    ],
+    ids=["chunked-http10", "http10-without-host", "chunk-size-over-64-bits", "content-length-over-64-bits"],
+)
+async def test_ambiguous_http1_framing_is_400_and_closed(nursery, test_pki, request_bytes):
+    seen = []
+
+    async def backend_handler(stream, backend):
+        seen.append(await stream.receive_some(65536))
+
+    backend = await start_backend(nursery, backend_handler)
+    p = await start_proxy(nursery, test_pki, backend.address, backend={"protocol": "http"})
+    # raw_exchange reads until the proxy closes: a 400 that left the connection open would hang it (and fail).
+    got = await trio.to_thread.run_sync(raw_exchange, p.port, client_context(test_pki, test_pki.alice), request_bytes)
+    assert got.startswith(b"HTTP/1.1 400 ") and b"\r\nConnection: close\r\n" in got
+    assert seen == [b""] or seen == []  # the backend got a connection at most, never a byte
+    await wait_for(lambda: p.metric("mtls_proxy_http_responses_total", code="400") == 1)
+    assert p.metric("mtls_proxy_http_requests_total") == 0
