@@ -1,6 +1,6 @@
 """The one place that reaches into pyOpenSSL's private cffi bindings.
 
-pyOpenSSL is pinned (pyproject.toml) because of this module. Five needs have no
+pyOpenSSL is pinned (pyproject.toml) because of this module. Six needs have no
 public API:
 
 - ``SSL_session_reused``: whether a handshake resumed a session.
@@ -23,6 +23,8 @@ public API:
   ``X509_V_OK``, which OpenSSL reports to the client as "internal error". With
   the store context we can name the leaf even when a CA above it failed
   (for the log), and set the error that picks the alert the client receives.
+- A look at the client certificate behind a session that is being resumed,
+  with the power to refuse it (``set_resumption_check``, below).
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ log = logging.getLogger("proxy.tls")
 X509_V_OK = _lib.X509_V_OK
 X509_V_ERR_UNABLE_TO_GET_CRL = 3
 X509_V_ERR_APPLICATION_VERIFICATION = _lib.X509_V_ERR_APPLICATION_VERIFICATION
+X509_V_ERR_CERT_HAS_EXPIRED = _lib.X509_V_ERR_CERT_HAS_EXPIRED
+# TLS alert descriptions (RFC 8446 section 6.2); OpenSSL's SSL_AD_CERTIFICATE_EXPIRED
+# and SSL_AD_INTERNAL_ERROR, which the binding does not carry.
+SSL_AD_CERTIFICATE_EXPIRED = 45
+SSL_AD_INTERNAL_ERROR = 80
 
 
 def session_reused(conn: SSL.Connection) -> bool:
@@ -175,3 +182,60 @@ def set_verify(ctx: SSL.Context, mode: int, callback: VerifyCallback) -> None:
     # The cffi callback must live as long as the Context that points at it.
     ctx._mtls_proxy_verify_callback = c_callback  # noqa: SLF001
     _lib.SSL_CTX_set_verify(ctx._context, mode, c_callback)  # noqa: SLF001
+
+
+# ``check(connection, client_certificate)``: None lets the resumption go on, a
+# TLS alert number (SSL_AD_*) refuses it with that alert.
+ResumptionCheck = Callable[[SSL.Connection, crypto.X509], int | None]
+
+
+def set_resumption_check(ctx: SSL.Context, check: ResumptionCheck) -> None:
+    """Run ``check`` on every handshake that resumes a session with a client certificate.
+
+    OpenSSL resumes a session without verifying the client again, so without
+    this a session outlives the certificate it was made with. The hooks made
+    for this are not in this build's binding (cryptography 50, OpenSSL 4.0):
+    neither ``SSL_CTX_set_session_ticket_cb`` (whose decrypt callback could
+    turn a ticket into a full handshake) nor ``SSL_CTX_sess_set_new_cb``,
+    ``SSL_SESSION_set_timeout`` or ``SSL_CTX_remove_session`` (to cap or drop
+    a session), and the cryptography module exports no OpenSSL symbol to reach
+    them otherwise.
+
+    What is bound is the servername callback
+    (``SSL_CTX_set_tlsext_servername_callback(3)``), and it runs at the right
+    moment. OpenSSL calls it on every ClientHello, with or without SNI, after
+    it has picked the session to resume and before the server sends anything:
+    ``SSL_session_reused`` is already 1 and ``SSL_get_peer_certificate``
+    returns the session's client certificate (checked with TLS 1.3 tickets,
+    TLS 1.2 tickets and TLS 1.2 session ids). Returning
+    ``SSL_TLSEXT_ERR_ALERT_FATAL`` ends the handshake with the alert, so the
+    client never gets a working connection. It cannot turn the resumption
+    into a full handshake: the session is already chosen. On that fatal
+    alert OpenSSL removes a cached session id from the Context's cache, so a
+    TLS 1.2 client's next try is a full handshake; a ticket cannot be
+    withdrawn, and a client that offers it again is refused again.
+
+    A Context has one servername callback: pyOpenSSL's
+    ``Context.set_tlsext_servername_callback`` would replace this one.
+    """
+
+    def trampoline(ssl, alert, _arg) -> int:
+        try:
+            if not _lib.SSL_session_reused(ssl):
+                return _lib.SSL_TLSEXT_ERR_OK  # a full handshake: the verify callback sees the client
+            cert = _lib.SSL_get_peer_certificate(ssl)  # a new reference (SSL_get1_peer_certificate)
+            if cert == _ffi.NULL:
+                return _lib.SSL_TLSEXT_ERR_OK  # an anonymous session (client_auth optional or none)
+            refusal = check(SSL.Connection._reverse_mapping[ssl], crypto.X509._from_raw_x509_ptr(cert))  # noqa: SLF001
+        except Exception:  # never let an exception cross into OpenSSL; fail closed
+            log.exception("resumption check failed; refusing the resumption")
+            refusal = SSL_AD_INTERNAL_ERROR
+        if refusal is None:
+            return _lib.SSL_TLSEXT_ERR_OK
+        alert[0] = refusal
+        return _lib.SSL_TLSEXT_ERR_ALERT_FATAL
+
+    c_callback = _ffi.callback("int (*)(SSL *, int *, void *)", trampoline)
+    # The cffi callback must live as long as the Context that points at it.
+    ctx._mtls_proxy_resumption_callback = c_callback  # noqa: SLF001
+    _lib.SSL_CTX_set_tlsext_servername_callback(ctx._context, c_callback)  # noqa: SLF001

@@ -47,6 +47,7 @@ from proxy.tls._openssl import (
     VerifyStep,
     set_verify,
 )
+from proxy.tls.resumption import refuse_expired_resumptions
 
 log = logging.getLogger("proxy.tls")
 
@@ -244,6 +245,7 @@ def build_server_tls(listener: ListenerConfig, materials: ListenerMaterials, *, 
     # Resumption with client auth needs a session id context, or OpenSSL
     # fails the handshake of every client that tries to resume.
     ctx.set_session_id(hashlib.sha256(b"mtls-proxy/" + listener.name.encode()).digest()[:32])
+    refuse_expired_resumptions(ctx)  # a resumed session skips verification: see resumption.py
 
     if tls.alpn:
         ctx.set_alpn_select_callback(_alpn_selector(tuple(p.encode() for p in tls.alpn)))
