@@ -476,3 +476,85 @@ async def test_buffers_given_back_mid_record_lose_nothing(tls, client_ctx):
     assert await receive_exactly(server, 9) == b"and after"
     await client.aclose()
     await server.aclose()
+
+
+# ---- the close after a fatal alert -------------------------------------------------
+
+
+def tcp_socketpair() -> tuple[socket.socket, socket.socket]:
+    """Two ends of a loopback TCP connection: the lingering close reads TCP's acknowledgements."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    return server, client
+
+
+async def refused_pair(test_pki) -> tuple[TLSStream, TLSStream]:
+    """(server, client) over loopback TCP: a TLS 1.3 client without a certificate, whose own handshake completed,
+    refused by the proxy's context (certificate_required written and sent)."""
+    server_sock, client_sock = tcp_socketpair()
+    conn, _ = server_tls(test_pki, "1.3").new_connection()
+    server = TLSStream(SocketStream(server_sock), conn)
+    client_ctx = openssl_client_context(test_pki, None, version="1.3")
+    client = TLSStream(SocketStream(client_sock), client_connection(client_ctx), server_side=False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.do_handshake)  # TLS 1.3: the client is done before the server has judged it
+        with pytest.raises(SSL.Error, match="peer did not return a certificate"):
+            await server.do_handshake()
+    return server, client
+
+
+async def test_after_an_alert_the_close_waits_for_the_peer_to_read_it(test_pki, autojump_clock):
+    # The server half-closes and waits: the client reads the alert, then the
+    # end of data, and only its own close ends the server's.
+    server, client = await refused_pair(test_pki)
+    await client.transport_stream.send_all(b"a request the client wrote before it knew")
+    closed_at = None
+
+    async def close_server() -> None:
+        nonlocal closed_at
+        await server.aclose()
+        closed_at = trio.current_time()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(close_server)
+        with pytest.raises(trio.BrokenResourceError) as info:
+            await client.receive_some(10)
+        assert "certificate required" in str(info.value.__cause__)
+        await trio.testing.wait_all_tasks_blocked()
+        assert closed_at is None  # still lingering: the unread request did not reset the connection
+        started = trio.current_time()
+        await client.aclose()
+    assert closed_at - started < stream_module.LINGER_TIMEOUT
+
+
+async def test_a_peer_that_neither_reads_nor_closes_holds_the_close_for_the_linger_timeout(test_pki, autojump_clock):
+    server, client = await refused_pair(test_pki)
+    started = trio.current_time()
+    await server.aclose()
+    assert trio.current_time() - started == pytest.approx(stream_module.LINGER_TIMEOUT, abs=0.01)
+    await client.aclose()
+
+
+async def test_a_peer_that_never_stops_sending_cannot_hold_the_close(test_pki, monkeypatch):
+    # The time bound out of the way, only the byte bound can end the linger:
+    # without it this test runs into its deadline.
+    monkeypatch.setattr(stream_module, "LINGER_TIMEOUT", 3600)
+    server, client = await refused_pair(test_pki)
+    sent = 0
+
+    async def flood() -> None:
+        nonlocal sent
+        try:
+            while True:
+                await client.transport_stream.send_all(b"z" * 65536)
+                sent += 65536
+        except trio.BrokenResourceError:
+            pass  # the server's close reset it
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flood)
+            await server.aclose()
+    assert sent > stream_module.LINGER_MAX_BYTES  # it was still sending when the server closed
+    await client.aclose()
