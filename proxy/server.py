@@ -24,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from proxy.admin import admin_handler
+from proxy.capacity import give_memory_back, open_connections
 from proxy.config import Config, ConfigError, TCPAddress
 from proxy.connection import ListenerRuntime, handle_connection
 from proxy.httpserver import serve_http
@@ -156,6 +157,7 @@ class Proxy:
                     bound.admin = format_address((host, port))
                 if self.config.reload.watch_interval > 0:
                     outer.start_soon(self._watch_files, self.config.reload.watch_interval)
+                outer.start_soon(give_memory_back, lambda: open_connections(self.metrics))
                 await self._serve(sockets, bound, task_status)
                 outer.cancel_scope.cancel()  # the drain is over: stop the admin endpoint
         finally:
