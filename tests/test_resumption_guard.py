@@ -11,6 +11,7 @@ session, so the client goes through a full handshake, which fails `revoked`.
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 import time
@@ -133,8 +134,9 @@ async def test_the_refusal_counter_exists_before_the_first_refusal(nursery, test
 
 
 async def test_a_session_does_not_resume_once_its_client_certificate_has_expired(
-    nursery, test_pki, echo_backend, tmp_path
+    nursery, test_pki, echo_backend, tmp_path, caplog
 ):
+    caplog.set_level(logging.INFO, logger="proxy.access")
     p = await start_proxy(nursery, test_pki, echo_backend.address)
     cred = short_lived_client(test_pki, tmp_path)
     contexts = {kind: kind_context(test_pki, cred, kind) for kind in KINDS}
@@ -151,6 +153,12 @@ async def test_a_session_does_not_resume_once_its_client_certificate_has_expired
         await wait_for(lambda count=count: resumption_failures(p, "expired") == count)
         assert p.failures("expired") == count, kind
     assert resumed_sessions(p) == resumed_before  # none of them got through
+
+    def refusals() -> list[dict]:
+        return [r.fields for r in caplog.records if r.name == "proxy.access" and r.fields.get("reason") == "expired"]
+
+    await wait_for(lambda: len(refusals()) == len(KINDS))  # the line is written once the connection is closed
+    assert all(line["client_subject"] == "CN=short-lived,O=Acme" for line in refusals()), refusals()
 
 
 async def test_an_expired_session_id_is_dropped_so_the_next_try_is_a_full_handshake(
