@@ -668,8 +668,9 @@ class HttpRelay:
             raise _Reject(431, "headers_too_large")
         if request.method == b"CONNECT":
             raise _Reject(405, "connect_not_allowed")
-        _check_framing(request)
-        self._request_chunked = any(name == b"transfer-encoding" for name, _ in request.headers)
+        names = {name for name, _ in request.headers}
+        _check_framing(request, names)
+        self._request_chunked = b"transfer-encoding" in names
         if self._request_chunked:  # h11 accepts no coding but chunked
             self._request_chunks = ChunkedReader(self._limit)
             self._check_request_chunks(self._client.trailing_data[0])  # the body bytes that came with the head
@@ -815,9 +816,11 @@ class HttpRelay:
 # ---- helpers -----------------------------------------------------------------------------------------------------
 
 
-def _check_framing(request: h11.Request) -> None:
-    """Refuse what h11 lets through but a backend might frame differently (see "Errors" in the module docstring)."""
-    names = {name for name, _ in request.headers}
+def _check_framing(request: h11.Request, names: set[bytes]) -> None:
+    """Refuse what h11 lets through but a backend might frame differently (see "Errors" in the module docstring).
+
+    `names`: the request's header names (h11 gives them lowercase).
+    """
     if b"content-length" in names and b"transfer-encoding" in names:
         raise _Reject(400, "bad_request", "both Content-Length and Transfer-Encoding")
     if request.http_version < b"1.1":
@@ -825,9 +828,11 @@ def _check_framing(request: h11.Request) -> None:
             raise _Reject(400, "bad_request", "Transfer-Encoding in an HTTP/1.0 request")
         if b"host" not in names:
             raise _Reject(400, "bad_request", "an HTTP/1.0 request without Host")
-    for name, value in request.headers:
-        if name == b"content-length" and len(value) > _MAX_LENGTH_DIGITS:
-            raise _Reject(400, "bad_request", f"Content-Length {value[:40]!r} is too large")
+    if b"content-length" in names:
+        # h11 has checked that it is digits and merged identical copies into one.
+        length = next(value for name, value in request.headers if name == b"content-length")
+        if len(length) > _MAX_LENGTH_DIGITS:
+            raise _Reject(400, "bad_request", f"Content-Length {length[:40]!r} is too large")
 
 
 def _client_error(exc: h11.RemoteProtocolError) -> _Reject:
