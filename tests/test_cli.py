@@ -542,3 +542,15 @@ def test_help_lists_the_subcommands():
     assert result.returncode == 0
     for command in ("run", "check", "demo", "certs"):
         assert command in result.stdout
+
+
+def test_check_names_the_allow_entry_with_a_bad_wildcard(tmp_path, test_pki):
+    # This pattern used to reach Policy.from_rules unchecked: `check` printed a traceback.
+    config = base_config(test_pki)
+    _listener(config)["client_auth"]["allow"] = {"dns_sans": ["web-*.prod.svc"]}
+    path = write_config(tmp_path, config)
+    assert_config_error(
+        check(path),
+        f"{path}: ",
+        "listeners[0].client_auth.allow.dns_sans[0]: pattern 'web-*.prod.svc': a wildcard must be a whole label",
+    )

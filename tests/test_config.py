@@ -633,3 +633,20 @@ def test_config_error_survives_pickling() -> None:
 
     err = pickle.loads(pickle.dumps(ConfigError("proxy.yaml", ["a: one", "b: two"])))
     assert (err.source, err.problems) == ("proxy.yaml", ("a: one", "b: two"))
+
+
+@pytest.mark.parametrize(
+    ("field", "pattern", "message"),
+    [
+        ("dns_sans", "web-*.prod.svc", "a wildcard must be a whole label ('*' or '**'), not 'web-*'"),
+        ("dns_sans", "**.a.**", "'**' may appear only once"),
+        ("uri_sans", "spiffe://acme/**/sa", "'**' may only be the last segment"),
+        ("uri_sans", "spiffe://acme/ns-*", "a wildcard must be a whole segment ('*' or '**'), not 'ns-*'"),
+    ],
+)
+def test_wildcard_syntax_is_checked_when_the_config_loads(field: str, pattern: str, message: str) -> None:
+    # Before, only Policy.from_rules compiled the patterns: `check` printed a traceback naming no field.
+    allow = {field: ["ok.example" if field == "dns_sans" else "spiffe://ok", pattern]}
+    problem = only_problem(with_listener(**{"client_auth.allow": allow}))
+    assert problem.startswith(f"listeners[0].client_auth.allow.{field}[1]: "), problem
+    assert message in problem
