@@ -339,7 +339,7 @@ class HeaderPolicy:
 
     def allowed_upgrades(self, protocols: Iterable[bytes]) -> list[bytes]:
         """The protocols (as sent: `WebSocket`, `foo/2`) whose name is on the allow-list, in order."""
-        return [protocol for protocol in protocols if protocol_name(protocol) in self.upgrades]
+        return [protocol for protocol in protocols if _protocol_name(protocol) in self.upgrades]
 
     def added_headers(
         self, *, client_ip: str, identity: PeerIdentity | None, leaf_der: bytes | None = None
@@ -396,12 +396,12 @@ def _checked_upgrades(upgrades: Iterable[str]) -> frozenset[str]:
     return names
 
 
-def upgrade_protocols(values: Iterable[bytes]) -> list[bytes]:
+def _upgrade_protocols(values: Iterable[bytes]) -> list[bytes]:
     """The protocols listed in Upgrade header values, stripped, in order (`b"websocket, foo/2"` -> two)."""
     return [token.strip() for value in values for token in value.split(b",") if token.strip()]
 
 
-def protocol_name(protocol: bytes) -> str:
+def _protocol_name(protocol: bytes) -> str:
     """What the allow-list compares: the name without its version, lowercased (`WebSocket/13` -> `websocket`)."""
     return protocol.split(b"/", 1)[0].strip().lower().decode("latin-1")
 
@@ -690,7 +690,7 @@ class HttpRelay:
         offered = self._offered_upgrades(request, tokens)
         if offered:
             headers.append((b"Upgrade", b", ".join(offered)))
-        self._upgrades_offered = frozenset(protocol_name(protocol) for protocol in offered)
+        self._upgrades_offered = frozenset(_protocol_name(protocol) for protocol in offered)
         self._request_closes = b"close" in tokens or request.http_version < b"1.1"
         flags = ((b"upgrade", bool(offered)), (b"close", self._request_closes))
         connection = [token for token, on in flags if on]
@@ -703,7 +703,7 @@ class HttpRelay:
         # Upgrade counts only in HTTP/1.1 and when Connection names it (RFC 9110 section 7.8).
         if request.http_version < b"1.1" or b"upgrade" not in connection_tokens:
             return []
-        protocols = upgrade_protocols(value for name, value in request.headers if name == b"upgrade")
+        protocols = _upgrade_protocols(value for name, value in request.headers if name == b"upgrade")
         return self._policy.allowed_upgrades(protocols)
 
     # -- responses: framed by proxy.httpresponse, passed on as they came --
@@ -800,7 +800,7 @@ class HttpRelay:
             self._drain_client(out)  # a pipelined request (or the client's EOF) was waiting
 
     def _switch(self, status_line: bytes, head: ResponseHead, rest: bytes, out: _Out) -> None:
-        switched_to = {protocol_name(protocol) for protocol in upgrade_protocols(head.values(b"upgrade"))}
+        switched_to = {_protocol_name(protocol) for protocol in _upgrade_protocols(head.values(b"upgrade"))}
         if not self._upgrades_offered or not switched_to or not switched_to <= self._upgrades_offered:
             offered = ", ".join(sorted(self._upgrades_offered)) or "none"
             raise _Reject(502, "upgrade_refused", f"101 to {sorted(switched_to)} (allowed and offered: {offered})")
