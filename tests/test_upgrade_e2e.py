@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import subprocess
+import sys
 from dataclasses import dataclass, field
 
 import h2.config
@@ -20,6 +22,7 @@ import h2.events
 import hypercorn.config
 import hypercorn.trio
 import trio
+import yaml
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Message, Request, TextMessage
 
@@ -267,3 +270,18 @@ async def test_websocket_upgrade_to_hypercorn_still_works_with_the_proxys_identi
     [xfcc] = ws.headers["x-forwarded-client-cert"]
     assert "FORGED" not in xfcc and "CN=admin" not in xfcc and 'Subject="CN=alice' in xfcc
     await wait_for(lambda: p.metric("mtls_proxy_http_responses_total", code="101") == 1)
+
+
+def test_a_config_that_allows_h2c_is_refused_before_anything_starts(tmp_path, test_pki):
+    listener = {
+        "name": "api", "listen": "127.0.0.1:18443",
+        "tls": {"cert": str(test_pki.server.cert), "key": str(test_pki.server.key)},
+        "client_auth": {"mode": "optional", "trusted_ca": str(test_pki.client_ca)},
+        "backend": {"address": "127.0.0.1:8080", "protocol": "http", "upgrades": ["websocket", "H2C"]},
+    }
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump({"listeners": [listener]}))
+    result = subprocess.run([sys.executable, "-m", "proxy", "check", "--config", str(path)], capture_output=True,
+                            text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "backend.upgrades" in result.stderr and "h2c" in result.stderr, result.stderr
