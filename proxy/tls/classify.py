@@ -51,9 +51,7 @@ _TLS_HANDSHAKE_RECORD = 0x16
 # public API for either; these few lines are the only use of its bindings
 # outside proxy.tls._openssl.
 
-X509_V_ERR_INVALID_NON_CA: int = _lib.X509_V_ERR_INVALID_NON_CA
-X509_V_ERR_KEYUSAGE_NO_DIGITAL_SIGNATURE: int = _lib.X509_V_ERR_KEYUSAGE_NO_DIGITAL_SIGNATURE
-X509_V_ERR_INVALID_EXTENSION: int = _lib.X509_V_ERR_INVALID_EXTENSION
+X509_V_ERR_CERT_REJECTED: int = _lib.X509_V_ERR_CERT_REJECTED  # what the strict leaf rules report
 
 
 def verify_error_text(code: int) -> str:

@@ -35,11 +35,7 @@ from proxy.config import AllowConfig, ConfigError, ListenerConfig, TLSConfig
 from proxy.identity import PeerIdentity, identity_from_chain
 from proxy.materials import ListenerMaterials, ServerCredentials, describe_key, key_too_small
 from proxy.policy import Decision, Policy
-from proxy.tls.classify import (
-    X509_V_ERR_INVALID_EXTENSION,
-    X509_V_ERR_INVALID_NON_CA,
-    X509_V_ERR_KEYUSAGE_NO_DIGITAL_SIGNATURE,
-)
+from proxy.tls.classify import X509_V_ERR_CERT_REJECTED
 from proxy.tls._openssl import (
     X509_V_ERR_APPLICATION_VERIFICATION,
     X509_V_ERR_UNABLE_TO_GET_CRL,
@@ -118,9 +114,12 @@ def _verify_callback(conn: SSL.Connection, step: VerifyStep, ok: bool) -> bool:
     if depth != 0:
         return True
     # The leaf, after its whole chain verified: the strict rules, then authorize.
-    if record.strict and (broken := strict_leaf_refusal(cert)) is not None:
-        record.refusal, code = broken
-        step.set_error(code)  # OpenSSL answers it with a bad_certificate alert
+    if record.strict and (refusal := strict_leaf_refusal(cert)) is not None:
+        record.refusal = refusal
+        # Measured with this OpenSSL: "certificate rejected" is answered with a
+        # bad_certificate alert; the closer codes (invalid non-CA, keyUsage
+        # without digitalSignature) get "certificate unknown".
+        step.set_error(X509_V_ERR_CERT_REJECTED)
         return False
     try:
         record.identity = record.identify([record.chain[d] for d in sorted(record.chain)])
@@ -136,23 +135,22 @@ def _verify_callback(conn: SSL.Connection, step: VerifyStep, ok: bool) -> bool:
     return True
 
 
-def strict_leaf_refusal(leaf: x509.Certificate) -> tuple[str, int] | None:
-    """The rule of ``client_auth.strict`` that ``leaf`` breaks, with the X509 error to report, or None.
+def strict_leaf_refusal(leaf: x509.Certificate) -> str | None:
+    """The rule of ``client_auth.strict`` that ``leaf`` breaks, or None.
 
     OpenSSL accepts both as a client's leaf: a CA certificate, which should
     only ever sign certificates, and a keyUsage without digitalSignature, which
     says the key may not sign, while a client signs the handshake with it.
-    OpenSSL's ssl_x509err2alert turns both codes into a bad_certificate alert.
     """
     try:
         constraints = _extension(leaf, x509.BasicConstraints)
         usage = _extension(leaf, x509.KeyUsage)
     except (ValueError, TypeError, x509.DuplicateExtension):
-        return "client certificate extensions cannot be parsed", X509_V_ERR_INVALID_EXTENSION
+        return "client certificate extensions cannot be parsed"
     if constraints is not None and constraints.ca:
-        return "client certificate is a CA certificate (basicConstraints CA:TRUE)", X509_V_ERR_INVALID_NON_CA
+        return "client certificate is a CA certificate (basicConstraints CA:TRUE)"
     if usage is not None and not usage.digital_signature:
-        return "client certificate keyUsage lacks digitalSignature", X509_V_ERR_KEYUSAGE_NO_DIGITAL_SIGNATURE
+        return "client certificate keyUsage lacks digitalSignature"
     return None
 
 
