@@ -9,9 +9,16 @@ it. For each certificate of the client's chain OpenSSL calls the callback
 (root first, leaf last) with its own verdict. We keep the client's leaf (to
 log it even when it is refused), the verified chain, every error code (so a
 failure has a precise reason), and on the leaf, once the whole chain is
-verified, we run the allow rules. Denying there makes the handshake
-itself fail: the client gets an alert instead of a session that is then cut,
-and a denied client never sends a byte of application data.
+verified, we apply the strict leaf rules (``client_auth.strict``) and the
+allow rules. Refusing there makes the handshake itself fail: the client gets
+an alert instead of a session that is then cut, and a refused client never
+sends a byte of application data.
+
+``build_server_tls`` is the one failure boundary of a listener's TLS setup:
+anything OpenSSL, cryptography or the allow-pattern compiler refuses while
+building it becomes a ConfigError naming the field and the file, so that
+``check`` and ``run`` exit 2 with a message and a reload keeps the old
+material.
 """
 
 from __future__ import annotations
@@ -111,10 +118,12 @@ def _verify_callback(conn: SSL.Connection, step: VerifyStep, ok: bool) -> bool:
     if cert is None:
         return False
     record.chain[depth] = cert
-    if depth != 0:
-        return True
-    # The leaf, after its whole chain verified: the strict rules, then authorize.
-    if record.strict and (refusal := strict_leaf_refusal(cert)) is not None:
+    return True if depth != 0 else _accept_leaf(record, step, cert)
+
+
+def _accept_leaf(record: HandshakeRecord, step: VerifyStep, leaf: x509.Certificate) -> bool:
+    """The leaf, once its whole chain verified: the strict rules, then the allow rules."""
+    if record.strict and (refusal := strict_leaf_refusal(leaf)) is not None:
         record.refusal = refusal
         # Measured with this OpenSSL: "certificate rejected" is answered with a
         # bad_certificate alert; the closer codes (invalid non-CA, keyUsage
@@ -220,13 +229,10 @@ class ServerTLS:
 
 
 def build_server_tls(listener: ListenerConfig, materials: ListenerMaterials, *, index: int = 0) -> ServerTLS:
-    """Build the Context and compile the allow rules, or raise ConfigError.
-
-    This is the one failure boundary of a listener's TLS setup: whatever
-    OpenSSL, cryptography or the pattern compiler refuses here becomes a
-    ConfigError naming the field and the file, so ``check`` and ``run`` exit
-    with a message and a reload keeps the old material. materials.py already
-    explains what it can foresee (key sizes, curves); this catches the rest.
+    """Build the Context and compile the allow rules, or raise a ConfigError
+    that names the field and the file (the failure boundary: see the module
+    docstring). materials.py already explains what it can foresee, such as
+    key sizes and curves; this catches whatever else OpenSSL refuses.
     """
     where = f"listeners[{index}]"
     tls = listener.tls
