@@ -216,7 +216,8 @@ def set_resumption_check(ctx: SSL.Context, check: ResumptionCheck) -> None:
     withdrawn, and a client that offers it again is refused again.
 
     A Context has one servername callback: pyOpenSSL's
-    ``Context.set_tlsext_servername_callback`` would replace this one.
+    ``Context.set_tlsext_servername_callback`` would replace this one. A full
+    handshake pays only the callback's entry and ``SSL_session_reused``.
     """
 
     def trampoline(ssl, alert, _arg) -> int:
@@ -226,7 +227,8 @@ def set_resumption_check(ctx: SSL.Context, check: ResumptionCheck) -> None:
             cert = _lib.SSL_get_peer_certificate(ssl)  # a new reference (SSL_get1_peer_certificate)
             if cert == _ffi.NULL:
                 return _lib.SSL_TLSEXT_ERR_OK  # an anonymous session (client_auth optional or none)
-            refusal = check(SSL.Connection._reverse_mapping[ssl], crypto.X509._from_raw_x509_ptr(cert))  # noqa: SLF001
+            peer = crypto.X509._from_raw_x509_ptr(cert)  # noqa: SLF001 - owns the reference from here on
+            refusal = check(SSL.Connection._reverse_mapping[ssl], peer)  # noqa: SLF001
         except Exception:  # never let an exception cross into OpenSSL; fail closed
             log.exception("resumption check failed; refusing the resumption")
             refusal = SSL_AD_INTERNAL_ERROR

@@ -30,6 +30,11 @@ handshake would give: an expired certificate is refused either way. A TLS 1.2
 client's cached session id is dropped by the refusal, so its next try is a
 full handshake; a ticket is refused each time it is offered.
 
+Cost, measured on a shared 2-core machine with both ends in one process: the
+check itself takes 5 to 10 µs (median, timed inside the callback), and a
+resumed handshake's CPU grew by 9 to 14 µs with TLS 1.2 (about 115 to 135 µs
+without it) and by 4 to 42 µs with TLS 1.3 (about 450 to 520 µs, noisier).
+
 Not checked: the expiry of the CAs above the leaf and the CRL's nextUpdate,
 which can also pass within a Context's lifetime. A session carries only the
 client's leaf, and refusing on a guess would lock out a client whose full
