@@ -20,6 +20,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,20 +194,27 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def trim_now() -> tuple[int, int]:
-    """Give the C heap's free pages back to the kernel; RSS before and after."""
-    before = rss_bytes()
+@dataclass(frozen=True)
+class Trimmed:
+    rss_before: int
+    rss_after: int
+    seconds: float
+
+
+def trim_now() -> Trimmed:
+    """Give the C heap's free pages back to the kernel."""
+    before, started = rss_bytes(), time.perf_counter()
     if malloc_trim is not None:
         malloc_trim(0)
-    return before, rss_bytes()
+    return Trimmed(before, rss_bytes(), time.perf_counter() - started)
 
 
 async def give_memory_back(count_open: Callable[[], int], interval: float = TRIM_CHECK_INTERVAL) -> None:
     """Run for the life of the proxy: after a burst of connections ends, hand the freed memory back to the kernel.
 
-    malloc_trim walks the whole heap: 15 ms for the 95 MB freed by 3,000 connections, 50 ms for 9,900 (measured,
-    bench/README.md "Memory after a burst"). ctypes lets go of the GIL during the call, so it runs in a thread and
-    the event loop keeps serving (a malloc of the loop's may wait for the heap's lock meanwhile).
+    malloc_trim walks the whole heap: 9-15 ms to give back the 95 MB freed by 3,000 connections (bench/README.md,
+    "Memory after a burst"). ctypes lets go of the GIL during the call, so it runs in a thread and the event loop
+    keeps serving meanwhile (a malloc of the loop's may wait for the heap's lock).
     """
     if malloc_trim is None:
         return
@@ -214,6 +222,6 @@ async def give_memory_back(count_open: Callable[[], int], interval: float = TRIM
     while True:
         await trio.sleep(interval)
         if watch.should_trim(count_open()):
-            before, after = await trio.to_thread.run_sync(trim_now)
-            log.info("connections fell from their peak: gave %.0f MB back to the kernel (RSS %.0f -> %.0f MB)",
-                     (before - after) / 1e6, before / 1e6, after / 1e6)
+            done = await trio.to_thread.run_sync(trim_now)
+            log.info("connections fell from their peak: RSS %.0f -> %.0f MB after malloc_trim (%.1f ms)",
+                     done.rss_before / 1e6, done.rss_after / 1e6, done.seconds * 1000)
