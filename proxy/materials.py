@@ -104,18 +104,20 @@ def load_listener_materials(
     report = _Report(prefix=f"listeners[{index}]", now=_utc(now))
     client_auth = listener.client_auth
 
-    server = _load_server_credentials(listener, report)
+    server = _decoded("tls.cert", listener.tls.cert, report, lambda: _load_server_credentials(listener, report), None)
     trusted_ca: tuple[x509.Certificate, ...] = ()
     advertised_ca: tuple[x509.Certificate, ...] = ()
     crls: tuple[x509.CertificateRevocationList, ...] = ()
-    if client_auth.trusted_ca is not None:
-        trusted_ca = _load_ca_bundle(client_auth.trusted_ca, "client_auth.trusted_ca", report)
+    if (path := client_auth.trusted_ca) is not None:
+        trusted_ca = _decoded("client_auth.trusted_ca", path, report,
+                              lambda: _load_ca_bundle(path, "client_auth.trusted_ca", report), ())
         advertised_ca = trusted_ca
-    if client_auth.advertised_ca is not None:
-        advertised_ca = _load_ca_bundle(client_auth.advertised_ca, "client_auth.advertised_ca", report)
-    if client_auth.crl is not None:
-        crls = _load_crls(client_auth.crl, "client_auth.crl", report)
-        _warn_uncovered_cas(trusted_ca, crls, client_auth.crl, report)
+    if (path := client_auth.advertised_ca) is not None:
+        advertised_ca = _decoded("client_auth.advertised_ca", path, report,
+                                 lambda: _load_ca_bundle(path, "client_auth.advertised_ca", report), ())
+    if (path := client_auth.crl) is not None:
+        crls = _decoded("client_auth.crl", path, report, lambda: _load_crls(path, "client_auth.crl", report), ())
+        _decoded("client_auth.crl", path, report, lambda: _warn_uncovered_cas(trusted_ca, crls, path, report), None)
 
     if report.errors or server is None:
         raise ConfigError(str(source) if source else report.source(), report.errors)
@@ -155,6 +157,20 @@ class _Report:
 
     def source(self) -> str:
         return str(next(iter(self.files))) if len(self.files) == 1 else self.prefix
+
+
+# What cryptography raises when it decodes a part of a certificate or CRL it had loaded: names and extensions are
+# parsed lazily, on first access, so a malformed one surfaces in whichever check reads it first.
+_DECODE_ERRORS = (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
+
+
+def _decoded(field_name: str, path: Path, report: _Report, load: Callable[[], T], fallback: T) -> T:
+    """Run the loading and checks of one field; a part cryptography cannot decode becomes an error of that field."""
+    try:
+        return load()
+    except _DECODE_ERRORS as exc:
+        report.error(field_name, path, f"a certificate or CRL in the file has a part that cannot be decoded ({exc})")
+        return fallback
 
 
 def _utc(now: datetime | None) -> datetime:
@@ -303,6 +319,9 @@ def _same_public_key(public_key: CertificatePublicKeyTypes, key: PrivateKeyTypes
 def _check_chain(chain: list[x509.Certificate], path: Path, report: _Report) -> None:
     """Validity of each certificate, and order: each one must be issued by the next (clients need that)."""
     for position, certificate in enumerate(chain):
+        # OpenSSL serves a certificate whose extensions do not decode, and every client refuses it; decoding
+        # them here raises, and _decoded reports it.
+        _ = certificate.extensions
         _check_server_validity(certificate, position, path, report)
     for position, (child, issuer) in enumerate(zip(chain, chain[1:])):
         problem = _issued_by_problem(child, position, issuer)

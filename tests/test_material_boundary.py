@@ -40,7 +40,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from proxy import pki
 from proxy.config import ConfigError, parse
@@ -143,6 +143,25 @@ def _ca_with_client(name: str, key) -> tuple[bytes, Client]:
     return _pem(ca), Client(_pem(client), _key_pem(client_key))
 
 
+def _with_undecodable_extension(name: str, key, issuer: x509.Name | None = None, issuer_key=None) -> x509.Certificate:
+    """A certificate whose basicConstraints is three bytes of garbage: cryptography loads it, then fails to decode
+    the extension on first access."""
+    now = datetime.now(timezone.utc)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer or subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=30))
+        .add_extension(x509.UnrecognizedExtension(ExtensionOID.BASIC_CONSTRAINTS, b"\x01\x02\x03"), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(issuer_key or key, hashes.SHA256())
+    )
+
+
 def _truncated(pem: bytes) -> bytes:
     return pem[: len(pem) // 2]
 
@@ -198,6 +217,10 @@ def _build_material() -> Material:
     add(Case("server-cert-garbled", "tls.cert", {"server.crt": _garbled("CERTIFICATE")},
              expect=("not a valid X.509 certificate",)))
     add(Case("server-cert-empty", "tls.cert", {"server.crt": b""}, expect=("not a PEM file",)))
+    odd_key = ec.generate_private_key(ec.SECP256R1())
+    add(Case("server-cert-undecodable-extension", "tls.cert", {
+        "server.crt": _pem(_with_undecodable_extension("localhost", odd_key, server_ca.cert.subject, server_ca.key)),
+        "server.key": _key_pem(odd_key)}, expect=("cannot be decoded",)))
     add(Case("server-key-truncated", "tls.key", {"server.key": _truncated(base["server.key"])},
              expect=("contains no private key",)))
     add(Case("server-key-is-a-certificate", "tls.key", {"server.key": base["server.crt"]},
@@ -220,6 +243,9 @@ def _build_material() -> Material:
              expect=("contains no certificate",)))
     add(Case("trusted-a-leaf", "client_auth.trusted_ca", {"client-ca.crt": material.base_client.cert},
              expect=("is not a CA certificate",)))
+    add(Case("trusted-undecodable-extension", "client_auth.trusted_ca",
+             {"client-ca.crt": _pem(_with_undecodable_extension("Odd CA", ec.generate_private_key(ec.SECP256R1())))},
+             expect=("cannot be decoded",)))
     ca_case("advertised-rsa1024", "client_auth.advertised_ca", "rsa1024", accepted=True)
     ca_case("advertised-ed448", "client_auth.advertised_ca", "ed448", accepted=True)
     add(Case("advertised-truncated", "client_auth.advertised_ca",
@@ -245,9 +271,9 @@ def material() -> Material:
 _CASE_IDS = [
     "server-rsa1024", "server-secp192r1", "server-dsa", "server-brainpool", "server-ed448", "server-ed25519",
     "server-rsa-cert-ec-key", "server-cert-truncated", "server-cert-garbled", "server-cert-empty",
-    "server-key-truncated", "server-key-is-a-certificate",
+    "server-cert-undecodable-extension", "server-key-truncated", "server-key-is-a-certificate",
     "trusted-rsa1024", "trusted-secp192r1", "trusted-dsa", "trusted-ed448", "trusted-brainpool", "trusted-truncated",
-    "trusted-a-leaf", "advertised-rsa1024", "advertised-ed448", "advertised-truncated",
+    "trusted-a-leaf", "trusted-undecodable-extension", "advertised-rsa1024", "advertised-ed448", "advertised-truncated",
     "crl-truncated", "crl-der-garbage", "crl-is-a-certificate", "crl-of-another-ca",
 ]
 
