@@ -10,6 +10,7 @@ the protocol libraries Hypercorn itself uses.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import ssl
 import subprocess
@@ -216,8 +217,9 @@ async def test_h2c_upgrade_cannot_carry_forged_identity_to_the_application(nurse
     assert p.metric("mtls_proxy_http_responses_total", code="101") == 0
 
 
-async def test_a_101_the_proxy_did_not_allow_is_502_and_opens_no_tunnel(nursery, test_pki):
+async def test_a_101_the_proxy_did_not_allow_is_502_and_opens_no_tunnel(nursery, test_pki, caplog):
     """A backend that switches to h2c although no Upgrade reached it (a rogue or buggy one)."""
+    caplog.set_level(logging.INFO, logger="proxy.access")
     received = []
 
     async def switching_backend(stream, backend):
@@ -236,6 +238,9 @@ async def test_a_101_the_proxy_did_not_allow_is_502_and_opens_no_tunnel(nursery,
     assert received[1:] == []
     await wait_for(lambda: p.metric("mtls_proxy_http_responses_total", code="502") == 1)
     assert p.metric("mtls_proxy_http_responses_total", code="101") == 0
+    await wait_for(lambda: any(r.name == "proxy.access" for r in caplog.records))
+    [line] = [r.fields for r in caplog.records if r.name == "proxy.access"]
+    assert line["ended_by"] == "upgrade_refused", line
 
 
 def websocket_echo(port: int, ctx: ssl.SSLContext, text: str) -> str:
