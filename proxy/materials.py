@@ -307,7 +307,9 @@ def _public_key(certificate: x509.Certificate) -> CertificatePublicKeyTypes:
     try:
         return certificate.public_key()
     except (ValueError, UnsupportedAlgorithm) as exc:
-        raise _Unusable(f"the key of {describe_name(certificate.subject)} is of a type that cannot be used ({exc})") from None
+        raise _Unusable(
+            f"the key of {describe_name(certificate.subject)} is of a type that cannot be used ({exc})"
+        ) from None
 
 
 def _same_public_key(public_key: CertificatePublicKeyTypes, key: PrivateKeyTypes) -> bool:
@@ -419,7 +421,7 @@ def _server_key_problem(key: CertificatePublicKeyTypes) -> str | None:
         )
     if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name not in _TLS_CURVES:
         return (
-            f"key is on curve {key.curve.name}: clients sign and verify TLS handshakes only on "
+            f"key is on curve {key.curve.name}: TLS clients verify handshake signatures only on "
             f"{', '.join(_TLS_CURVES)}, so every handshake would fail; use an ECDSA P-256 key"
         )
     if not isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey,

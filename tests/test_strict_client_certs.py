@@ -31,7 +31,8 @@ CA_LEAF_RULE = "client certificate is a CA certificate (basicConstraints CA:TRUE
 KEY_USAGE_RULE = "client certificate keyUsage lacks digitalSignature"
 
 
-def _usage(*, digital_signature: bool = False, key_agreement: bool = False, key_cert_sign: bool = False) -> x509.KeyUsage:
+def _usage(*, digital_signature: bool = False, key_agreement: bool = False,
+           key_cert_sign: bool = False) -> x509.KeyUsage:
     return x509.KeyUsage(
         digital_signature=digital_signature, content_commitment=False, key_encipherment=False,
         data_encipherment=False, key_agreement=key_agreement, key_cert_sign=key_cert_sign, crl_sign=False,

@@ -5,8 +5,9 @@ the detail is for the log line and says exactly what happened.
 
 Sources, most specific first: the handshake timed out; the client's first bytes
 were not TLS at all; the verify callback recorded an X509 error code (the
-precise cause of a certificate rejection) or an allow-rule denial; OpenSSL's
-error reason strings; the transport failed.
+precise cause of a certificate rejection), a strict leaf rule the certificate
+broke, or an allow-rule denial; OpenSSL's error reason strings; the transport
+failed.
 """
 
 from __future__ import annotations
