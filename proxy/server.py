@@ -3,19 +3,24 @@
 Nurseries (habit 4 in STYLE.md, from hypercorn): the accept loops live in
 their own nursery, the connection handlers in another. Stopping cancels the
 accept loops only (new connections are refused once the sockets close), then
-gives the handlers a drain deadline. The admin endpoint lives outside both, so
-`/readyz` can say 503 during the drain.
+gives the connections until the drain deadline, and then closes the rest in
+batches. The admin endpoint lives outside both, so `/readyz` can say 503
+during the drain.
 
 The accept loop never handshakes (habit 1): it only takes a connection slot,
-accepts, and starts a handler task. At ``max_connections`` it stops accepting
+accepts, and starts a handler task. At ``max_connections``, or when the
+process's file-descriptor budget (fdlimit.py) is spent, it stops accepting
 (clients wait in the kernel's backlog) instead of accepting and failing.
 """
 
 from __future__ import annotations
 
-import errno
+import gc
 import logging
+import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -23,10 +28,12 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
+from proxy.accepting import CapacityEpisode, accept_with_backoff
 from proxy.admin import admin_handler
 from proxy.capacity import give_memory_back, open_connections
 from proxy.config import Config, ConfigError, TCPAddress
 from proxy.connection import ListenerRuntime, handle_connection
+from proxy.fdlimit import connection_capacity
 from proxy.httpserver import serve_http
 from proxy.materials import ListenerMaterials, load_listener_materials
 from proxy.metrics import Metrics
@@ -36,11 +43,12 @@ from proxy.watch import changed, snapshot, watched_paths
 
 log = logging.getLogger("proxy.server")
 
-# Accept errors that mean "out of resources right now", as in trio's
-# serve_listeners: back off and retry instead of dying.
-ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-ACCEPT_BACKOFF_MIN = 0.005
-ACCEPT_BACKOFF_MAX = 1.0
+# Past the drain deadline the connections still open are cancelled this many at a time, each batch closed (and
+# logged) before the next is cancelled. Cancelling thousands at once puts them all through each step of closing
+# in lockstep: no access-log line is written until nearly the last connection is done, and the admin endpoint
+# waits behind all of them. A forced close costs about 0.3 ms of CPU, so a batch holds the loop ~30 ms.
+CLOSE_BATCH = 100
+CLOSE_BATCH_WAIT = 0.05  # seconds
 
 
 def format_address(sockname) -> str:
@@ -51,41 +59,88 @@ async def accept_loop(
     listener: SocketListener,
     rt: ListenerRuntime,
     slots: trio.Semaphore,
+    connections: OpenConnections,
     handler_nursery: trio.Nursery,
 ) -> None:
-    backoff = ACCEPT_BACKOFF_MIN
+    episode = CapacityEpisode(f"listener {rt.config.name}", log)
     while True:
-        await slots.acquire()  # at the limit, wait here: the backlog holds new clients
+        # At the listener's max_connections, or when the process's descriptor budget is spent, wait here: the
+        # backlog holds new clients, and the reserve keeps the admin endpoint answering.
+        await slots.acquire()
         try:
-            stream = await listener.accept()
-        except OSError as exc:
-            slots.release()
-            if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+            await connections.budget.acquire()
+            try:
+                stream = await accept_with_backoff(listener, episode)
+            except BaseException:
+                connections.budget.release()
                 raise
-            log.error(
-                "accept on listener %s failed: %s; retrying in %.3fs",
-                rt.config.name, exc.strerror, backoff,
-            )
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX)
-            continue
         except BaseException:
             slots.release()
             raise
-        backoff = ACCEPT_BACKOFF_MIN
-        handler_nursery.start_soon(_run_handler, stream, rt, slots)
+        handler_nursery.start_soon(_run_handler, stream, rt, slots, connections)
 
 
-async def _run_handler(stream: SocketStream, rt: ListenerRuntime, slots: trio.Semaphore) -> None:
+async def _run_handler(stream: SocketStream, rt: ListenerRuntime, slots: trio.Semaphore,
+                       connections: OpenConnections) -> None:
     try:
-        await handle_connection(stream, rt)
-    except Exception:
-        # handle_connection catches its own errors; this is the last line of
-        # defence, so one connection's bug can never stop the listener.
-        log.exception("connection handler failed on listener %s", rt.config.name)
-        await trio.aclose_forcefully(stream)
+        with connections.track():
+            try:
+                await handle_connection(stream, rt)
+            except Exception:
+                # handle_connection catches its own errors; this is the last line of
+                # defence, so one connection's bug can never stop the listener.
+                log.exception("connection handler failed on listener %s", rt.config.name)
+                await trio.aclose_forcefully(stream)
     finally:
+        connections.budget.release()
         slots.release()
+
+
+class OpenConnections:
+    """The process's open connections: their descriptor budget, and a cancel scope each for the drain.
+
+    Each connection ends in its own cancel scope. Cancelling the handlers' nursery instead would make every
+    handler end with a Cancelled that the nursery keeps, traceback and all, until the last one is done: with
+    9,900 connections that kept every connection's objects alive through the forced close, and the garbage
+    collector's full passes over them took 4.4 of the 8.5 s the drain overran its deadline.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.budget = trio.Semaphore(capacity)
+        self._scopes: set[trio.CancelScope] = set()
+        self._ended = trio.lowlevel.ParkingLot()
+        self._closing = False
+
+    def __len__(self) -> int:
+        return len(self._scopes)
+
+    @contextmanager
+    def track(self) -> Iterator[None]:
+        with trio.CancelScope() as scope:
+            if self._closing:
+                scope.cancel()
+            self._scopes.add(scope)
+            try:
+                yield
+            finally:
+                self._scopes.discard(scope)
+                self._ended.unpark_all()
+
+    async def wait_closed(self, fewer_than: int = 1) -> None:
+        """Until fewer than ``fewer_than`` connections are open."""
+        while len(self._scopes) >= fewer_than:
+            await self._ended.park()
+
+    async def close_all(self, batch: int = CLOSE_BATCH) -> None:
+        """Cancel every connection, ``batch`` at a time, each batch closed before the next is cancelled."""
+        self._closing = True
+        while self._scopes:
+            open_now = len(self._scopes)
+            for scope in list(self._scopes)[:batch]:
+                scope.cancel()
+            # A connection whose close takes long (up to CLOSE_TIMEOUT) must not hold up the others.
+            with trio.move_on_after(CLOSE_BATCH_WAIT):
+                await self.wait_closed(fewer_than=open_now - batch + 1)
 
 
 @dataclass
@@ -126,7 +181,9 @@ class Proxy:
         self.last_reload = {"result": "success", "time": time.time(), "error": None}
         self.metrics.last_reload_success.set(self.last_reload["time"])
         self._accepting: trio.CancelScope | None = None
-        self._handlers: trio.CancelScope | None = None
+        self._grace: trio.CancelScope | None = None
+        self._aborted = False
+        self.connections: OpenConnections | None = None
 
     # ---- lifecycle --------------------------------------------------------
 
@@ -166,14 +223,14 @@ class Proxy:
                     await trio.aclose_forcefully(s)
 
     async def _serve(self, sockets, bound: Bound, task_status) -> None:
+        connections = self.connections = OpenConnections(connection_capacity())
         async with trio.open_nursery() as handlers:
-            self._handlers = handlers.cancel_scope
             async with trio.open_nursery() as accepting:
                 self._accepting = accepting.cancel_scope
                 for rt, ls in zip(self.runtimes, sockets):
                     slots = trio.Semaphore(rt.config.max_connections)
                     for s in ls:
-                        accepting.start_soon(accept_loop, s, rt, slots, handlers)
+                        accepting.start_soon(accept_loop, s, rt, slots, connections, handlers)
                     log.info("listener %s on %s -> %s", rt.config.name, ", ".join(bound.listeners[rt.config.name]),
                              rt.config.backend.address, extra={"fields": {"listener": rt.config.name}})
                 self.ready = True
@@ -182,7 +239,9 @@ class Proxy:
             for ls in sockets:
                 for s in ls:
                     await trio.aclose_forcefully(s)
-            handlers.cancel_scope.deadline = trio.current_time() + self.drain_timeout
+            with trio.move_on_after(0 if self._aborted else self.drain_timeout) as self._grace:
+                await connections.wait_closed()
+            await connections.close_all()
 
     async def _bind_all(self) -> list[list[SocketListener]]:
         out: list[list[SocketListener]] = []
@@ -203,6 +262,10 @@ class Proxy:
 
     def stop(self) -> None:
         """Begin a graceful drain (idempotent)."""
+        if not self.draining:
+            # What lives now lives until the process exits, give or take the drain: out of the collector's
+            # sight, its full passes (0.1-1.3 s each with 9,900 connections, freeing nothing) stay short.
+            gc.freeze()
         self.ready = False
         self.draining = True
         if self._accepting is not None:
@@ -211,8 +274,9 @@ class Proxy:
     def abort(self) -> None:
         """Stop now: cancel every connection."""
         self.stop()
-        if self._handlers is not None:
-            self._handlers.cancel()
+        self._aborted = True
+        if self._grace is not None:
+            self._grace.cancel()
 
     # ---- reload -----------------------------------------------------------
 
