@@ -9,6 +9,7 @@ closed, the gauges back where they were, and exactly one access-log line.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -100,8 +101,11 @@ async def handle_connection(transport: SocketStream, rt: ListenerRuntime) -> Non
         out.outcome, out.reason, out.detail = "error", "other", f"{type(exc).__name__}: {exc}"
         log.exception("connection from %s failed unexpectedly", client)
     finally:
+        cancelled = trio.current_effective_deadline() == -math.inf  # a drain's deadline passed, say
         with trio.move_on_after(CLOSE_TIMEOUT) as scope:
             scope.shield = True  # closing must happen even when we are cancelled
+            if cancelled:
+                scope.cancel()  # but then without close_notify: just close the socket
             await closing.aclose()
         m.active.dec()
         elapsed = trio.current_time() - started
