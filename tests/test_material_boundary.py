@@ -365,6 +365,15 @@ def test_check_explains_odd_material_or_accepts_it(material, check_runs, case_id
         assert part in result.stderr, f"{part!r} not in:\n{result.stderr}"
 
 
+def test_run_refuses_what_check_refuses_before_binding(check_runs):
+    directory, _ = check_runs["server-rsa1024"]
+    result = subprocess.run(_proxy_argv("run", "--config", str(directory / "proxy.yaml")), capture_output=True,
+                            text=True, timeout=TIMEOUT, cwd=REPO, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"listeners[0].tls.cert: {directory / 'server.crt'}: server certificate key too small" in result.stderr
+
+
 # ---- a running daemon, reloaded with each case ----------------------------------------------------------------
 
 
