@@ -62,7 +62,8 @@ class DrainWatchdog:
     def _exit(self) -> None:
         still_open = len(self._proxy.connections or ())
         log.error("the drain overran its deadline by %.1fs; exiting with %d connection(s) still closing, "
-                  "without their access-log lines", HARD_EXIT_GRACE, still_open)
+                  "without their access-log lines", HARD_EXIT_GRACE, still_open,
+                  extra={"fields": {"connections_left": still_open}})
         logging.shutdown()  # flushes every handler
         os._exit(EXIT_OK)  # the drain's contract: up to drain_timeout, then exit 0
 
