@@ -10,7 +10,8 @@ bounded, and whatever goes wrong with one connection ends at most that connectio
   request on a keep-alive connection, so idle connections go away too. Sending the response gets the same budget;
 - connections: 64 at once. At the limit we stop accepting and new clients wait in the kernel's listen backlog;
 - a malformed request -> 400 and close; a handler that raises -> 500 (logged) and the connection carries on;
-- a peer that resets -> the connection ends quietly.
+- a peer that resets -> the connection ends quietly;
+- no file descriptor left for a new connection -> accepting backs off and retries (`proxy.accepting`).
 
 The h11 state machine does the parsing; this module only moves bytes and enforces the limits above, in the shape
 of h11's examples/trio-server.py.
@@ -18,7 +19,6 @@ of h11's examples/trio-server.py.
 
 from __future__ import annotations
 
-import errno
 import http
 import logging
 from collections.abc import Awaitable, Callable
@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import h11
 import trio
+
+from proxy.accepting import CapacityEpisode, accept_with_backoff
 
 __all__ = ["Handler", "Request", "Response", "serve_http"]
 
@@ -42,11 +44,6 @@ RECEIVE_SIZE = 16 * 1024
 # with unread data makes the kernel answer with RST, which can destroy our response before the client reads it.
 # So we half-close and drain for a moment first: the idea of nginx's lingering_close.
 LINGER_TIMEOUT = 1.0  # seconds
-
-# accept() errors that mean "out of resources right now": wait and retry instead of dying, as trio.serve_listeners
-# does. Any other accept error is a bug or a dead listener, and propagates.
-ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-ACCEPT_RETRY_DELAY = 0.1  # seconds
 
 
 @dataclass(frozen=True)
@@ -133,24 +130,16 @@ class _Server:
         self._slots = trio.Semaphore(max_connections)
 
     async def accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        episode = CapacityEpisode(self._name, LOGGER)
         async with listener:
             while True:
                 # Take a slot *before* accepting: at the limit, new clients then wait in the kernel's backlog
                 # rather than in our memory. The connection's task gives the slot back. (If accept() raises, the
                 # whole server is stopping, so the slot does not matter any more.)
                 await self._slots.acquire()
-                stream = await self._accept(listener)
+                # Out of descriptors: back off and retry, logging the episode once, as the proxy's listeners do.
+                stream = await accept_with_backoff(listener, episode)
                 nursery.start_soon(self._run_connection, stream)
-
-    async def _accept(self, listener: trio.SocketListener) -> trio.SocketStream:
-        while True:
-            try:
-                return await listener.accept()
-            except OSError as exc:
-                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
-                    raise
-                LOGGER.error("%s: accept failed, retrying in %s s", self._name, ACCEPT_RETRY_DELAY, exc_info=True)
-                await trio.sleep(ACCEPT_RETRY_DELAY)
 
     async def _run_connection(self, stream: trio.SocketStream) -> None:
         try:

@@ -19,6 +19,7 @@ import gc
 import itertools
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,7 +41,7 @@ from proxy.materials import ListenerMaterials, load_listener_materials
 from proxy.metrics import Metrics
 from proxy.sockstream import SocketListener, SocketStream
 from proxy.tls.context import build_server_tls
-from proxy.watch import changed, snapshot, watched_paths
+from proxy.watch import RESOURCE_ERRNOS, OutOfResources, changed, snapshot, watched_paths
 
 log = logging.getLogger("proxy.server")
 
@@ -286,21 +287,29 @@ class Proxy:
 
         New connections take the new material; open ones keep theirs. On
         failure the old material keeps serving (a half-written or mismatched
-        file must never take the proxy down).
+        file must never take the proxy down), and so it does when the error is
+        a bug of ours. A reload the process has no descriptors or memory for
+        is not a failure of the files: it is postponed, uncounted.
         """
         if self.draining:
             return False
-        self._files_seen = snapshot(self._watched)  # before reading: a later change is a new change
         try:
+            seen = snapshot(self._watched)  # before reading: a later change is a new change
             fresh = [
                 build_server_tls(rt.config, load_listener_materials(rt.config, i), index=i)
                 for i, rt in enumerate(self.runtimes)
             ]
+        except OutOfResources as exc:
+            return self._reload_postponed(str(exc))
         except ConfigError as exc:
-            self.metrics.reloads.labels(result="failure").inc()
-            self.last_reload = {"result": "failure", "time": time.time(), "error": str(exc)}
-            log.error("reload failed, still serving the previous certificates: %s", exc)
-            return False
+            if _for_want_of_resources(exc):
+                return self._reload_postponed(str(exc))
+            self._files_seen = seen
+            return self._reload_failed(str(exc))
+        except Exception as exc:
+            log.error("reload failed unexpectedly, still serving the previous certificates", exc_info=True)
+            return self._reload_failed(f"{type(exc).__name__}: {exc}", logged=True)
+        self._files_seen = seen
         for rt, tls in zip(self.runtimes, fresh):
             rt.tls = tls
             rt.metrics.publish_materials(tls.materials)
@@ -312,10 +321,33 @@ class Proxy:
         log.info("reloaded certificates for %d listener(s)", len(fresh))
         return True
 
+    def _reload_failed(self, error: str, *, logged: bool = False) -> bool:
+        self.metrics.reloads.labels(result="failure").inc()
+        self.last_reload = {"result": "failure", "time": time.time(), "error": error}
+        if not logged:
+            log.error("reload failed, still serving the previous certificates: %s", error)
+        return False
+
+    def _reload_postponed(self, error: str) -> bool:
+        # _files_seen is left as it was: the next file check sees the change again and retries.
+        log.warning("reload postponed, still serving the previous certificates: %s; "
+                    "it is tried again at the next file check or SIGHUP", error)
+        return False
+
     async def _watch_files(self, interval: float) -> None:
+        short_of_resources = False
         while True:
             await trio.sleep(interval)
-            current = snapshot(self._watched)
+            try:
+                current = snapshot(self._watched)
+            except OutOfResources as exc:
+                if not short_of_resources:  # once per episode: at the fd limit this repeats every interval
+                    log.warning("cannot check the certificate files: %s; trying again every %gs", exc, interval)
+                short_of_resources = True
+                continue
+            if short_of_resources:
+                log.info("certificate files readable again")
+                short_of_resources = False
             if current != self._files_seen:
                 log.info("files changed: %s; reloading", ", ".join(changed(self._files_seen, current)))
                 self.reload_certificates()
@@ -336,6 +368,13 @@ class Proxy:
 # The CertificateRequest carries the CA names in a list with a 16-bit length
 # (RFC 8446 4.2.4, RFC 5246 7.4.4): each name costs its DER plus 2 bytes.
 CA_NAMES_LIMIT = 2**16 - 1
+
+
+def _for_want_of_resources(exc: ConfigError) -> bool:
+    """Whether a file failed to load because the process was out of descriptors or memory. The materials report
+    a read error by its text only ("cannot read: Too many open files"), so the text is what there is to match."""
+    reasons = [os.strerror(number) for number in RESOURCE_ERRNOS]
+    return any(reason in problem for problem in exc.problems for reason in reasons)
 
 
 def _iso(ts: float) -> str:

@@ -11,10 +11,15 @@ The proxy compares against the snapshot taken just before it last read the
 files, so a change that lands while files are being loaded is never missed,
 and a reload that failed on a half-written file is retried once the writer
 finishes (that is a change), never in a tight loop.
+
+A file that cannot be read because the process is out of descriptors or
+memory says nothing about the file: ``snapshot`` raises ``OutOfResources``
+instead of recording it as changed, and the caller tries again later.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from collections.abc import Iterable
@@ -23,6 +28,13 @@ from pathlib import Path
 from proxy.config import Config
 
 Snapshot = tuple[tuple[str, object], ...]
+
+# Errors that belong to the process, not to the file.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+class OutOfResources(Exception):
+    """A watched file could not be read for want of descriptors or memory; try again later."""
 
 
 def watched_paths(config: Config) -> list[Path]:
@@ -40,11 +52,14 @@ def _state_of(path: Path) -> object:
         st = os.stat(path)
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError as exc:
+        if exc.errno in RESOURCE_ERRNOS:
+            raise OutOfResources(f"cannot read {path}: {exc.strerror}") from None
         return f"unreadable: {exc.strerror}"
     return (st.st_ino, st.st_mtime_ns, st.st_size, digest)
 
 
 def snapshot(paths: Iterable[Path]) -> Snapshot:
+    """The state of every path; OutOfResources if the process cannot read them right now."""
     return tuple((str(path), _state_of(path)) for path in paths)
 
 

@@ -1,6 +1,8 @@
-"""Running out of file descriptors: accept backs off and retries, and the proxy
-serves again once descriptors are free. Needs its own process (a low
-RLIMIT_NOFILE) so it cannot disturb the test runner."""
+"""More clients than file descriptors: the proxy stops accepting within its
+descriptor budget (the rest wait in the backlog) instead of running into
+EMFILE, and serves again once the crowd leaves. Needs its own process (a low
+RLIMIT_NOFILE) so it cannot disturb the test runner. tests/test_fd_limit.py
+has the admin endpoint's side and a real EMFILE."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ pytestmark = pytest.mark.slow
 FD_LIMIT = 64
 
 
-def test_emfile_on_accept_backs_off_and_recovers(test_pki, tmp_path):
+def test_more_clients_than_descriptors_wait_in_the_backlog_and_recover(test_pki, tmp_path):
     port, admin = free_port(), free_port()
     backend = socket.create_server(("127.0.0.1", 0))
     config = {
@@ -51,21 +53,19 @@ def test_emfile_on_accept_backs_off_and_recovers(test_pki, tmp_path):
     hogs: list[socket.socket] = []
     try:
         wait_for_port(port)
-        # Silent clients hold a descriptor each in the proxy until the
-        # handshake timeout; more of them than the limit exhausts it.
+        # Silent clients would hold a descriptor each in the proxy until the
+        # handshake timeout; more of them than the limit would exhaust it.
         for _ in range(FD_LIMIT + 10):
             hogs.append(socket.create_connection(("127.0.0.1", port), timeout=5))
-        deadline = time.monotonic() + 10
-        while "Too many open files" not in log_path.read_text():
-            assert time.monotonic() < deadline, log_path.read_text()
-            assert proc.poll() is None
-            time.sleep(0.05)
+        time.sleep(1)  # the accept loop takes what it will
+        assert proc.poll() is None
         for hog in hogs:
             hog.close()
         hogs.clear()
-        assert proc.poll() is None  # it backed off rather than died
         # Descriptors free again: a real client is served.
         assert handshake_succeeds(test_pki, port)
+        log = log_path.read_text()
+        assert "Too many open files" not in log and "Traceback" not in log, log
     finally:
         for hog in hogs:
             hog.close()
