@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
-from tests.conftest import client_context, start_proxy, wait_for
+from tests.conftest import client_context, start_backend, start_proxy, wait_for
 from tests.memclient import MemoryBIOClient
 
 # The proxy's TLS 1.2 CBC suite for the listener that allows one; the stdlib client offers only it.
@@ -98,7 +98,7 @@ async def test_a_record_with_a_bad_mac_is_answered_with_bad_record_mac(nursery, 
     if suite == "tls12-cbc":
         assert client.tls.cipher()[0] == CBC_SUITE
     error = await answer_to(client, flip_last_byte(client.seal(b"x" * 100)))
-    assert "bad record mac" in error.lower(), error
+    assert "alert bad record mac" in error.lower(), error
     await client.aclose()
     (fields,) = await access_log(1)
     assert fields["ended_by"] == "client_error", fields
@@ -112,8 +112,37 @@ async def test_a_record_type_tls13_forbids_is_answered_with_unexpected_message(n
     client = await connected_client(p.port, client_context(test_pki, test_pki.alice, version="1.3"))
     sealed = client.seal(b"x" * 100)
     error = await answer_to(client, b"\x16" + sealed[1:])
-    assert "unexpected message" in error.lower(), error
+    assert "alert unexpected message" in error.lower(), error
     await client.aclose()
+
+
+async def test_the_alert_queues_behind_a_download_in_flight(nursery, test_pki, access_log):
+    # The bad record arrives while the proxy is sending the client a large
+    # body: the alert must go out after the records already on their way,
+    # never inside one (the client would then fail to decrypt, and report
+    # its own error instead of the proxy's alert).
+    body = bytes(range(256)) * (32 * 1024)  # 8 MiB: more than the socket buffers hold
+
+    async def download(stream: trio.SocketStream, backend) -> None:
+        await stream.receive_some(1024)
+        await stream.send_all(body)
+        await trio.sleep_forever()
+
+    backend = await start_backend(nursery, download)
+    p = await start_proxy(nursery, test_pki, backend.address)
+    client = await MemoryBIOClient.connect(p.port, client_context(test_pki, test_pki.alice, version="1.3"))
+    await client.handshake()
+    await client.send(b"GET")
+    received = bytearray()
+    with trio.fail_after(10):
+        while len(received) < 1024 * 1024:
+            received += await client.receive()
+        error = await answer_to(client, flip_last_byte(client.seal(b"x" * 100)))
+    assert "alert bad record mac" in error.lower(), error
+    assert client.raw_received < len(body)  # it was still downloading
+    await client.aclose()
+    (fields,) = await access_log(1)
+    assert fields["ended_by"] == "client_error", fields
 
 
 # ---- TLS 1.3 zero content type ------------------------------------------------------------------------------
@@ -157,7 +186,7 @@ async def test_a_tls13_record_of_zero_content_type_is_answered_with_unexpected_m
     secret = client_application_secret(tmp_path / "keys.log")
     record = seal_tls13_record(client.tls.cipher()[0], secret, 1, bytes(16))
     error = await answer_to(client, record)
-    assert "unexpected message" in error.lower(), error
+    assert "alert unexpected message" in error.lower(), error
     await client.aclose()
 
 
