@@ -330,7 +330,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     return  # the peer is gone; nothing left to explain
                 self._alert_sent = True
         if scope.cancelled_caught:
-            self._ciphertext_cut = True
+            self._ciphertext_cut = True  # out of time, perhaps in the middle of the alert
 
     # ---- data -------------------------------------------------------------
 
