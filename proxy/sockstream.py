@@ -205,8 +205,8 @@ class SocketStream(trio.abc.HalfCloseableStream):
         the reset throws away whatever we sent that the peer has not acknowledged; a peer whose next write meets
         it gets an error instead of reading what we sent last (a TLS alert, the end of a reply). So: a FIN
         first, then read and discard until the peer's EOF, for at most ``seconds``, and no more than
-        ``max_bytes`` once everything we sent has been acknowledged (then a reset costs the peer nothing: Linux
-        lets it read what arrived before the reset). Cancelling this still closes the socket.
+        ``max_bytes`` once everything we sent has been acknowledged (then a reset loses none of it: Linux lets the
+        peer read what arrived before the reset). Cancelling this still closes the socket.
         """
         try:
             with trio.move_on_after(seconds):
