@@ -124,6 +124,7 @@ class Daemon:
     def __init__(self, workdir: Path, pki: Path, ca: Any, backend_port: int, reset_port: int, *, workers: int,
                  handshake_timeout: float) -> None:
         self.workdir, self.pki, self.ca = workdir, pki, ca  # ca: a proxy.pki.Issued the clients trust
+        self.workers = workers
         self.ports = {"main": free_port(), "down": free_port(), "resets": free_port()}
         self.admin_port = free_port()
         backends = {"main": backend_port, "down": free_port(), "resets": reset_port}
@@ -381,17 +382,20 @@ async def phase_held(d: Daemon, clients: Clients, s: Settings) -> dict[str, Any]
             "per_connection_kb": (rss_peak - rss_before) * 1024 / held if held else None}
 
 
-async def latencies(port: int, ctx: ssl.SSLContext, count: int) -> tuple[list[float], int]:
-    times, errors = [], 0
+async def latencies(port: int, ctx: ssl.SSLContext, count: int) -> tuple[list[float], Counter[str]]:
+    """Seconds of each healthy client in turn (connect, handshake, PING/PONG, close), and the failures by kind."""
+    times: list[float] = []
+    errors: Counter[str] = Counter()
     for _ in range(count):
         start = time.perf_counter()
         try:
-            if await good_client(port, ctx) == "ok":
-                times.append(time.perf_counter() - start)
-                continue
-        except (OSError, trio.BrokenResourceError, trio.TooSlowError, ssl.SSLError):
-            pass
-        errors += 1
+            outcome = await good_client(port, ctx)
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError, ssl.SSLError) as exc:
+            outcome = type(exc).__name__
+        if outcome == "ok":
+            times.append(time.perf_counter() - start)
+        else:
+            errors[outcome] += 1
     return times, errors
 
 
@@ -417,8 +421,10 @@ async def phase_slowloris(d: Daemon, clients: Clients, s: Settings) -> dict[str,
         await trio.aclose_forcefully(stream)
     await wait_until(lambda: active(d.metrics()) == 0, s.handshake_timeout + 10)
     result = {"silent": len(silent), "silent_errors": opened_errors,
-              "baseline": {**percentiles(base_times), "errors": base_errors, "samples": len(base_times)},
-              "attack": {**percentiles(attack_times), "errors": attack_errors, "samples": len(attack_times)}}
+              "baseline": {**percentiles(base_times), "errors": sum(base_errors.values()),
+                           "error_kinds": dict(base_errors), "samples": len(base_times)},
+              "attack": {**percentiles(attack_times), "errors": sum(attack_errors.values()),
+                         "error_kinds": dict(attack_errors), "samples": len(attack_times)}}
     log(f"slowloris: {result}")
     return result
 
@@ -564,7 +570,9 @@ async def phase_rotation(d: Daemon, clients: Clients, s: Settings) -> dict[str, 
                 os.kill(d.pid, signal.SIGHUP)
     await trio.sleep(1)
     after = d.metrics()
-    result = {"seconds": s.soak, "rotations": rotations, "outcomes": dict(outcomes),
+    # The supervisor passes SIGHUP on to every worker, and each one reloads (and counts) on its own.
+    result = {"seconds": s.soak, "rotations": rotations, "reloads_expected": rotations * d.workers,
+              "outcomes": dict(outcomes),
               "client_errors": sum(v for k, v in outcomes.items() if k != "ok"),
               "reloads_success": delta(before, after, "mtls_proxy_reloads_total", result="success"),
               "reloads_failure": delta(before, after, "mtls_proxy_reloads_total", result="failure")}
@@ -631,7 +639,7 @@ def invariants(results: dict[str, Any]) -> list[str]:
             broken.append(f"faults: fds {r['fds_before']} -> {r['fds_after']}")
     if "rotation" in results:
         r = results["rotation"]
-        if r["client_errors"] or r["reloads_failure"] or r["reloads_success"] != r["rotations"]:
+        if r["client_errors"] or r["reloads_failure"] or r["reloads_success"] != r["reloads_expected"]:
             broken.append(f"rotation: {r}")
     return broken
 
@@ -685,7 +693,8 @@ def render(data: dict[str, Any]) -> str:
     if "rotation" in r:
         ro = r["rotation"]
         rows.append([f"rotation soak: {ro['seconds']:.0f} s",
-                     f"{ro['rotations']} rotations, {ro['reloads_success']} reloads ok, {ro['reloads_failure']} failed",
+                     f"{ro['rotations']} rotations: {ro['reloads_success']} of {ro['reloads_expected']} reloads ok "
+                     f"(each worker reloads), {ro['reloads_failure']} failed",
                      f"{ro['client_errors']} client errors",
                      f"{ro['outcomes'].get('ok', 0):,} clients served"])
     lines += [table(["phase", "result", "errors", "resources"], rows, align="llll"), ""]
