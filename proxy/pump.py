@@ -13,8 +13,11 @@ A side that stops taking data ends only the direction that writes to it: a
 backend that answers early and closes while the client is still sending
 makes the next write toward it fail, but what it sent before closing is on
 its way back, and the other direction delivers it, up to the backend's EOF
-(or reset, or the idle timeout). A side that fails as it is read breaks the
-whole pump: nothing more can come from it.
+(or reset, or the idle timeout). Meanwhile the rest of the client's upload
+is read and dropped: many clients write all of it before they read, and
+left unread they would wait in that write, never reading the answer. A side
+that fails as it is read breaks the whole pump: nothing more can come from
+it.
 
 The idle timeout is a cancel scope whose deadline moves forward as chunks
 pass in either direction (see IdleDeadline); when it expires the whole pump
@@ -93,7 +96,9 @@ class _Direction:
     count: Callable[[int], None]
     src_error: str  # the outcome when reading src fails: the whole pump ends
     dst_error: str  # the outcome when writing dst fails: this direction ends
+    drop_when_stopped: bool = False  # after dst fails, read src to its end and drop it
     total: int = 0
+    dropping: bool = False
 
     def __post_init__(self) -> None:
         self.read = chunk_reader(self.src, self.dst)
@@ -109,7 +114,8 @@ async def pump(
 ) -> PumpResult:
     """Relay until both directions have ended, one side breaks, or idle timeout."""
     result = PumpResult()
-    up = _Direction(client, backend, on_up, src_error="client_error", dst_error="backend_closed_early")
+    up = _Direction(client, backend, on_up, src_error="client_error", dst_error="backend_closed_early",
+                    drop_when_stopped=True)
     down = _Direction(backend, client, on_down, src_error="backend_error", dst_error="client_error")
     idle = IdleDeadline(idle_timeout)
     with idle.scope:
@@ -131,6 +137,8 @@ async def pump(
             # a task fewer per connection (thousands of idle connections).
             nursery.start_soon(_copy, up, idle, broken, stopped)
             await _copy(down, idle, broken, stopped)
+            if up.dropping:
+                nursery.cancel_scope.cancel()  # all the backend sent is delivered: the upload has nowhere to go
     if idle.scope.cancelled_caught:
         result.ended_by = "idle_timeout"
     result.bytes_up = up.total
@@ -158,7 +166,10 @@ async def _copy(d: _Direction, idle: IdleDeadline, broken: Callable[[str], None]
         try:
             await d.dst.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return stopped(d.dst_error)
+            stopped(d.dst_error)
+            if d.drop_when_stopped:
+                await _drop_the_rest(d, idle)
+            return
         d.total += len(data)
         d.count(len(data))
         del data  # not kept alive through the next read's wait, however long
@@ -166,3 +177,16 @@ async def _copy(d: _Direction, idle: IdleDeadline, broken: Callable[[str], None]
         await d.dst.send_eof()
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         stopped(d.dst_error)
+
+
+async def _drop_the_rest(d: _Direction, idle: IdleDeadline) -> None:
+    """Read the source to its end (or until the pump ends) and drop what comes: the destination takes no more.
+
+    Bytes that pass still count as activity for the idle timeout, and not as delivered.
+    """
+    d.dropping = True
+    try:
+        while await d.src.receive_some(CHUNK_SIZE):
+            idle.touch()
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass

@@ -7,16 +7,19 @@ failure must not throw the answer away, and nor must the proxy's own close towar
 upload bytes unread: closed with them, it would reset the connection too, and lose whatever of the answer the client
 had not acknowledged yet.
 
-Through the real proxy in TCP mode on loopback: the client (stdlib TLS over memory BIOs, tests/memclient.py)
-uploads in one task and reads in another, as a client that streams a body does.
+Through the real proxy in TCP mode on loopback, with the client (stdlib TLS over memory BIOs, tests/memclient.py)
+in two ways: uploading in one task and reading in another, as a client that streams a body does; and writing all of
+its upload before it reads anything, as many blocking HTTP clients do.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import socket
 import ssl
 import struct
+import termios
 
 import pytest
 import trio
@@ -95,3 +98,61 @@ async def test_the_backend_reply_reaches_a_client_still_uploading(nursery, test_
 
 def access_lines(caplog) -> list[dict]:
     return [r.fields for r in caplog.records if r.name == "proxy.access"]
+
+
+# More than the client's receive buffer holds while it does not read (112 KiB measured), so the rest can reach the
+# client only once its upload is done; less than the proxy's buffers take from the backend. Before the proxy dropped
+# the upload it could no longer forward, the client waited in its write and the proxy in its write of the answer
+# until the idle timeout; then the client had 112 KiB of it.
+LARGE_REPLY = bytes(range(256)) * 1024  # 256 KiB
+SEQUENTIAL_UPLOAD = 16 * 1024 * 1024
+SEQUENTIAL_RUNS = 5
+
+
+def unacknowledged(sock: socket.socket) -> int:
+    return struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+
+
+async def answer_then_close_when_acknowledged(stream: trio.SocketStream, backend) -> None:
+    """Reads the start of the upload, answers LARGE_REPLY, closes once the proxy's kernel has all of it: the reset
+    that closing with the upload unread sends loses none of the answer, so all of it must reach the client."""
+    await stream.receive_some(1024)
+    await stream.send_all(LARGE_REPLY)
+    with trio.fail_after(5):
+        while unacknowledged(stream.socket):
+            await trio.sleep(0.001)
+
+
+async def upload_then_read(port: int, ctx) -> tuple[int, str]:
+    """Write the whole upload (or until the proxy ends the connection), then read; bytes read, and how it ended."""
+    client = await MemoryBIOClient.connect(port, ctx)
+    try:
+        await client.handshake()
+        sent = 0
+        try:
+            while sent < SEQUENTIAL_UPLOAD:
+                await client.send(UPLOAD_CHUNK)
+                sent += len(UPLOAD_CHUNK)
+        except (trio.BrokenResourceError, ssl.SSLError):
+            pass
+        got = bytearray()
+        try:
+            while data := await client.receive():
+                got.extend(data)
+            return len(got), "close_notify" if bytes(got) == LARGE_REPLY[: len(got)] else "wrong bytes"
+        except Exception as exc:
+            return len(got), f"{type(exc).__name__}: {exc}"
+    finally:
+        await client.aclose()
+
+
+async def test_a_client_that_uploads_everything_before_reading_gets_the_whole_early_reply(nursery, test_pki, caplog):
+    caplog.set_level(logging.INFO, logger="proxy.access")
+    backend = await start_backend(nursery, answer_then_close_when_acknowledged)
+    p = await start_proxy(nursery, test_pki, backend.address, timeouts={"idle": 30})
+    ctx = client_context(test_pki, test_pki.alice, version="1.3")
+    with trio.fail_after(20):  # far less than the idle timeout
+        outcomes = [await upload_then_read(p.port, ctx) for _ in range(SEQUENTIAL_RUNS)]
+    assert outcomes == [(len(LARGE_REPLY), "close_notify")] * SEQUENTIAL_RUNS
+    await wait_for(lambda: len(access_lines(caplog)) == SEQUENTIAL_RUNS)
+    assert {line["ended_by"] for line in access_lines(caplog)} == {"backend_closed_early"}
