@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -37,6 +38,10 @@ log = logging.getLogger("proxy.connection")
 # read, the lingering close after an alert or with the client's data unread):
 # after this the socket is closed regardless, also when draining for shutdown.
 CLOSE_TIMEOUT = 1.0
+# A handshake gets its timeout plus up to this much more, at random. Connections accepted in one burst would
+# otherwise time out together, and their closes (~140 us each) run in one turn of the scheduler: 1,500 of them
+# stalled every other connection for 60-330 ms (bench/burst.py).
+HANDSHAKE_JITTER = 0.1
 
 
 @dataclass
@@ -135,6 +140,8 @@ async def _serve(stream: TLSStream, record: HandshakeRecord, tls: ServerTLS, rt:
         with trio.move_on_after(CLOSE_TIMEOUT) as scope:
             scope.shield = True
             await backend.aclose()
+    if result.backend_cut:
+        stream.forgo_close_notify()
     out.ended_by, out.bytes_up, out.bytes_down = result.ended_by, result.bytes_up, result.bytes_down
 
 
@@ -143,7 +150,7 @@ async def _handshake(stream: TLSStream, record: HandshakeRecord, tls: ServerTLS,
     m = rt.metrics
     started = trio.current_time()
     try:
-        with trio.fail_after(rt.config.timeouts.handshake):
+        with trio.fail_after(rt.config.timeouts.handshake * (1 + HANDSHAKE_JITTER * random.random())):
             await stream.do_handshake()
     except Exception as exc:  # trio.Cancelled is not an Exception: shutdown passes through
         failure = classify(exc, record, stream.first_bytes)
