@@ -140,6 +140,8 @@ async def _serve(stream: TLSStream, record: HandshakeRecord, tls: ServerTLS, rt:
         with trio.move_on_after(CLOSE_TIMEOUT) as scope:
             scope.shield = True
             await backend.aclose()
+    if result.backend_cut:
+        stream.forgo_close_notify()
     out.ended_by, out.bytes_up, out.bytes_down = result.ended_by, result.bytes_up, result.bytes_down
 
 

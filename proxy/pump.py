@@ -50,6 +50,9 @@ class PumpResult:
     # the backend stopped taking the client's data (it answered and closed while
     # the client was still sending); what it had sent was still delivered.
     ended_by: str = "eof"
+    # The backend's connection failed, whatever ended_by says first: what
+    # reached the client may be cut short, and its end must not look clean.
+    backend_cut: bool = False
 
 
 class IdleDeadline:
@@ -120,23 +123,11 @@ async def pump(
     idle = IdleDeadline(idle_timeout)
     with idle.scope:
         async with trio.open_nursery() as nursery:
-
-            def stopped(outcome: str) -> None:
-                # The first failure names the end: a backend that closed early
-                # then resets, and the read of its reset is only the echo.
-                if result.ended_by == "eof":
-                    result.ended_by = outcome
-
-            def broken(outcome: str) -> None:
-                # A side failed as it was read: the other direction cannot
-                # finish meaningfully, and the caller closes both streams.
-                stopped(outcome)
-                nursery.cancel_scope.cancel()
-
+            ending = _Ending(result, up, down, nursery.cancel_scope)
             # One direction in a task of its own, the other in this one:
             # a task fewer per connection (thousands of idle connections).
-            nursery.start_soon(_copy, up, idle, broken, stopped)
-            await _copy(down, idle, broken, stopped)
+            nursery.start_soon(_copy, up, idle, ending)
+            await _copy(down, idle, ending)
             if up.dropping:
                 nursery.cancel_scope.cancel()  # all the backend sent is delivered: the upload has nowhere to go
     if idle.scope.cancelled_caught:
@@ -146,11 +137,45 @@ async def pump(
     return result
 
 
-async def _copy(d: _Direction, idle: IdleDeadline, broken: Callable[[str], None], stopped: Callable[[str], None]
-                ) -> None:
+class _Ending:
+    """What the two directions share: how the pump ends, and the scope that ends it."""
+
+    def __init__(self, result: PumpResult, up: _Direction, down: _Direction, scope: trio.CancelScope) -> None:
+        self.result = result
+        self.up = up
+        self.down = down
+        self.scope = scope
+
+    def stopped(self, outcome: str) -> None:
+        """A destination takes no more: the direction that writes to it ends."""
+        # The first failure names the end: a backend that closed early, then
+        # reset, and the read of its reset is only the echo.
+        if self.result.ended_by == "eof":
+            self.result.ended_by = outcome
+        # A write toward the backend fails only after its reset: it closed
+        # with our data unread, which throws away what it had not sent yet.
+        # And only one call sees the reset; the read after it finds a plain EOF.
+        if outcome in (self.up.dst_error, self.down.src_error):
+            self.result.backend_cut = True
+
+    def broken(self, outcome: str) -> None:
+        """A source failed as it was read: the other direction cannot finish meaningfully, the pump ends."""
+        self.stopped(outcome)
+        self.scope.cancel()
+
+    def clean_eof(self, d: _Direction) -> bool:
+        """Whether ``d``'s source reaching EOF is the end of its data, to pass on with ``send_eof()``.
+
+        After the backend's reset it is not: close_notify would tell the client its data is complete.
+        """
+        return not (d is self.down and self.result.backend_cut)
+
+
+async def _copy(d: _Direction, idle: IdleDeadline, ending: _Ending) -> None:
     """Copy until the source ends, then half-close the destination.
 
-    If the source fails, tell ``broken``; if the destination does, tell ``stopped`` and end only this direction.
+    If the source fails, the pump ends (``ending.broken``); if the destination does, only this direction
+    (``ending.stopped``).
 
     (Called directly, without a wrapper coroutine: every frame of a waiting task is kept for as long as an idle
     connection lives.)
@@ -159,24 +184,26 @@ async def _copy(d: _Direction, idle: IdleDeadline, broken: Callable[[str], None]
         try:
             data = await d.read()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return broken(d.src_error)
+            return ending.broken(d.src_error)
         if not data:
             break
         idle.touch()
         try:
             await d.dst.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            stopped(d.dst_error)
+            ending.stopped(d.dst_error)
             if d.drop_when_stopped:
                 await _drop_the_rest(d, idle)
             return
         d.total += len(data)
         d.count(len(data))
         del data  # not kept alive through the next read's wait, however long
+    if not ending.clean_eof(d):
+        return
     try:
         await d.dst.send_eof()
     except (trio.BrokenResourceError, trio.ClosedResourceError):
-        stopped(d.dst_error)
+        ending.stopped(d.dst_error)
 
 
 async def _drop_the_rest(d: _Direction, idle: IdleDeadline) -> None:

@@ -136,6 +136,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._sent_eof = False
         self._ciphertext_cut = False  # a transport write failed part-way: nothing more may follow it
         self._alert_sent = False
+        self._close_notify_wanted = True
         self._delayed_outgoing = b""
         self._bio_peak = 0  # the most either memory BIO held since they were last swapped
         self._transport_eof = False
@@ -450,7 +451,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint()
             return
         try:
-            if self._state is _State.OK and self._handshake_done and not self._sent_eof:
+            if self._state is _State.OK and self._handshake_done and not self._sent_eof and self._close_notify_wanted:
                 self._sent_eof = True
                 try:
                     await self._retry(self.connection.shutdown, ignore_want_read=True)
@@ -459,6 +460,15 @@ class TLSStream(trio.abc.HalfCloseableStream):
         finally:
             self._state = _State.CLOSED
             await self._close_transport()
+
+    def forgo_close_notify(self) -> None:
+        """Make ``aclose()`` end the connection without close_notify.
+
+        For when what we sent may be cut short (the backend reset in the
+        middle of its answer): close_notify would tell the peer its data
+        ended cleanly, a bare end of the connection says it may not have.
+        """
+        self._close_notify_wanted = False
 
     async def _close_transport(self) -> None:
         transport = self.transport_stream
