@@ -659,8 +659,12 @@ def render(data: dict[str, Any]) -> str:
              "below.", "",
              f"- date: {data['date']} (took {data['seconds'] / 60:.1f} min)",
              f"- command: `{data['command']}`",
-             f"- code: `{data['code']}`",
+             f"- code: {data['code']}",
              f"- daemon: `mtls-proxy run`, {data['workers']} worker(s), fd limit {data['nofile']} per process", ""]
+    if data["workers"] > 1:
+        lines += [f"The held connections need two fds each in the daemon, more than one process's limit allows, so "
+                  f"it ran with {data['workers']} workers. RSS and fds are summed over its processes (supervisor, "
+                  "admin process, workers); the RSS sum counts the pages they share once per process.", ""]
     rows = []
     if "held" in r:
         h = r["held"]
@@ -744,6 +748,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, help="write the Markdown report here")
     parser.add_argument("--json", type=Path, help="write every number here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (config, PKI, daemon log)")
+    parser.add_argument("--render", type=Path, metavar="JSON", help="write --results from an earlier --json; no run")
     args = parser.parse_args(argv)
     args.only = [p for p in args.only.split(",") if p]
     unknown = set(args.only) - set(PHASES)
@@ -754,6 +759,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        if not args.results:
+            sys.exit("--render needs --results")
+        args.results.write_text(render(json.loads(args.render.read_text())))
+        return 0
     s = QUICK if args.quick else Settings()
     overrides = {k: v for k, v in (("held", args.held), ("settle", args.settle)) if v is not None}
     s = Settings(**{**asdict(s), **overrides})
