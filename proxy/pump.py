@@ -19,6 +19,12 @@ left unread they would wait in that write, never reading the answer. A side
 that fails as it is read breaks the whole pump: nothing more can come from
 it.
 
+Closing with our data unread, the backend reset the connection, which
+throws away what it had not sent yet; so after any failure on the backend's
+connection its EOF is not passed on, and the caller ends the client's side
+without close_notify (``PumpResult.backend_cut``): the client must not take
+what it got for the complete answer.
+
 The idle timeout is a cancel scope whose deadline moves forward as chunks
 pass in either direction (see IdleDeadline); when it expires the whole pump
 ends.
