@@ -18,7 +18,9 @@ from pathlib import Path
 import trio
 
 from proxy import config as cfg
+from proxy.capacity import memory_warnings
 from proxy.config import Config, ConfigError
+from proxy.fdlimit import fd_capacity_warnings, raise_nofile_limit
 from proxy.logs import setup_logging
 from proxy.materials import ListenerMaterials, load_all
 from proxy.server import ListenError, Proxy
@@ -67,6 +69,9 @@ def _listen_error(caught: BaseException) -> ListenError | None:
 def cmd_run(args: argparse.Namespace) -> int:
     from proxy.lifecycle import run_until_signalled
 
+    # Before the proxy sizes its descriptor budget and before workers fork:
+    # they inherit the raised limit.
+    raise_nofile_limit()
     try:
         config, materials, proxy = _load_checked(args.config)
     except ConfigError as exc:
@@ -76,6 +81,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for i, mat in enumerate(materials):
         for warning in mat.warnings:
             log.warning("listeners[%d]: %s", i, warning)
+    for warning in _capacity_warnings(config):
+        log.warning("%s", warning)
     workers = worker_count(config)
     try:
         if workers > 1:
@@ -128,7 +135,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"worker processes: {worker_count(config)}" + (" (auto)" if config.workers == "auto" else ""))
     for listener, mat in zip(config.listeners, materials):
         print(_describe_listener(listener, mat))
+    # As `run` would see them: it raises the soft descriptor limit to the hard one first.
+    for warning in _capacity_warnings(config, fd_limit=raise_nofile_limit()):
+        print(f"warning: {warning}")
     return EXIT_OK
+
+
+def _capacity_warnings(config: Config, fd_limit: int | None = None) -> list[str]:
+    """Where max_connections cannot fit this box: descriptors per process, memory of the cgroup."""
+    return fd_capacity_warnings(config, limit=fd_limit) + memory_warnings(config)
 
 
 def _days_left(when: datetime) -> str:

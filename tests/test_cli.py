@@ -554,3 +554,20 @@ def test_check_names_the_allow_entry_with_a_bad_wildcard(tmp_path, test_pki):
         f"{path}: ",
         "listeners[0].client_auth.allow.dns_sans[0]: pattern 'web-*.prod.svc': a wildcard must be a whole label",
     )
+
+
+def test_check_warns_when_max_connections_cannot_fit_the_descriptor_limit(tmp_path, test_pki):
+    config = base_config(test_pki)
+    _listener(config)["max_connections"] = 1_000_000
+    result = check(write_config(tmp_path, config))
+    assert result.returncode == 0, result.stderr
+    assert "warning: listeners[*].max_connections add up to 1000000 (api 1000000), but the file descriptor limit " \
+           "(RLIMIT_NOFILE" in result.stdout
+
+
+def test_check_is_quiet_about_capacity_when_max_connections_fits(tmp_path, test_pki):
+    config = base_config(test_pki)
+    _listener(config)["max_connections"] = 100
+    result = check(write_config(tmp_path, config))
+    assert result.returncode == 0, result.stderr
+    assert "max_connections" not in result.stdout
