@@ -466,7 +466,7 @@ class BackendConfig(_Model):
             raise ValueError("proxy_protocol_client_cert needs proxy_protocol: v2 (v1 has no room for it)")
         if self.identity_headers and self.protocol != "http":
             raise ValueError("identity_headers needs protocol: http (a tcp backend gets no headers)")
-        if "upgrades" in self.model_fields_set and self.protocol != "http":
+        if self.upgrades != type(self).model_fields["upgrades"].default and self.protocol != "http":
             raise ValueError("upgrades needs protocol: http (a tcp backend relays bytes, not requests)")
         return self
 

@@ -650,3 +650,30 @@ def test_wildcard_syntax_is_checked_when_the_config_loads(field: str, pattern: s
     problem = only_problem(with_listener(**{"client_auth.allow": allow}))
     assert problem.startswith(f"listeners[0].client_auth.allow.{field}[1]: "), problem
     assert message in problem
+
+
+# --------------------------------------------------------------------------------------------------------------
+# backend.upgrades
+
+
+def test_upgrades_are_lowercased_tokens_and_default_to_websocket() -> None:
+    assert config.parse(minimal()).listeners[0].backend.upgrades == ("websocket",)
+    parsed = config.parse(with_listener(**{"backend.protocol": "http", "backend.upgrades": ["WebSocket", "echo"]}))
+    assert parsed.listeners[0].backend.upgrades == ("websocket", "echo")
+
+
+@pytest.mark.parametrize("protocol", ["h2c", "H2C"])
+def test_h2c_can_never_be_allowed(protocol: str) -> None:
+    problem = only_problem(with_listener(**{"backend.protocol": "http", "backend.upgrades": ["websocket", protocol]}))
+    assert problem.startswith("listeners[0].backend.upgrades") and "h2c cannot be allowed" in problem
+
+
+def test_an_upgrade_name_must_be_a_token() -> None:
+    problem = only_problem(with_listener(**{"backend.protocol": "http", "backend.upgrades": ["web socket"]}))
+    assert "is not an Upgrade protocol name" in problem
+
+
+def test_upgrades_other_than_the_default_need_http_mode() -> None:
+    assert config.parse(with_listener(**{"backend.upgrades": ["websocket"]}))  # the default, written out
+    problem = only_problem(with_listener(**{"backend.upgrades": ["echo"]}))
+    assert "upgrades needs protocol: http" in problem
