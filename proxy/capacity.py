@@ -10,7 +10,8 @@ and start-up can say so before the OOM killer does.
 Giving memory back. Closing thousands of connections frees their memory inside the process, but glibc keeps the
 freed pages of its heap mapped, so RSS stays at its peak: 514 MB a minute after 9,900 idle connections closed,
 against 56 MB before they opened (bench/README.md, "Memory after a burst"). ``malloc_trim(0)`` hands the free
-pages back to the kernel: 212 MB five seconds after they closed. A small task
+pages back to the kernel, after a garbage collection frees the cycles closed connections left: 101 MB ten seconds
+after they closed (212 MB without the collection). A small task
 (:func:`give_memory_back`) watches the number of open connections and trims once it has fallen well below its
 peak since the last trim.
 """
