@@ -39,7 +39,7 @@ from proxy.fdlimit import connection_capacity
 from proxy.httpserver import serve_http
 from proxy.materials import ListenerMaterials, load_listener_materials
 from proxy.metrics import Metrics
-from proxy.sockstream import SocketListener, SocketStream, tune_tcp
+from proxy.sockstream import SocketListener, SocketStream
 from proxy.tls.context import build_server_tls
 from proxy.watch import RESOURCE_ERRNOS, OutOfResources, changed, snapshot, watched_paths
 
@@ -102,16 +102,9 @@ def _accept_ready(listener: SocketListener, slots: trio.Semaphore, budget: trio.
     for _ in range(limit):
         if slots.value == 0 or budget.value == 0:
             return
-        try:
-            sock, _ = listener.socket.accept()
-        except OSError:
+        stream = listener.accept_waiting()
+        if stream is None:
             return
-        try:
-            tune_tcp(sock)
-            stream = SocketStream(sock)
-        except BaseException:
-            sock.close()
-            raise
         slots.acquire_nowait()
         budget.acquire_nowait()
         yield stream

@@ -259,15 +259,21 @@ class SocketListener(trio.abc.Listener[SocketStream]):
                     continue
                 raise
             break
-        try:
-            tune_tcp(sock)
-            stream = SocketStream(sock)
-        except BaseException:
-            sock.close()
-            raise
+        stream = _wrap_accepted(sock)
         if not waited:
             await trio.lowlevel.cancel_shielded_checkpoint()
         return stream
+
+    def accept_waiting(self) -> SocketStream | None:
+        """A connection already waiting in the backlog, without a checkpoint; None when there is none or the
+        accept fails (the next ``accept()`` meets the error again and handles it)."""
+        if self._closed:
+            return None
+        try:
+            sock, _ = self.socket.accept()
+        except OSError:
+            return None
+        return _wrap_accepted(sock)
 
     async def aclose(self) -> None:
         if not self._closed:
@@ -275,3 +281,12 @@ class SocketListener(trio.abc.Listener[SocketStream]):
             trio.lowlevel.notify_closing(self.socket)
             self.socket.close()
         await trio.lowlevel.checkpoint()
+
+
+def _wrap_accepted(sock: socket.socket) -> SocketStream:
+    try:
+        tune_tcp(sock)
+        return SocketStream(sock)
+    except BaseException:
+        sock.close()
+        raise
