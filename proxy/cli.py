@@ -17,6 +17,7 @@ from pathlib import Path
 
 import trio
 
+from proxy import __version__
 from proxy import config as cfg
 from proxy.capacity import memory_warnings
 from proxy.config import Config, ConfigError
@@ -240,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtls-proxy", description="An mTLS-terminating reverse proxy with Prometheus metrics."
     )
+    parser.add_argument("--version", action="version", version=f"mtls-proxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="serve until SIGTERM/SIGINT (SIGHUP reloads certificates)")

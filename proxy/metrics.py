@@ -17,12 +17,18 @@ import time
 from collections import deque
 from datetime import datetime
 
+from OpenSSL import SSL
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
 
+from proxy import __version__
 from proxy.materials import ListenerMaterials
 from proxy.tls.classify import REASONS
 
 PREFIX = "mtls_proxy_"
+
+
+def _openssl_version() -> str:
+    return SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()
 
 # Handshakes take ~1 ms on loopback and up to the handshake timeout (10 s by
 # default) when a client stalls.
@@ -143,6 +149,17 @@ class Metrics:
             registry=r,
             multiprocess_mode="mostrecent",
         )
+
+        # The usual *_build_info idiom: a constant 1 whose labels say what is running, so a dashboard or an
+        # alert can tell versions apart during a rollout.
+        self.build_info = Gauge(
+            PREFIX + "build_info",
+            "Always 1; the labels name the running mtls-proxy version and the OpenSSL it is linked with.",
+            ("version", "openssl"),
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.build_info.labels(version=__version__, openssl=_openssl_version()).set(1)
 
     def for_listener(self, name: str) -> ListenerMetrics:
         return ListenerMetrics(self, name)

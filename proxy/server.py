@@ -30,6 +30,7 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
+from proxy import __version__
 from proxy.accepting import CapacityEpisode, accept_with_backoff
 from proxy.admin import admin_handler
 from proxy.capacity import give_memory_back, open_connections
@@ -381,6 +382,7 @@ class Proxy:
 
     def status(self) -> dict:
         return {
+            "version": __version__,
             "ready": self.ready,
             "draining": self.draining,
             "last_reload": {

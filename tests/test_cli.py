@@ -571,3 +571,11 @@ def test_check_is_quiet_about_capacity_when_max_connections_fits(tmp_path, test_
     result = check(write_config(tmp_path, config))
     assert result.returncode == 0, result.stderr
     assert "max_connections" not in result.stdout
+
+
+def test_version_prints_the_installed_version():
+    from importlib.metadata import version
+
+    result = run_cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"mtls-proxy {version('mtls-proxy')}\n"

@@ -271,6 +271,19 @@ async def test_status_reports_listener_certificate_ca_names_and_recent_failures(
     assert status["last_reload"]["result"] == "success"
 
 
+async def test_the_running_version_is_in_status_and_in_the_build_info_metric(nursery, test_pki, echo_backend):
+    from importlib.metadata import version
+
+    from OpenSSL import SSL
+
+    p = await start_proxy(nursery, test_pki, echo_backend.address, admin=True)
+    status = await trio.to_thread.run_sync(fetch_json, f"http://{p.admin}/status")
+    assert status["version"] == version("mtls-proxy")
+    openssl = SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()
+    labels = {"version": version("mtls-proxy"), "openssl": openssl}
+    assert p.registry.get_sample_value("mtls_proxy_build_info", labels) == 1
+
+
 async def test_client_certificate_remaining_validity_is_observed(nursery, test_pki, echo_backend):
     p = await start_proxy(nursery, test_pki, echo_backend.address)
     assert (await exchange(p.port, client_context(test_pki, test_pki.alice))).ok
