@@ -38,6 +38,7 @@ import select
 import socket
 import sys
 import threading
+import contextlib
 
 BUFFER = 1 << 20
 BODY = b"hello, world\n"
@@ -96,10 +97,8 @@ class HttpLoop:
     def drop(self, fd: int) -> None:
         conn, _ = self.conns.pop(fd, (None, None))
         if conn is not None:
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 self.epoll.unregister(fd)
-            except (OSError, ValueError):
-                pass
             conn.close()
 
     def answer(self, conn: socket.socket, pending: bytearray) -> bool:
@@ -245,7 +244,7 @@ def handle(conn: socket.socket | None) -> None:
 
 
 def serve(port: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     # Thousands of idle connections mean thousands of threads: keep their stacks small.
     threading.stack_size(256 * 1024)

@@ -26,8 +26,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.daemonkit import (close_all, dev_pki, free_port, open_silent_tcp, proxy_config,  # noqa: E402
-                             raise_own_fd_limit, start_daemon, wait_until)
+from tests.daemonkit import (
+    close_all,
+    dev_pki,
+    free_port,
+    open_silent_tcp,
+    proxy_config,
+    raise_own_fd_limit,
+    start_daemon,
+    wait_until,
+)
 
 HANDSHAKE_TIMEOUT = 5.0
 BURST_AT = 3.0  # seconds into the client's window
@@ -106,7 +114,7 @@ def _print_windows(samples: list[tuple[float, float]], burst_at: float) -> None:
     """The worst latency while the burst is accepted, while its handshake deadlines expire, and elsewhere."""
     windows = {"accepting the burst": (burst_at - 0.2, burst_at + 1.5),
                "deadlines expiring": (burst_at + HANDSHAKE_TIMEOUT - 0.5, burst_at + HANDSHAKE_TIMEOUT + 2.0)}
-    worst = {name: 0.0 for name in (*windows, "elsewhere")}
+    worst = dict.fromkeys((*windows, "elsewhere"), 0.0)
     for started, latency in samples:
         name = next((n for n, (a, b) in windows.items() if a <= started < b), "elsewhere")
         worst[name] = max(worst[name], latency)

@@ -179,7 +179,7 @@ def bulk(port: int, pki: Path, direction: str, count: int) -> dict[str, float]:
 
 
 def idle(port: int, pki: Path, count: int, hold: float) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     ctx = context(pki)
     socks = []

@@ -20,8 +20,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.daemonkit import (HoldingBackend, client_context, close_all, dev_pki, free_port,  # noqa: E402
-                             open_idle_tls, proxy_config, raise_own_fd_limit, start_daemon)
+from tests.daemonkit import (
+    HoldingBackend,
+    client_context,
+    close_all,
+    dev_pki,
+    free_port,
+    open_idle_tls,
+    proxy_config,
+    raise_own_fd_limit,
+    start_daemon,
+)
 
 
 def _cpu_seconds(pid: int) -> float:

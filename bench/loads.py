@@ -27,7 +27,7 @@ def _run_all(cmds: list[list[str]], timeout: float) -> list[str]:
              for cmd in cmds]
     outs = []
     failed = []
-    for proc, cmd in zip(procs, cmds):
+    for proc, cmd in zip(procs, cmds, strict=False):
         try:
             out, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

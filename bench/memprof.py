@@ -30,6 +30,7 @@ from typing import Any
 
 import loads
 from peers import MtlsProxy, PeerError
+import contextlib
 
 HERE = Path(__file__).resolve().parent
 NFRAMES = 12
@@ -71,10 +72,8 @@ class TracedMtlsProxy(MtlsProxy):
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.stdin is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self.proc.stdin.close()
-            except OSError:
-                pass
         super().stop()
 
 

@@ -43,6 +43,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
+import contextlib
 
 REPO = Path(__file__).resolve().parent.parent
 NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
@@ -186,10 +187,8 @@ class Peer:
                 except subprocess.TimeoutExpired:
                     continue
         # The group may outlive its leader (nginx workers): make sure nothing of it is left.
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         self.stdout.close()
         self.stderr.close()
 

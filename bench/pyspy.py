@@ -57,9 +57,9 @@ def component(where: str) -> str:
     w = _short(where)
     if "_rust.abi3.so" in w or "libcrypto" in w or "libssl" in w:
         return "OpenSSL 4 (linked into cryptography's _rust.abi3.so)"
-    if w.startswith("libc.so") or w.startswith("libpthread"):
+    if w.startswith(("libc.so", "libpthread")):
         return "libc: system calls, malloc, memcpy"
-    if w.endswith((".c", ".h")) or w.startswith("python3") or w.startswith("libpython"):
+    if w.endswith((".c", ".h")) or w.startswith(("python3", "libpython")):
         return "CPython interpreter (C), incl. the garbage collector"
     if "_cffi_backend" in w:
         return "cffi (pyOpenSSL's calls into OpenSSL)"
@@ -77,7 +77,7 @@ def component(where: str) -> str:
         return "prometheus_client (Python)"
     if w.startswith("h11/"):
         return "h11 (Python; HTTP mode's parser)"
-    if w.startswith("<frozen abc>") or w.startswith("abc.py"):
+    if w.startswith(("<frozen abc>", "abc.py")):
         return "abc: isinstance() against abstract classes"
     return "Python stdlib and other"
 
@@ -143,7 +143,7 @@ def record(pid: int, action: Callable[[], None], output: Path, *, description: s
         if not summarize(raw)["samples"]:
             raw, log = _record(pid, action, output.with_suffix(".txt"), cpu, native=False)
             mode = f"py-spy --nonblocking, {RATE} Hz (native unwinding failed: {log.strip()[-200:]})"
-    except Exception as exc:  # noqa: BLE001 - a failed profile must not lose the measured numbers
+    except Exception as exc:
         return {"error": str(exc), "description": description}
     result = summarize(raw)
     if not result["samples"]:

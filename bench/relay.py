@@ -1,4 +1,4 @@
-"""CPU per request of the HTTP relay alone (proxy.http), without sockets, TLS or trio.
+"""CPU per request of the HTTP relay alone (proxy.protocol.http1), without sockets, TLS or trio.
 
 Feeds one small GET and the backend's small response through an HttpRelay, over and over, the way a kept-alive
 connection does, and prints the process CPU time per request. This isolates the HTTP layer's share of HTTP
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from proxy.http import HeaderPolicy, HttpRelay
+from proxy.protocol.http1 import HeaderPolicy, HttpRelay
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8443\r\n\r\n"  # what wrk sends
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\r\nhello, world\n"  # backend.py

@@ -62,14 +62,14 @@ if str(REPO) not in sys.path:
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+import procfs  # noqa: E402
 import trio  # noqa: E402
 import yaml  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
-import procfs  # noqa: E402
 from peers import free_port  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from report import table  # noqa: E402
 from run import Backend, code_version, write_pki  # noqa: E402
+import contextlib
 
 SERVER_NAME = "localhost"
 START_TIMEOUT = 30.0
@@ -105,7 +105,7 @@ def log(message: str) -> None:
 
 
 def raise_nofile() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
 
@@ -123,7 +123,7 @@ class Daemon:
 
     def __init__(self, workdir: Path, pki: Path, ca: Any, backend_port: int, reset_port: int, *, workers: int,
                  handshake_timeout: float) -> None:
-        self.workdir, self.pki, self.ca = workdir, pki, ca  # ca: a proxy.pki.Issued the clients trust
+        self.workdir, self.pki, self.ca = workdir, pki, ca  # ca: a proxy.dev.pki.Issued the clients trust
         self.workers = workers
         self.ports = {"main": free_port(), "down": free_port(), "resets": free_port()}
         self.admin_port = free_port()
@@ -178,10 +178,8 @@ class Daemon:
     def fds(self) -> int:
         total = 0
         for pid in self.pids():
-            try:
+            with contextlib.suppress(OSError):
                 total += len(os.listdir(f"/proc/{pid}/fd"))
-            except OSError:
-                pass
         return total
 
     def rss_mb(self) -> float:
@@ -481,10 +479,8 @@ async def resetting_backend(task_status=trio.TASK_STATUS_IGNORED) -> None:
     """A backend that reads the first bytes of each connection, then resets it (SO_LINGER 0)."""
 
     async def handler(stream: trio.SocketStream) -> None:
-        try:
+        with contextlib.suppress(trio.BrokenResourceError):
             await stream.receive_some(64)
-        except trio.BrokenResourceError:
-            pass
         stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         await trio.aclose_forcefully(stream)
 
@@ -527,7 +523,7 @@ async def phase_faults(d: Daemon, clients: Clients, s: Settings) -> dict[str, An
 
 def write_pki_keeping_ca(directory: Path):
     """bench/run.py's PKI (ca.crt, server, client, and "other" from another CA), and its CA for the rotations."""
-    from proxy import pki
+    from proxy.dev import pki
 
     write_pki(directory)
     ca = pki.make_ca("mtls-proxy reliability CA", organization="bench")
@@ -537,7 +533,7 @@ def write_pki_keeping_ca(directory: Path):
 
 def rotate_certificate(pki_dir: Path, ca, generation: int) -> None:
     """A new server certificate, written the way an operator's tool would: each file a temp file, renamed."""
-    from proxy import pki
+    from proxy.dev import pki
 
     issued = pki.make_server_cert(ca, common_name=f"localhost-{generation}")
     # The daemon does not watch the files (reload.watch_interval 0): SIGHUP comes once both are in place.

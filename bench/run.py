@@ -25,7 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +115,7 @@ def install_missing(kinds: list[type[Peer]], need_wrk: bool, allowed: bool) -> l
 def write_pki(directory: Path) -> Path:
     """ECDSA P-256 throughout: a CA, the server certificate (localhost, 127.0.0.1), the client certificate, and a
     client certificate from another CA that every peer must refuse."""
-    from proxy import pki
+    from proxy.dev import pki
 
     directory.mkdir(parents=True, exist_ok=True)
     ca = pki.make_ca("mtls-proxy bench CA", organization="bench")
@@ -232,7 +232,7 @@ class Bench:
         for peer in self.peers.values():
             try:
                 peer.stop()
-            except Exception as exc:  # noqa: BLE001 - cleanup must go on
+            except Exception as exc:
                 log(f"{peer.spec}: stop failed: {exc}")
         if hasattr(self, "backend"):
             self.backend.stop()
@@ -748,25 +748,25 @@ def main() -> int:
         parser.error(str(exc))
     missing = install_missing(kinds, need_wrk=not args.no_wrk, allowed=not args.no_install)
     if missing:
-        still = [spec for spec, kind in zip(specs, kinds) if kind.missing()]
+        still = [spec for spec, kind in zip(specs, kinds, strict=False) if kind.missing()]
         if not args.skip_missing:
             print(f"missing: {' '.join(missing)} (install them, run as root, or pass --skip-missing)",
                   file=sys.stderr)
             return 2
         log(f"skipping {', '.join(still) or 'nothing'}; missing packages: {' '.join(missing)}")
-        specs = [spec for spec, kind in zip(specs, kinds) if not kind.missing()]
+        specs = [spec for spec, kind in zip(specs, kinds, strict=False) if not kind.missing()]
     use_wrk = not args.no_wrk and shutil.which("wrk") is not None
 
     # The harness, the backend and the clients share the load core; each peer gets the proxy core.
     os.sched_setaffinity(0, {settings.load_cpu})
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="mtls-bench-"))
     bench = Bench(settings, specs, workdir, use_wrk=use_wrk, profile=not args.quick and not args.no_profile)
-    bench.data.update(started=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=machine(),
+    bench.data.update(started=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), machine=machine(),
                       command="python bench/run.py " + shlex.join(sys.argv[1:]), workdir=str(workdir),
                       code=code_version(),
                       use_wrk=use_wrk)

@@ -18,8 +18,8 @@ import time
 import trio
 from OpenSSL import SSL, crypto
 
-from proxy import pki
-from proxy.sockstream import SocketStream
+from proxy.dev import pki
+from proxy.net.sockstream import SocketStream
 from proxy.tls.stream import TLSStream
 
 PIECE = 64 * 1024  # what the pump reads and writes at a time

@@ -12,20 +12,20 @@ import logging
 import shutil
 import sys
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import trio
 
 from proxy import __version__
-from proxy import config as cfg
-from proxy.capacity import memory_warnings
-from proxy.config import Config, ConfigError
-from proxy.fdlimit import fd_capacity_warnings, raise_nofile_limit
-from proxy.logs import setup_logging
-from proxy.materials import ListenerMaterials, load_all
-from proxy.server import ListenError, Proxy
-from proxy.workers import worker_count
+from proxy.config import schema as cfg
+from proxy.config.materials import ListenerMaterials, load_all
+from proxy.config.schema import Config, ConfigError
+from proxy.daemon.capacity import memory_warnings
+from proxy.daemon.fdlimit import fd_capacity_warnings, raise_nofile_limit
+from proxy.daemon.server import ListenError, Proxy
+from proxy.daemon.workers import worker_count
+from proxy.ops.logs import setup_logging
 
 log = logging.getLogger("proxy.cli")
 
@@ -68,7 +68,7 @@ def _listen_error(caught: BaseException) -> ListenError | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from proxy.lifecycle import run_until_signalled
+    from proxy.daemon.lifecycle import run_until_signalled
 
     # Before the proxy sizes its descriptor budget and before workers fork:
     # they inherit the raised limit.
@@ -115,7 +115,7 @@ def _freeze_startup_objects() -> None:
 
 
 def _run_workers(config: Config, materials, workers: int, drain_timeout: float | None) -> int:
-    from proxy.workers import Supervisor
+    from proxy.daemon.workers import Supervisor
 
     supervisor = Supervisor(config, materials, workers=workers, drain_timeout=drain_timeout)
     _freeze_startup_objects()
@@ -134,7 +134,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{args.config}: OK")
     print(f"admin endpoint: http://{config.admin.listen}/metrics")
     print(f"worker processes: {worker_count(config)}" + (" (auto)" if config.workers == "auto" else ""))
-    for listener, mat in zip(config.listeners, materials):
+    for listener, mat in zip(config.listeners, materials, strict=False):
         print(_describe_listener(listener, mat))
     # As `run` would see them: it raises the soft descriptor limit to the hard one first.
     for warning in _capacity_warnings(config, fd_limit=raise_nofile_limit()):
@@ -148,7 +148,7 @@ def _capacity_warnings(config: Config, fd_limit: int | None = None) -> list[str]
 
 
 def _days_left(when: datetime) -> str:
-    days = (when - datetime.now(timezone.utc)).days
+    days = (when - datetime.now(UTC)).days
     return f"expires {when:%Y-%m-%d}, in {days} days"
 
 
@@ -186,7 +186,7 @@ def _describe_allow(allow: cfg.AllowConfig | None) -> str:
 
 
 def cmd_certs_init(args: argparse.Namespace) -> int:
-    from proxy.pki import write_dev_pki
+    from proxy.dev.pki import write_dev_pki
 
     try:
         pki = write_dev_pki(Path(args.dir), overwrite=args.force)
@@ -214,7 +214,7 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from proxy.demo import run_demo
+    from proxy.dev.demo import run_demo
 
     directory = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="mtls-proxy-demo-"))
     setup_logging("info", "text")

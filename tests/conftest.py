@@ -13,7 +13,7 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,12 @@ import trio.testing
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from prometheus_client import CollectorRegistry
 
-from proxy import pki
-from proxy.config import parse
-from proxy.materials import load_all
-from proxy.metrics import Metrics
-from proxy.server import Proxy
+from proxy.config.materials import load_all
+from proxy.config.schema import parse
+from proxy.daemon.server import Proxy
+from proxy.dev import pki
+from proxy.ops.metrics import Metrics
+import contextlib
 
 LISTENER = "test"
 
@@ -74,7 +75,7 @@ def _write(dir: Path, name: str, issued: pki.Issued) -> Cred:
 @pytest.fixture(scope="session")
 def test_pki(tmp_path_factory) -> TestPKI:
     d = tmp_path_factory.mktemp("pki")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     server_ca = pki.make_ca("Test Server CA", organization="Acme")
     client_ca = pki.make_ca("Test Client CA", organization="Acme")
     other_ca = pki.make_ca("Other CA", organization="Elsewhere")
@@ -133,10 +134,8 @@ def _connection_handler(backend: Backend, handler):
     async def run(stream) -> None:
         backend.accepted += 1
         async with stream:
-            try:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await handler(stream, backend)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
 
     return run
 

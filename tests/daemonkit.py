@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+import contextlib
 
 
 def free_port() -> int:
@@ -182,7 +183,7 @@ def dev_pki(directory: Path):
     """`mtls-proxy certs init` material shaped like the tests' TestPKI (for the benchmarks, outside pytest)."""
     from types import SimpleNamespace
 
-    from proxy.pki import write_dev_pki
+    from proxy.dev.pki import write_dev_pki
 
     dev = write_dev_pki(directory, overwrite=True)
     return SimpleNamespace(
@@ -230,10 +231,8 @@ def open_silent_tcp(port: int, count: int, timeout: float = 10) -> list[socket.s
 
 def close_all(sockets: list[socket.socket]) -> None:
     for sock in sockets:
-        try:
+        with contextlib.suppress(OSError):
             sock.close()
-        except OSError:
-            pass
     sockets.clear()
 
 

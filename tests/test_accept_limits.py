@@ -108,8 +108,8 @@ def handshake_succeeds(test_pki, port: int, timeout: float = 10) -> bool:
 async def test_connections_waiting_in_the_backlog_are_accepted_in_bounded_batches():
     # A real listening socket with 100 clients queued: one batch takes at most its size, never more than the
     # listener's slots or the process's descriptor budget allow, and nothing when the backlog is empty.
-    from proxy.server import _accept_ready
-    from proxy.sockstream import SocketListener
+    from proxy.daemon.server import _accept_ready
+    from proxy.net.sockstream import SocketListener
 
     server = socket.create_server(("127.0.0.1", 0), backlog=128)
     listener = SocketListener(server)

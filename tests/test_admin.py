@@ -14,9 +14,9 @@ import prometheus_client
 import pytest
 import trio
 
-from proxy.admin import admin_handler
-from proxy.demo_backend import demo_handler
-from proxy.httpserver import Request, Response, serve_http
+from proxy.dev.demo_backend import demo_handler
+from proxy.ops.admin import admin_handler
+from proxy.ops.admin_http import Request, Response, serve_http
 
 Address = tuple[str, int]
 
@@ -149,7 +149,7 @@ async def test_readyz_follows_the_ready_callable(nursery):
 
 
 async def test_status_is_json_of_the_status_callable(nursery):
-    since = datetime.datetime(2030, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+    since = datetime.datetime(2030, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
     address = await start_admin(nursery, status=lambda: {"listeners": ["api"], "since": since})
     reply = await fetch(address, "/status")
     assert reply.status == 200
@@ -264,11 +264,11 @@ async def test_handler_exception_is_logged_answered_500_and_serving_goes_on(nurs
         return Response(body=b"fine\n")
 
     address = await start(nursery, handler)
-    with caplog.at_level(logging.ERROR, logger="proxy.httpserver"):
+    with caplog.at_level(logging.ERROR, logger="proxy.ops.admin_http"):
         failed = await fetch(address, "/boom")
     assert (failed.status, failed.body) == (500, b"internal server error\n")
     [record] = errors_logged(caplog)
-    assert record.name == "proxy.httpserver"
+    assert record.name == "proxy.ops.admin_http"
     assert "GET /boom" in record.getMessage()
     assert isinstance(record.exc_info[1], RuntimeError)
     assert (await fetch(address, "/")).body == b"fine\n"

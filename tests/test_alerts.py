@@ -168,7 +168,7 @@ def seal_tls13_record(suite: str, secret: bytes, sequence: int, inner_plaintext:
                       "TLS_CHACHA20_POLY1305_SHA256": (ChaCha20Poly1305, 32)}[suite]
     key = hkdf_expand_label(hash_alg, secret, b"key", key_size)
     iv = hkdf_expand_label(hash_alg, secret, b"iv", 12)
-    nonce = bytes(a ^ b for a, b in zip(iv, sequence.to_bytes(12, "big")))
+    nonce = bytes(a ^ b for a, b in zip(iv, sequence.to_bytes(12, "big"), strict=False))
     length = len(inner_plaintext) + 16  # the AEAD tag
     header = bytes([APPLICATION_DATA, 3, 3]) + length.to_bytes(2, "big")
     return header + aead(key).encrypt(nonce, inner_plaintext, header)

@@ -1,4 +1,4 @@
-"""proxy/capacity.py: the sizing arithmetic, the cgroup memory limit, and memory given back after a burst.
+"""proxy/daemon/capacity.py: the sizing arithmetic, the cgroup memory limit, and memory given back after a burst.
 
 The arithmetic and the cgroup files are pure (a temporary folder stands in for /sys/fs/cgroup). Giving memory back
 is tested on the real daemon: bench/reliability.py holds 1,500 mTLS connections through ``mtls-proxy run``, closes
@@ -16,18 +16,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy import capacity
-from proxy.capacity import (
+from proxy.config.schema import parse
+from proxy.daemon import capacity
+from proxy.daemon.capacity import (
     HEADROOM,
-    MiB,
     PER_CONNECTION_BYTES,
     BurstWatch,
+    MiB,
     cgroup_memory_limit,
     max_connections_for,
     memory_needed,
     memory_warnings,
 )
-from proxy.config import parse
 
 REPO = Path(__file__).resolve().parent.parent
 KUBERNETES = REPO / "deploy" / "kubernetes"

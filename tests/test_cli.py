@@ -12,16 +12,17 @@ import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 
-from proxy import pki
+from proxy.dev import pki
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 30  # seconds; one CLI run takes well under one
@@ -90,7 +91,7 @@ def check(path: Path) -> subprocess.CompletedProcess[str]:
 def bad_files(tmp_path_factory) -> dict[str, Path]:
     """Files that are wrong in one way each."""
     d = tmp_path_factory.mktemp("bad-files")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     ca = pki.make_ca("Bad Files CA", organization="Acme")
     expired = pki.make_server_cert(ca, not_before=now - timedelta(days=60), not_after=now - timedelta(days=2))
     files = {
@@ -410,7 +411,7 @@ def test_check_mode_none_lists_no_ca_names(tmp_path, test_pki):
 
 def test_check_warns_about_a_server_cert_close_to_expiry(tmp_path, test_pki):
     ca = pki.make_ca("Soon CA")
-    soon = pki.make_server_cert(ca, not_after=datetime.now(timezone.utc) + timedelta(days=10, hours=1))
+    soon = pki.make_server_cert(ca, not_after=datetime.now(UTC) + timedelta(days=10, hours=1))
     (tmp_path / "soon.crt").write_bytes(soon.chain_pem())
     (tmp_path / "soon.key").write_bytes(soon.key_pem())
     config = base_config(test_pki)

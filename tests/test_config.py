@@ -1,4 +1,4 @@
-"""proxy.config: parsing, defaults, validation messages and path resolution. Pure: no sockets, no files but tmp_path."""
+"""proxy.config.schema: parsing, defaults, validation messages and path resolution. Pure: no sockets, no files but tmp_path."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from proxy import config
-from proxy.config import ConfigError, TCPAddress, UnixAddress
+from proxy.config import schema as config
+from proxy.config.schema import ConfigError, TCPAddress, UnixAddress
 
 FINGERPRINT = "3f" * 32
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy import pki
+from proxy.dev import pki
 from tests.conftest import free_port, kubernetes_secret
 from tests.test_daemon import Daemon, echo_backend, wait_until  # noqa: F401 (echo_backend is a fixture)
 

@@ -36,14 +36,14 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from proxy import pki
+from proxy.dev import pki
 from tests.conftest import free_port
 from tests.conftest import poll_until as wait_until
 
@@ -144,7 +144,7 @@ def test_dockerfile_contract():
     assert len(froms) == 2 and all(args.split()[0] == "${BASE_IMAGE}" for args in froms)
     final = instructions[len(kinds) - 1 - kinds[::-1].index("FROM"):]
     final_kinds = [kind for kind, _ in final]
-    args = {kind: value for kind, value in final}
+    args = dict(final)
     assert "COPY" in final_kinds and "--from=build" in args["COPY"], "the final stage copies only the venv"
     assert "RUN" not in final_kinds, "nothing is installed in the final stage"
     user = args["USER"]
@@ -273,7 +273,7 @@ def unknown_fields(given: Any, understood: Any, path: str = "") -> list[str]:
                 out += unknown_fields(value, understood[key], f"{path}.{key}")
         return out
     if isinstance(given, list):
-        return [f for i, (a, b) in enumerate(zip(given, understood)) for f in unknown_fields(a, b, f"{path}[{i}]")]
+        return [f for i, (a, b) in enumerate(zip(given, understood, strict=False)) for f in unknown_fields(a, b, f"{path}[{i}]")]
     return []
 
 
@@ -351,7 +351,7 @@ def test_sidecar_manifests_agree_with_each_other_and_the_config(rendered):
                 Path(listener["client_auth"]["trusted_ca"]).name} == {"tls.crt", "tls.key", "ca.crt"}
         assert "server auth" in certificate["usages"]
         # The dev CA folder provides the issuer the Certificate names, and a client certificate from it.
-        dev_ca = [doc for doc in yaml.safe_load_all((DEV_CA / "ca.yaml").read_text())]
+        dev_ca = list(yaml.safe_load_all((DEV_CA / "ca.yaml").read_text()))
         ca_issuer = next(doc for doc in dev_ca if doc["kind"] == "Issuer" and "ca" in doc["spec"])
         assert certificate["issuerRef"] == {"group": "cert-manager.io", "kind": "Issuer",
                                             "name": ca_issuer["metadata"]["name"]}
@@ -529,7 +529,7 @@ class Creds:
     """The PKI of the live test: every kind of client the dashboard must tell apart."""
 
     def __init__(self, folder: Path) -> None:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         self.folder = folder
         server_ca = pki.make_ca("Live Server CA", organization="Acme")
         client_ca = pki.make_ca("Live Client CA", organization="Acme")

@@ -157,7 +157,7 @@ class Application(http.server.ThreadingHTTPServer):
 
     def __init__(self) -> None:
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            def do_GET(self) -> None:
                 body = GREETING.encode()
                 self.send_response(200)
                 self.send_header("content-length", str(len(body)))

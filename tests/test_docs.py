@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from proxy.config import load, parse
+from proxy.config.schema import load, parse
 
 REPO = Path(__file__).resolve().parent.parent
 

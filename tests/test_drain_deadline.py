@@ -14,10 +14,19 @@ from datetime import datetime
 
 import pytest
 
-from proxy.lifecycle import HARD_EXIT_GRACE
-from proxy.server import CLOSE_BATCH
-from tests.daemonkit import (HoldingBackend, client_context, close_all, free_port, open_idle_tls, proxy_config,
-                             raise_own_fd_limit, start_daemon, wait_until)
+from proxy.daemon.lifecycle import HARD_EXIT_GRACE
+from proxy.daemon.server import CLOSE_BATCH
+from tests.daemonkit import (
+    HoldingBackend,
+    client_context,
+    close_all,
+    free_port,
+    open_idle_tls,
+    proxy_config,
+    raise_own_fd_limit,
+    start_daemon,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 

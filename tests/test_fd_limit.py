@@ -18,12 +18,21 @@ import urllib.request
 
 import pytest
 
-from proxy import fdlimit
-from proxy.config import parse
-from proxy.server import Proxy
+from proxy.config.schema import parse
+from proxy.daemon import fdlimit
+from proxy.daemon.server import Proxy
 from tests.conftest import listener_config
-from tests.daemonkit import (HoldingBackend, client_context, close_all, free_port, open_silent_tcp, proxy_config,
-                             start_daemon, tls_request_ok, wait_until)
+from tests.daemonkit import (
+    HoldingBackend,
+    client_context,
+    close_all,
+    free_port,
+    open_silent_tcp,
+    proxy_config,
+    start_daemon,
+    tls_request_ok,
+    wait_until,
+)
 
 FD_LIMIT = 256  # room for (256 - 128) / 2 = 64 connections
 HOGS = FD_LIMIT + 44  # more silent clients than the process has descriptors
@@ -73,7 +82,7 @@ def test_at_the_fd_limit_admin_answers_and_nothing_fails(test_pki, tmp_path):
 # is full, with a client waiting in the backlog; then descriptors are freed.
 _FULL_TABLE_SERVER = textwrap.dedent("""
     import logging, os, sys, trio
-    from proxy.httpserver import Response, serve_http
+    from proxy.ops.admin_http import Response, serve_http
 
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
 
@@ -141,13 +150,13 @@ def test_raise_nofile_limit_lifts_the_soft_limit_to_the_hard_one():
     def soft_below_hard():
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
 
-    out = subprocess.run([sys.executable, "-c", "from proxy.fdlimit import raise_nofile_limit as r; print(r())"],
+    out = subprocess.run([sys.executable, "-c", "from proxy.daemon.fdlimit import raise_nofile_limit as r; print(r())"],
                          capture_output=True, text=True, preexec_fn=soft_below_hard, check=True)
     assert int(out.stdout) == 4096
 
 
 def test_a_bug_while_reloading_keeps_the_old_material_and_counts_a_failure(test_pki, monkeypatch):
-    from proxy.materials import load_all
+    from proxy.config.materials import load_all
 
     config = parse({"listeners": [listener_config(test_pki, "127.0.0.1:1")]}, source="t")
     proxy = Proxy(config, load_all(config), admin=False)
@@ -156,7 +165,7 @@ def test_a_bug_while_reloading_keeps_the_old_material_and_counts_a_failure(test_
     def broken(*args, **kwargs):
         raise RuntimeError("a bug in the material pipeline")
 
-    monkeypatch.setattr("proxy.server.load_listener_materials", broken)
+    monkeypatch.setattr("proxy.daemon.server.load_listener_materials", broken)
     assert proxy.reload_certificates() is False
     assert proxy.runtimes[0].tls is before
     assert proxy.metrics.registry.get_sample_value("mtls_proxy_reloads_total", {"result": "failure"}) == 1
@@ -165,7 +174,7 @@ def test_a_bug_while_reloading_keeps_the_old_material_and_counts_a_failure(test_
 
 def test_a_reload_without_descriptors_is_postponed_not_failed(test_pki):
     # Only the reload runs with the descriptor table full (this process's, for a moment, with no I/O of its own).
-    from proxy.materials import load_all
+    from proxy.config.materials import load_all
 
     config = parse({"listeners": [listener_config(test_pki, "127.0.0.1:1")]}, source="t")
     proxy = Proxy(config, load_all(config), admin=False)

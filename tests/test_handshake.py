@@ -14,13 +14,13 @@ import logging
 import socket
 import ssl
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import trio
 from OpenSSL import SSL
 
-from proxy import pki
+from proxy.dev import pki
 from proxy.tls.classify import REASONS
 from tests.conftest import Cred, RunningProxy, client_context, exchange, start_proxy, wait_for
 
@@ -314,7 +314,7 @@ def dave(test_pki, tmp_path_factory) -> Cred:
 @pytest.fixture(scope="module")
 def erin(test_pki, tmp_path_factory) -> Cred:
     """A valid leaf under an intermediate that has expired: erin -> expired intermediate -> root."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     stale = pki.make_ca("Test Client Stale Intermediate", organization="Acme", parent=test_pki.client_ca_issued,
                         not_before=now - timedelta(days=60), not_after=now - timedelta(days=1))
     issued = pki.make_client_cert(stale, common_name="erin", organization="Acme",
@@ -683,7 +683,7 @@ async def test_resumed_session_is_admitted_by_the_issuer_rule_that_admitted_it(n
     # The allow rule `issuers` matches "any CA in the verified chain". A session
     # that was admitted by it must be admitted again when it resumes.
     p = await start_proxy(nursery, test_pki, echo_backend.address, client_auth={"allow": {"issuers": [issuer]}})
-    first, second = await resume_twice(p.port, version_ctx(test_pki, test_pki.carol, version))
+    _first, second = await resume_twice(p.port, version_ctx(test_pki, test_pki.carol, version))
     assert second.reused
     assert second.ok, second.error
     fields = await assert_admitted(p, access_log, echo_backend, count=2)

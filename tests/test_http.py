@@ -1,4 +1,4 @@
-"""proxy.http: bytes in, bytes out. No sockets; identities built with cryptography (ECDSA P-256).
+"""proxy.protocol.http1: bytes in, bytes out. No sockets; identities built with cryptography (ECDSA P-256).
 
 What reaches the backend is read back with an independent h11 server, so assertions are about the request the
 backend would see, not about how the relay happened to serialise it.
@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from proxy.http import (
+from proxy.policy.identity import PeerIdentity, identity_from_chain
+from proxy.protocol.http1 import (
     ALWAYS_STRIPPED,
     ERRORS,
     MAX_HEADER_BYTES,
@@ -29,7 +30,6 @@ from proxy.http import (
     render_error_response,
     xfcc_element,
 )
-from proxy.identity import PeerIdentity, identity_from_chain
 
 NOT_BEFORE = datetime(2024, 1, 1, tzinfo=UTC)
 NOT_AFTER = datetime(2034, 1, 1, tzinfo=UTC)
@@ -216,7 +216,7 @@ def test_forged_headers_in_chunked_trailers_are_stripped_too() -> None:
     head = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
     body = b"3\r\nabc\r\n0\r\nX_Forwarded_Client_Cert: forged\r\nx-client-dn: forged\r\nX-Checksum: 42\r\n\r\n"
     step = r.from_client(head + body)
-    [(request, data, trailers)] = backend_view(step.to_backend)
+    [(_request, data, trailers)] = backend_view(step.to_backend)
     assert data == b"abc"
     assert trailers == [(b"X-Checksum", b"42")]
     assert b"forged" not in step.to_backend
@@ -819,7 +819,7 @@ def test_render_error_response_exact_bytes() -> None:
         b"Connection: close\r\n"
         b"\r\n"
     )
-    [response, data, end] = client_view(render_error_response(431))
+    [response, data, _end] = client_view(render_error_response(431))
     assert response.status_code == 431 and data.data == b"431 Request Header Fields Too Large\n"
 
 

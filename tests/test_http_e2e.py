@@ -12,8 +12,8 @@ import h11
 import pytest
 import trio
 
-from proxy.demo_backend import demo_handler
-from proxy.httpserver import serve_http
+from proxy.dev.demo_backend import demo_handler
+from proxy.ops.admin_http import serve_http
 from tests.conftest import client_context, start_backend, start_proxy, wait_for
 
 FORGED = [
@@ -28,7 +28,7 @@ FORGED = [
 
 
 async def http_proxy(nursery, test_pki, **backend_overrides):
-    host, port = await nursery.start(serve_http, demo_handler(), "127.0.0.1", 0)
+    _host, port = await nursery.start(serve_http, demo_handler(), "127.0.0.1", 0)
     backend = {"address": f"127.0.0.1:{port}", "protocol": "http",
                "identity_headers": {"X-Client-Subject": "subject", "X-Client-Verify": "verify"}}
     backend.update(backend_overrides)
@@ -79,7 +79,7 @@ async def test_identity_headers_reach_the_backend_and_forged_ones_never_do(nurse
 
 
 async def test_anonymous_client_gets_no_certificate_headers(nursery, test_pki):
-    host, port = await nursery.start(serve_http, demo_handler(), "127.0.0.1", 0)
+    _host, port = await nursery.start(serve_http, demo_handler(), "127.0.0.1", 0)
     p = await start_proxy(
         nursery, test_pki, "unused:1",
         client_auth={"mode": "optional", "trusted_ca": str(test_pki.client_ca)},

@@ -1,4 +1,4 @@
-"""proxy.httpresponse: the backend-response reader, alone and behind HttpRelay. Pure: no sockets.
+"""proxy.protocol.http1_response: the backend-response reader, alone and behind HttpRelay. Pure: no sockets.
 
 - `read_head`, `framing` and `ChunkedReader` on hand-written bytes: what they parse, what they return, what they
   refuse (`BadResponse`).
@@ -18,8 +18,8 @@ from typing import NamedTuple
 import h11
 import pytest
 
-from proxy.http import HeaderPolicy, HttpRelay, Step
-from proxy.httpresponse import MAX_CHUNK_LINE, BadResponse, ChunkedReader, Framing, framing, read_head
+from proxy.protocol.http1 import HeaderPolicy, HttpRelay, Step
+from proxy.protocol.http1_response import MAX_CHUNK_LINE, BadResponse, ChunkedReader, Framing, framing, read_head
 
 LIMIT = 1024
 
@@ -331,7 +331,7 @@ def random_chunks(rng: random.Random, payload: bytes) -> bytes:
 
 def random_pieces(rng: random.Random, data: bytes) -> list[bytes]:
     cuts = sorted(rng.sample(range(1, len(data)), min(rng.randint(0, 8), len(data) - 1)))
-    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=False)]
 
 
 def request(method: bytes, target: bytes = b"/") -> bytes:

@@ -1,4 +1,4 @@
-"""proxy.identity: certificates built here with cryptography (ECDSA P-256), no sockets, no proxy.pki."""
+"""proxy.policy.identity: certificates built here with cryptography (ECDSA P-256), no sockets, no proxy.dev.pki."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID, NameOID
 
-from proxy.identity import UNPARSEABLE, PeerIdentity, identity_from_cert, identity_from_chain
+from proxy.policy.identity import UNPARSEABLE, PeerIdentity, identity_from_cert, identity_from_chain
 
 NOT_BEFORE = datetime(2024, 1, 1, tzinfo=UTC)
 NOT_AFTER = datetime(2034, 1, 1, tzinfo=UTC)

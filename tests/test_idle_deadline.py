@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from proxy.pump import IdleDeadline
+from proxy.relay.tcp_forwarder import IdleDeadline
 
 
 async def test_touched_deadline_keeps_the_scope_alive_then_fires_after_the_timeout(autojump_clock):

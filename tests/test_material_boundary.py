@@ -5,7 +5,7 @@ gets odd inputs (weak RSA 1024, DSA, Ed448, Ed25519, small and odd curves, trunc
 and key of different kinds, the wrong kind of PEM block). Each input goes to `mtls-proxy check` in its own folder
 (all the processes run at once) and to a SIGHUP reload of one running `mtls-proxy run`.
 
-Some inputs are accepted on purpose, decided from what OpenSSL really does (measured; see proxy/materials.py):
+Some inputs are accepted on purpose, decided from what OpenSSL really does (measured; see proxy/config/materials.py):
 an Ed448 or Ed25519 server key serves TLS 1.2 and 1.3; a DSA, Ed448 or brainpoolP256r1 CA verifies the clients it
 issued; an RSA 1024 CA in advertised_ca only lends its name to the CertificateRequest. For those the test asserts
 that the new material is served, not refused. Refused: keys under OpenSSL's security level (RSA 1024, secp192r1),
@@ -31,7 +31,7 @@ import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -42,9 +42,9 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
-from proxy import pki
-from proxy.config import ConfigError, parse
-from proxy.materials import ListenerMaterials, ServerCredentials
+from proxy.config.materials import ListenerMaterials, ServerCredentials
+from proxy.config.schema import ConfigError, parse
+from proxy.dev import pki
 from proxy.tls.context import build_server_tls
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,7 +80,7 @@ def _digest_for(key: CertificateIssuerPrivateKeyTypes) -> hashes.HashAlgorithm |
 
 def _certificate(subject: str, public_key, issuer: x509.Name, issuer_key, *, ca: bool,
                  eku: x509.ObjectIdentifier | None = None, dns: str | None = None) -> x509.Certificate:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
@@ -146,7 +146,7 @@ def _ca_with_client(name: str, key) -> tuple[bytes, Client]:
 def _with_undecodable_extension(name: str, key, issuer: x509.Name | None = None, issuer_key=None) -> x509.Certificate:
     """A certificate whose basicConstraints is three bytes of garbage: cryptography loads it, then fails to decode
     the extension on first access."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     return (
         x509.CertificateBuilder()

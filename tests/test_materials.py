@@ -1,4 +1,4 @@
-"""proxy.materials: every file a listener names is loaded and checked, and each problem names the field and file.
+"""proxy.config.materials: every file a listener names is loaded and checked, and each problem names the field and file.
 
 Certificates are generated here with `cryptography` (ECDSA P-256) against a fixed NOW, so the tests do not
 depend on the clock or on the dev-PKI module.
@@ -6,7 +6,7 @@ depend on the clock or on the dev-PKI module.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +16,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from proxy import config, materials
-from proxy.config import ConfigError
+from proxy.config import materials
+from proxy.config import schema as config
+from proxy.config.schema import ConfigError
 
-NOW = datetime(2030, 6, 1, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
 YEAR = timedelta(days=365)
 
@@ -347,7 +348,7 @@ def write_server(files: Files, **validity: datetime) -> None:
 
 
 def test_expired_server_certificate(files: Files) -> None:
-    write_server(files, not_before=NOW - YEAR, not_after=datetime(2030, 5, 1, tzinfo=timezone.utc))
+    write_server(files, not_before=NOW - YEAR, not_after=datetime(2030, 5, 1, tzinfo=UTC))
     assert files.only_problem() == (
         f"listeners[0].tls.cert: {files.path('server.crt')}: the server certificate (CN=localhost) "
         "expired on 2030-05-01 00:00:00 UTC"
@@ -355,7 +356,7 @@ def test_expired_server_certificate(files: Files) -> None:
 
 
 def test_server_certificate_not_yet_valid(files: Files) -> None:
-    write_server(files, not_before=datetime(2030, 7, 1, tzinfo=timezone.utc), not_after=NOW + YEAR)
+    write_server(files, not_before=datetime(2030, 7, 1, tzinfo=UTC), not_after=NOW + YEAR)
     assert files.only_problem() == (
         f"listeners[0].tls.cert: {files.path('server.crt')}: the server certificate (CN=localhost) "
         "is not valid before 2030-07-01 00:00:00 UTC"
@@ -454,7 +455,7 @@ def test_advertised_bundle_entry_that_is_not_a_ca(files: Files) -> None:
 
 
 def test_every_ca_expired_is_an_error(files: Files) -> None:
-    old = new_ca("Old CA", not_before=NOW - 2 * YEAR, not_after=datetime(2029, 1, 1, tzinfo=timezone.utc))
+    old = new_ca("Old CA", not_before=NOW - 2 * YEAR, not_after=datetime(2029, 1, 1, tzinfo=UTC))
     files.write("client-ca.crt", pem(old[0]))
     assert files.only_problem() == (
         f"listeners[0].client_auth.trusted_ca: {files.path('client-ca.crt')}: every CA in the bundle has expired: "
@@ -463,7 +464,7 @@ def test_every_ca_expired_is_an_error(files: Files) -> None:
 
 
 def test_some_cas_expired_is_a_warning(files: Files) -> None:
-    old = new_ca("Old CA", not_before=NOW - 2 * YEAR, not_after=datetime(2029, 1, 1, tzinfo=timezone.utc))
+    old = new_ca("Old CA", not_before=NOW - 2 * YEAR, not_after=datetime(2029, 1, 1, tzinfo=UTC))
     files.write("client-ca.crt", pem(files.client_ca_1[0], old[0]))
     loaded = files.load()
     assert loaded.trusted_ca == (files.client_ca_1[0], old[0])
@@ -497,7 +498,7 @@ def test_missing_crl_file(files: Files) -> None:
 
 
 def test_out_of_date_crl_is_a_warning(files: Files) -> None:
-    stale = crl_of(files.client_ca_1, next_update=datetime(2030, 5, 1, tzinfo=timezone.utc))
+    stale = crl_of(files.client_ca_1, next_update=datetime(2030, 5, 1, tzinfo=UTC))
     files.write("crl.pem", stale.public_bytes(serialization.Encoding.PEM))
     loaded = files.load(trusted_ca="client-ca.crt", crl="crl.pem")
     assert loaded.warnings[0] == (

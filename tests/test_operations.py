@@ -8,13 +8,13 @@ import shutil
 import socket
 import ssl
 import urllib.request
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import trio
 
-from proxy import pki
+from proxy.dev import pki
 from tests.conftest import client_context, exchange, kubernetes_secret, start_proxy, wait_for
 
 
@@ -232,7 +232,7 @@ async def test_crl_reload_revokes_from_then_on(nursery, test_pki, echo_backend, 
 
 async def test_stale_crl_is_reported(nursery, test_pki, echo_backend, tmp_path):
     crl = tmp_path / "stale.crl"
-    past = datetime.now(timezone.utc) - timedelta(days=2)
+    past = datetime.now(UTC) - timedelta(days=2)
     write_crl(crl, test_pki.client_ca_issued, [], last_update=past - timedelta(days=7), next_update=past)
     p = await start_proxy(nursery, test_pki, echo_backend.address, admin=True,
                           client_auth={"mode": "require", "trusted_ca": str(test_pki.client_ca), "crl": str(crl)})
@@ -288,7 +288,7 @@ async def test_client_certificate_remaining_validity_is_observed(nursery, test_p
     p = await start_proxy(nursery, test_pki, echo_backend.address)
     assert (await exchange(p.port, client_context(test_pki, test_pki.alice))).ok
     await wait_for(lambda: p.metric("mtls_proxy_client_certificate_remaining_seconds_count") == 1)
-    remaining = (test_pki.alice.issued.cert.not_valid_after_utc - datetime.now(timezone.utc)).total_seconds()
+    remaining = (test_pki.alice.issued.cert.not_valid_after_utc - datetime.now(UTC)).total_seconds()
     assert p.metric("mtls_proxy_client_certificate_remaining_seconds_sum") == pytest.approx(remaining, abs=60)
     # Under a year left: not in the 180-day bucket, in the 365-day one.
     assert p.metric("mtls_proxy_client_certificate_remaining_seconds_bucket", le="1.5552e+07") == 0

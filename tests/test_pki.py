@@ -7,7 +7,7 @@ import os
 import shutil
 import stat
 import subprocess
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from proxy import pki
+from proxy.dev import pki
+import itertools
 
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
 needs_openssl = pytest.mark.skipif(not Path(OPENSSL).exists(), reason="openssl CLI not installed")
@@ -107,7 +108,7 @@ def test_two_level_intermediates_chain_nearest_first(root: pki.Issued, intermedi
     assert leaf.chain == (second.cert, intermediate.cert)
     # Walk leaf -> second -> first -> root, checking each signature with the next certificate's public key.
     path = [leaf.cert, *leaf.chain, root.cert]
-    for child, parent in zip(path, path[1:]):
+    for child, parent in itertools.pairwise(path):
         child.verify_directly_issued_by(parent)
     assert len(path) == 4
 
@@ -245,7 +246,7 @@ def test_serials_are_random_and_fingerprint_is_lowercase_hex(root: pki.Issued) -
 
 
 def test_default_validity_windows(root: pki.Issued) -> None:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     leaf = pki.make_client_cert(root, common_name="d").cert
     assert close_to(leaf.not_valid_before_utc, now - timedelta(hours=1))
     assert close_to(leaf.not_valid_after_utc, now + timedelta(days=365))
@@ -255,7 +256,7 @@ def test_default_validity_windows(root: pki.Issued) -> None:
 
 
 def test_explicit_validity_windows_are_honoured(root: pki.Issued) -> None:
-    now = datetime.now(timezone.utc).replace(microsecond=0)
+    now = datetime.now(UTC).replace(microsecond=0)
     expired = pki.make_client_cert(
         root, common_name="old", not_before=now - timedelta(days=10), not_after=now - timedelta(days=1)
     ).cert
@@ -288,7 +289,7 @@ def test_crl_lists_the_serials_and_is_signed_by_the_ca(root: pki.Issued) -> None
 
 
 def test_crl_update_times(root: pki.Issued) -> None:
-    now = datetime.now(timezone.utc).replace(microsecond=0)
+    now = datetime.now(UTC).replace(microsecond=0)
     default = pki.make_crl(root, [])
     explicit = pki.make_crl(root, [], last_update=now - timedelta(days=3), next_update=now - timedelta(days=1))
 

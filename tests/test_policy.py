@@ -1,4 +1,4 @@
-"""proxy.policy: authorization of plain PeerIdentity values against allow rules, no certificates or sockets needed."""
+"""proxy.policy.allow: authorization of plain PeerIdentity values against allow rules, no certificates or sockets needed."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from proxy.identity import UNPARSEABLE, PeerIdentity, identity_from_cert, identity_from_chain
-from proxy.policy import Decision, Policy, compile_dns_pattern, compile_uri_pattern
+from proxy.policy.allow import Decision, Policy, compile_dns_pattern, compile_uri_pattern
+from proxy.policy.identity import UNPARSEABLE, PeerIdentity, identity_from_cert, identity_from_chain
 from tests.test_identity import Pki, dn
 
 ALICE_SHA256 = "3f" * 32
@@ -34,7 +34,7 @@ ALICE = PeerIdentity(
 
 @dataclasses.dataclass(frozen=True)
 class Allow:
-    """Stands in for proxy.config.AllowConfig: same attribute names, values already normalised."""
+    """Stands in for proxy.config.schema.AllowConfig: same attribute names, values already normalised."""
 
     subjects: tuple[str, ...] = ()
     issuers: tuple[str, ...] = ()

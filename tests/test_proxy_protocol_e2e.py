@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from proxy import proxyproto
+from proxy.protocol import proxyproto
 from tests.conftest import client_context, exchange, start_backend, start_proxy
 
 

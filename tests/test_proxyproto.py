@@ -1,4 +1,4 @@
-"""proxy.proxyproto: PROXY protocol v1/v2 headers, checked byte for byte against headers built by hand here.
+"""proxy.protocol.proxyproto: PROXY protocol v1/v2 headers, checked byte for byte against headers built by hand here.
 
 The expected bytes are written out from the spec (HAProxy doc/proxy-protocol.txt, sections 2.1 and 2.2) with
 literals and struct.pack, never with the module's own helpers, so that a shared mistake cannot hide.
@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from proxy.proxyproto import TLSInfo, TruncatedHeader, decode_v2, encode_v1, encode_v2
+from proxy.protocol.proxyproto import TLSInfo, TruncatedHeader, decode_v2, encode_v1, encode_v2
 
 SIG = b"\x0d\x0a\x0d\x0a\x00\x0d\x0a\x51\x55\x49\x54\x0a"  # section 2.2, the 12-byte signature
 

@@ -1,4 +1,4 @@
-"""proxy.pump and the HTTP driver (proxy.httpproxy): what a relayed connection keeps once its peers go quiet."""
+"""proxy.relay.tcp_forwarder and the HTTP driver (proxy.relay.http1_forwarder): what a relayed connection keeps once its peers go quiet."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import trio
 import trio.testing
 from OpenSSL import SSL
 
-from proxy.http import HeaderPolicy, HttpRelay
-from proxy.httpproxy import HttpCounters, relay_http
-from proxy.pump import pump
-from proxy.sockstream import SocketStream
+from proxy.net.sockstream import SocketStream
+from proxy.protocol.http1 import HeaderPolicy, HttpRelay
+from proxy.relay.http1_forwarder import HttpCounters, relay_http
+from proxy.relay.tcp_forwarder import pump
 from proxy.tls.context import ServerTLS
 from proxy.tls.stream import TLSStream
 from tests.tlskit import (

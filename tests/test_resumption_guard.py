@@ -16,7 +16,7 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,7 +24,7 @@ import pytest
 import trio
 from OpenSSL import crypto
 
-from proxy import pki
+from proxy.dev import pki
 from proxy.tls.classify import REASONS
 from proxy.tls.resumption import has_expired, not_after
 from tests.conftest import Cred, RunningProxy, client_context, start_proxy, wait_for
@@ -97,7 +97,7 @@ async def resumable_session(p: RunningProxy, ctx: ssl.SSLContext) -> ssl.SSLSess
 
 def short_lived_client(test_pki: TestPKI, dir: Path) -> Cred:
     """A client certificate from the trusted client CA that expires SHORT_LIFETIME from now."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     issued = pki.make_client_cert(test_pki.client_ca_issued, common_name="short-lived", organization="Acme",
                                   not_before=now - timedelta(hours=1), not_after=now + SHORT_LIFETIME)
     cert, key = dir / "short-lived.crt", dir / "short-lived.key"
@@ -225,7 +225,7 @@ async def test_a_session_does_not_resume_across_a_reload_that_revokes_the_client
 
 
 def test_a_certificate_has_expired_from_its_not_after_second_on():
-    end = int(datetime(2030, 1, 1, 12, 0, 0, tzinfo=timezone.utc).timestamp())
+    end = int(datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC).timestamp())
     assert not has_expired(end, end - 0.001)
     assert has_expired(end, end)  # as OpenSSL's verification sees it (X509_cmp_time: notAfter <= now)
     assert has_expired(end, end + 1)

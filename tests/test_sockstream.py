@@ -1,4 +1,4 @@
-"""proxy.sockstream: trio's own conformance checks for the SocketStream over real sockets, and the SocketListener."""
+"""proxy.net.sockstream: trio's own conformance checks for the SocketStream over real sockets, and the SocketListener."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from proxy.sockstream import NOTSENT_LOWAT, SocketListener, SocketStream
+from proxy.net.sockstream import NOTSENT_LOWAT, SocketListener, SocketStream
 
 
 def socket_pair() -> tuple[SocketStream, SocketStream]:

@@ -24,15 +24,15 @@ import trio
 import trio.testing
 from OpenSSL import SSL
 
-from proxy.sockstream import SocketStream
+from proxy.net.sockstream import SocketStream
 from proxy.tls import stream as stream_module
 from proxy.tls.stream import TLSStream
 from tests.tlskit import (
     MODE_RELEASE_BUFFERS,
-    malloc_in_use,
     RecordingStream,
     client_connection,
     handshake_both,
+    malloc_in_use,
     openssl_client_context,
     receive_exactly,
     server_tls,

@@ -7,7 +7,7 @@ restores OpenSSL's behaviour, which admits both. Real TLS: stdlib ``ssl`` client
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from proxy import pki
+from proxy.dev import pki
 from tests.conftest import Cred, _write, start_proxy
 from tests.test_handshake import (  # noqa: F401 - access_log is a fixture
     VERSIONS,
@@ -43,7 +43,7 @@ def _usage(*, digital_signature: bool = False, key_agreement: bool = False,
 def _client_leaf(ca: pki.Issued, common_name: str, *, is_ca: bool, usage: x509.KeyUsage | None) -> pki.Issued:
     """A clientAuth certificate from ``ca`` with the given basicConstraints and keyUsage (None: no extension)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))

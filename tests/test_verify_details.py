@@ -13,7 +13,7 @@ import pytest
 from cryptography import x509
 from OpenSSL import crypto
 
-from proxy import pki
+from proxy.dev import pki
 from proxy.tls.classify import X509_REASONS, describe_x509_error, verify_error_text
 from tests.conftest import Cred, _write, start_proxy
 from tests.test_handshake import access_log, assert_rejected, connect, version_ctx  # noqa: F401 - a fixture

@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 import yaml
 
-from proxy.workers import usable_cpus
+from proxy.daemon.workers import usable_cpus
 from tests.conftest import free_port
 from tests.conftest import poll_until as wait_until
 
@@ -117,7 +117,7 @@ def echo_once(port: int, ctx: ssl.SSLContext, session=None) -> tuple[bool, ssl.S
 
 
 def test_two_workers_serve_and_metrics_add_up(daemon, test_pki):
-    proc, port, admin = daemon
+    _proc, port, admin = daemon
     ctx = client_ctx(test_pki, "1.3")
     for _ in range(20):
         echo_once(port, ctx)
@@ -129,7 +129,7 @@ def test_two_workers_serve_and_metrics_add_up(daemon, test_pki):
 
 @pytest.mark.parametrize("version", ["1.2", "1.3"])
 def test_a_session_ticket_from_one_worker_resumes_on_the_other(daemon, test_pki, version):
-    proc, port, admin = daemon
+    _proc, port, _admin = daemon
     ctx = client_ctx(test_pki, version)
     _, session = echo_once(port, ctx)
     # Connections land on either worker: had each worker its own ticket
@@ -139,7 +139,7 @@ def test_a_session_ticket_from_one_worker_resumes_on_the_other(daemon, test_pki,
 
 
 def test_a_dead_worker_is_replaced(daemon, test_pki):
-    proc, port, admin = daemon
+    proc, port, _admin = daemon
     before = set(children(proc.pid))
     victim = max(before)
     os.kill(victim, signal.SIGKILL)
@@ -151,7 +151,7 @@ def test_a_dead_worker_is_replaced(daemon, test_pki):
 
 
 def test_sighup_reaches_every_worker_and_sigterm_drains_all(daemon, test_pki):
-    proc, port, admin = daemon
+    proc, _port, admin = daemon
     proc.send_signal(signal.SIGHUP)
     wait_until(lambda: metric(admin, 'mtls_proxy_reloads_total{result="success"}') == 2)
     proc.send_signal(signal.SIGTERM)

@@ -22,8 +22,8 @@ from collections.abc import Callable
 import trio
 from OpenSSL import SSL
 
-from proxy.config import parse
-from proxy.materials import load_all
+from proxy.config.materials import load_all
+from proxy.config.schema import parse
 from proxy.tls.context import ServerTLS, build_server_tls
 from proxy.tls.stream import TLSStream
 from tests.conftest import Cred, TestPKI, listener_config

@@ -51,17 +51,17 @@ SSL_AD_INTERNAL_ERROR = 80
 
 
 def session_reused(conn: SSL.Connection) -> bool:
-    return bool(_lib.SSL_session_reused(conn._ssl))  # noqa: SLF001
+    return bool(_lib.SSL_session_reused(conn._ssl))
 
 
 def outgoing_bytes(conn: SSL.Connection) -> int:
     """Ciphertext OpenSSL has produced and we have not taken out with ``bio_read`` yet."""
-    return _lib.BIO_get_mem_data(conn._from_ssl, _ffi.NULL)  # noqa: SLF001
+    return _lib.BIO_get_mem_data(conn._from_ssl, _ffi.NULL)
 
 
 def incoming_bytes(conn: SSL.Connection) -> int:
     """Ciphertext we put in with ``bio_write`` that OpenSSL has not read yet."""
-    return _lib.BIO_get_mem_data(conn._into_ssl, _ffi.NULL)  # noqa: SLF001
+    return _lib.BIO_get_mem_data(conn._into_ssl, _ffi.NULL)
 
 
 def drain(conn: SSL.Connection, size: int) -> memoryview:
@@ -70,7 +70,7 @@ def drain(conn: SSL.Connection, size: int) -> memoryview:
     ``bio_read`` without its copy into ``bytes``: the view keeps its C buffer alive.
     """
     buf = _no_zero_allocator("char[]", size)
-    got = _lib.BIO_read(conn._from_ssl, buf, size)  # noqa: SLF001
+    got = _lib.BIO_read(conn._from_ssl, buf, size)
     if got != size:  # a memory BIO gives all it holds; anything else is a bug
         raise SSL.Error(f"BIO_read returned {got} of {size} pending bytes")
     return memoryview(_ffi.buffer(buf, size))
@@ -94,11 +94,11 @@ class ReadBuffer:
         """One ``SSL_read`` into the free space; raises exactly as ``Connection.recv`` does."""
         if self._buf is None:
             self._buf = _no_zero_allocator("char[]", self._size)
-        ssl = conn._ssl  # noqa: SLF001
+        ssl = conn._ssl
         got = _lib.SSL_read(ssl, self._buf + self.filled, self._size - self.filled)
         if got <= 0 and not self.filled:
             self._buf = None  # nothing yet: hold no memory while the stream waits for the peer
-        conn._raise_ssl_error(ssl, got)  # noqa: SLF001 - WantRead, ZeroReturn, SysCall errors, SSL.Error
+        conn._raise_ssl_error(ssl, got)
         self.filled += got
         return got
 
@@ -123,14 +123,14 @@ def release_bio_buffers(conn: SSL.Connection) -> bool:
             if bio != _ffi.NULL:
                 _lib.BIO_free(bio)
         return False
-    _lib.SSL_set_bio(conn._ssl, into_ssl, from_ssl)  # noqa: SLF001
-    conn._into_ssl, conn._from_ssl = into_ssl, from_ssl  # noqa: SLF001
+    _lib.SSL_set_bio(conn._ssl, into_ssl, from_ssl)
+    conn._into_ssl, conn._from_ssl = into_ssl, from_ssl
     return True
 
 
 def _to_cryptography(ptr) -> x509.Certificate:
     _lib.X509_up_ref(ptr)  # the X509 wrapper frees its reference when collected
-    return crypto.X509._from_raw_x509_ptr(ptr).to_cryptography()  # noqa: SLF001
+    return crypto.X509._from_raw_x509_ptr(ptr).to_cryptography()
 
 
 class VerifyStep:
@@ -172,7 +172,7 @@ def set_verify(ctx: SSL.Context, mode: int, callback: VerifyCallback) -> None:
         try:
             index = _lib.SSL_get_ex_data_X509_STORE_CTX_idx()
             ssl = _lib.X509_STORE_CTX_get_ex_data(store_ctx, index)
-            conn = SSL.Connection._reverse_mapping[ssl]  # noqa: SLF001
+            conn = SSL.Connection._reverse_mapping[ssl]
             return 1 if callback(conn, VerifyStep(store_ctx), bool(ok)) else 0
         except Exception:  # never let an exception cross into OpenSSL
             log.exception("verify callback failed; refusing the certificate")
@@ -180,8 +180,8 @@ def set_verify(ctx: SSL.Context, mode: int, callback: VerifyCallback) -> None:
 
     c_callback = _ffi.callback("int (*)(int, X509_STORE_CTX *)", trampoline)
     # The cffi callback must live as long as the Context that points at it.
-    ctx._mtls_proxy_verify_callback = c_callback  # noqa: SLF001
-    _lib.SSL_CTX_set_verify(ctx._context, mode, c_callback)  # noqa: SLF001
+    ctx._mtls_proxy_verify_callback = c_callback
+    _lib.SSL_CTX_set_verify(ctx._context, mode, c_callback)
 
 
 # ``check(connection, client_certificate)``: None lets the resumption go on, a
@@ -227,8 +227,8 @@ def set_resumption_check(ctx: SSL.Context, check: ResumptionCheck) -> None:
             cert = _lib.SSL_get_peer_certificate(ssl)  # a new reference (SSL_get1_peer_certificate)
             if cert == _ffi.NULL:
                 return _lib.SSL_TLSEXT_ERR_OK  # an anonymous session (client_auth optional or none)
-            peer = crypto.X509._from_raw_x509_ptr(cert)  # noqa: SLF001 - owns the reference from here on
-            refusal = check(SSL.Connection._reverse_mapping[ssl], peer)  # noqa: SLF001
+            peer = crypto.X509._from_raw_x509_ptr(cert)
+            refusal = check(SSL.Connection._reverse_mapping[ssl], peer)
         except Exception:  # never let an exception cross into OpenSSL; fail closed
             log.exception("resumption check failed; refusing the resumption")
             refusal = SSL_AD_INTERNAL_ERROR
@@ -239,5 +239,5 @@ def set_resumption_check(ctx: SSL.Context, check: ResumptionCheck) -> None:
 
     c_callback = _ffi.callback("int (*)(SSL *, int *, void *)", trampoline)
     # The cffi callback must live as long as the Context that points at it.
-    ctx._mtls_proxy_resumption_callback = c_callback  # noqa: SLF001
-    _lib.SSL_CTX_set_tlsext_servername_callback(ctx._context, c_callback)  # noqa: SLF001
+    ctx._mtls_proxy_resumption_callback = c_callback
+    _lib.SSL_CTX_set_tlsext_servername_callback(ctx._context, c_callback)

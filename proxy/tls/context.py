@@ -38,11 +38,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from OpenSSL import SSL, crypto
 
-from proxy.config import AllowConfig, ConfigError, ListenerConfig, TLSConfig
-from proxy.identity import PeerIdentity, identity_from_chain
-from proxy.materials import ListenerMaterials, ServerCredentials, describe_key, key_too_small
-from proxy.policy import Decision, Policy
-from proxy.tls.classify import X509_V_ERR_CERT_REJECTED
+from proxy.config.materials import ListenerMaterials, ServerCredentials, describe_key, key_too_small
+from proxy.config.schema import AllowConfig, ConfigError, ListenerConfig, TLSConfig
+from proxy.policy.allow import Decision, Policy
+from proxy.policy.identity import PeerIdentity, identity_from_chain
 from proxy.tls._openssl import (
     X509_V_ERR_APPLICATION_VERIFICATION,
     X509_V_ERR_UNABLE_TO_GET_CRL,
@@ -50,6 +49,7 @@ from proxy.tls._openssl import (
     VerifyStep,
     set_verify,
 )
+from proxy.tls.classify import X509_V_ERR_CERT_REJECTED
 from proxy.tls.resumption import refuse_expired_resumptions
 
 log = logging.getLogger("proxy.tls")

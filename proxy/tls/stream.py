@@ -64,7 +64,8 @@ import operator
 
 import trio
 from OpenSSL import SSL
-from proxy.sockstream import SocketStream
+
+from proxy.net.sockstream import SocketStream
 from proxy.tls._openssl import ReadBuffer, drain, incoming_bytes, outgoing_bytes, release_bio_buffers, session_reused
 
 # Plaintext is handed to SSL_write in pieces of this size, the pump's chunk.

@@ -141,7 +141,7 @@ class ChunkedReader:
     `feed` says how much of its input belongs to the body (all of it until the body ends) and returns the payload
     found in it; `done` turns True at the blank line after the trailers. Lines are checked as the head's are, and
     the trailer section is bounded by `limit` like a head. The relay also runs one over chunked request bodies,
-    beside h11, for the checks h11 does not make (`proxy.http`); there a `BadResponse` is the client's fault.
+    beside h11, for the checks h11 does not make (`proxy.protocol.http1`); there a `BadResponse` is the client's fault.
     """
 
     def __init__(self, limit: int) -> None:

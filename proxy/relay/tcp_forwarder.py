@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import trio
 
-from proxy.sockstream import SocketStream
+from proxy.net.sockstream import SocketStream
 
 # One read from either side. Larger reads mean fewer trips through the
 # scheduler per megabyte: 256 KiB instead of 64 KiB took 13% less CPU per GB

@@ -9,7 +9,7 @@ Relative file paths resolve against the folder of the config file (passed to pyd
 so a config and its certificates can be moved together and the daemon's working directory does not matter.
 
 Only the shape and the cross-field rules of the config are checked here; the files it names are opened and
-checked by ``proxy.materials``.
+checked by ``proxy.config.materials``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from pydantic import (
     model_validator,
 )
 
-from proxy.policy import compile_dns_pattern, compile_uri_pattern
+from proxy.policy.allow import compile_dns_pattern, compile_uri_pattern
 
 __all__ = [
     "AdminConfig",
@@ -189,7 +189,7 @@ def _validate_backend_address(value: object, info: ValidationInfo) -> TCPAddress
 # Usable as pydantic field types; they serialise back to their string form.
 TCPAddressField = Annotated[TCPAddress, PlainValidator(parse_tcp_address), PlainSerializer(str)]
 BackendAddress = Annotated[
-    Union[TCPAddress, UnixAddress], PlainValidator(_validate_backend_address), PlainSerializer(str)
+    TCPAddress | UnixAddress, PlainValidator(_validate_backend_address), PlainSerializer(str)
 ]
 
 
@@ -455,7 +455,7 @@ class BackendConfig(_Model):
     @field_validator("identity_headers")
     @classmethod
     def _valid_identity_headers(cls, headers: dict[str, str]) -> dict[str, str]:
-        from proxy.http import HeaderPolicy  # pure, like this module
+        from proxy.protocol.http1 import HeaderPolicy  # pure, like this module
 
         HeaderPolicy(headers)  # raises ValueError naming the bad header or variable
         return headers
@@ -586,7 +586,7 @@ def load(path: str | Path) -> Config:
     except UnicodeDecodeError as exc:
         raise ConfigError(source, [f"not UTF-8 text (byte {exc.start})"]) from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(source, [_describe_yaml_error(exc)]) from None
     return parse(data, source=source, base_dir=path.absolute().parent)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes, PrivateKeyTypes
 
-from proxy.config import Config, ConfigError, ListenerConfig
+from proxy.config.schema import Config, ConfigError, ListenerConfig
+import itertools
 
 __all__ = [
     "EXPIRY_WARNING",
@@ -175,9 +176,9 @@ def _decoded(field_name: str, path: Path, report: _Report, load: Callable[[], T]
 
 def _utc(now: datetime | None) -> datetime:
     if now is None:
-        return datetime.now(timezone.utc)
+        return datetime.now(UTC)
     # cryptography's *_utc properties are aware; a naive "now" is taken to be UTC rather than failing to compare.
-    return now if now.tzinfo is not None else now.replace(tzinfo=timezone.utc)
+    return now if now.tzinfo is not None else now.replace(tzinfo=UTC)
 
 
 def _when(moment: datetime) -> str:
@@ -325,7 +326,7 @@ def _check_chain(chain: list[x509.Certificate], path: Path, report: _Report) -> 
         # them here raises, and _decoded reports it.
         _ = certificate.extensions
         _check_server_validity(certificate, position, path, report)
-    for position, (child, issuer) in enumerate(zip(chain, chain[1:])):
+    for position, (child, issuer) in enumerate(itertools.pairwise(chain)):
         problem = _issued_by_problem(child, position, issuer)
         if problem:
             report.error("tls.cert", path, f"{problem}; list the server certificate first, then each issuer in order")

@@ -1,4 +1,4 @@
-"""Drive the sans-IO HTTP relay (`proxy.http`) between a client and its backend.
+"""Drive the sans-IO HTTP relay (`proxy.protocol.http1`) between a client and its backend.
 
 Two tasks, one per peer, each read a chunk and feed it to the relay. The relay
 is synchronous and its outputs must reach each peer in the order it produced
@@ -13,7 +13,7 @@ pipelined request waits for the response ahead of it (``client_paused``) the
 client is not read at all.
 
 After the backend's ``101 Switching Protocols`` both tasks stop and the raw
-two-way pump (`proxy.pump`) takes over the two streams.
+two-way pump (`proxy.relay.tcp_forwarder`) takes over the two streams.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import trio
 
-from proxy.http import HttpRelay, Step
-from proxy.pump import CHUNK_SIZE, IdleDeadline, PumpResult, chunk_reader, pump
+from proxy.protocol.http1 import HttpRelay, Step
+from proxy.relay.tcp_forwarder import CHUNK_SIZE, IdleDeadline, PumpResult, chunk_reader, pump
 
 
 @dataclass

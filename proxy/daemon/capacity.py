@@ -30,11 +30,11 @@ from pathlib import Path
 
 import trio
 
-from proxy.config import Config
-from proxy.metrics import Metrics
-from proxy.workers import worker_count
+from proxy.config.schema import Config
+from proxy.daemon.workers import worker_count
+from proxy.ops.metrics import Metrics
 
-log = logging.getLogger("proxy.capacity")
+log = logging.getLogger("proxy.daemon.capacity")
 
 MiB = 1024 * 1024
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import trio
 
-from proxy.config import parse
-from proxy.demo_backend import demo_handler
-from proxy.httpserver import serve_http
-from proxy.lifecycle import run_until_signalled
-from proxy.materials import load_all
-from proxy.pki import write_dev_pki
-from proxy.server import Proxy
+from proxy.config.materials import load_all
+from proxy.config.schema import parse
+from proxy.daemon.lifecycle import run_until_signalled
+from proxy.daemon.server import Proxy
+from proxy.dev.demo_backend import demo_handler
+from proxy.dev.pki import write_dev_pki
+from proxy.ops.admin_http import serve_http
 
 
 def demo_config(directory: Path, port: int, admin_port: int, backend_port: int) -> dict:

@@ -11,7 +11,7 @@ bounded, and whatever goes wrong with one connection ends at most that connectio
 - connections: 64 at once. At the limit we stop accepting and new clients wait in the kernel's listen backlog;
 - a malformed request -> 400 and close; a handler that raises -> 500 (logged) and the connection carries on;
 - a peer that resets -> the connection ends quietly;
-- no file descriptor left for a new connection -> accepting backs off and retries (`proxy.accepting`).
+- no file descriptor left for a new connection -> accepting backs off and retries (`proxy.net.accepting`).
 
 The h11 state machine does the parsing; this module only moves bytes and enforces the limits above, in the shape
 of h11's examples/trio-server.py.
@@ -27,11 +27,11 @@ from dataclasses import dataclass
 import h11
 import trio
 
-from proxy.accepting import CapacityEpisode, accept_with_backoff
+from proxy.net.accepting import CapacityEpisode, accept_with_backoff
 
 __all__ = ["Handler", "Request", "Response", "serve_http"]
 
-LOGGER = logging.getLogger("proxy.httpserver")
+LOGGER = logging.getLogger("proxy.ops.admin_http")
 
 MAX_HEADER_BYTES = 16 * 1024
 MAX_BODY_BYTES = 64 * 1024

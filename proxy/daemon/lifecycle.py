@@ -21,9 +21,9 @@ import threading
 
 import trio
 
-from proxy.server import Proxy
+from proxy.daemon.server import Proxy
 
-log = logging.getLogger("proxy.lifecycle")
+log = logging.getLogger("proxy.daemon.lifecycle")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 HARD_EXIT_GRACE = 1.5  # seconds past the drain deadline; exiting takes ~0.3 s more on a loaded machine

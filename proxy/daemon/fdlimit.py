@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import resource
 
-from proxy.config import Config
+from proxy.config.schema import Config
 
 __all__ = ["FDS_PER_CONNECTION", "RESERVED_FDS", "connection_capacity", "fd_capacity_warnings", "raise_nofile_limit"]
 

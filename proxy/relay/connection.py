@@ -13,26 +13,27 @@ import math
 import random
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import trio
 from cryptography.hazmat.primitives import hashes, serialization
 
-from proxy import proxyproto
-from proxy.backend import BackendError, connect_backend
-from proxy.config import ListenerConfig, TCPAddress
-from proxy.identity import PeerIdentity, identity_from_cert
-from proxy.logs import ACCESS
-from proxy.metrics import ListenerMetrics
-from proxy.http import HeaderPolicy, HttpRelay
-from proxy.httpproxy import HttpCounters, relay_http
-from proxy.pump import CHUNK_SIZE, PumpResult, pump
-from proxy.sockstream import SocketStream
+from proxy.config.schema import ListenerConfig, TCPAddress
+from proxy.net.backend import BackendError, connect_backend
+from proxy.net.sockstream import SocketStream
+from proxy.ops.logs import ACCESS
+from proxy.ops.metrics import ListenerMetrics
+from proxy.policy.identity import PeerIdentity, identity_from_cert
+from proxy.protocol import proxyproto
+from proxy.protocol.http1 import HeaderPolicy, HttpRelay
+from proxy.relay.http1_forwarder import HttpCounters, relay_http
+from proxy.relay.tcp_forwarder import CHUNK_SIZE, PumpResult, pump
 from proxy.tls.classify import classify
 from proxy.tls.context import HandshakeRecord, ServerTLS
 from proxy.tls.stream import TLSStream
+import contextlib
 
-log = logging.getLogger("proxy.connection")
+log = logging.getLogger("proxy.relay.connection")
 
 # How long closing may take (sending close_notify to a client that does not
 # read, the lingering close after an alert or with the client's data unread):
@@ -78,7 +79,7 @@ class _Outcome:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _peer(stream: SocketStream) -> str:
@@ -230,10 +231,8 @@ async def _answer_backend_failure(stream: TLSStream, relay: HttpRelay, rt: Liste
         rt.metrics.http_response(code)
     if step.to_client:
         with trio.move_on_after(CLOSE_TIMEOUT):
-            try:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.send_all(step.to_client)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
 
 
 def _identify_resumed(stream: TLSStream, record: HandshakeRecord, tls: ServerTLS) -> None:

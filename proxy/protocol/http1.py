@@ -6,7 +6,7 @@ One client connection maps to exactly one backend connection, and they live and 
 An `HttpRelay` sits between them:
 
     client bytes --> h11 SERVER (parses requests)  --rewrite, serialise-->  backend bytes
-    client bytes <-- head rewritten, body as is    <--proxy.httpresponse--  backend bytes
+    client bytes <-- head rewritten, body as is    <--proxy.protocol.http1_response--  backend bytes
 
 The relay does no I/O. The driver feeds what it read (`from_client`, `from_backend`; b"" means EOF) and gets a
 `Step` back: bytes to write to each peer, whether to close, whether to switch to a raw byte pump. Every piece is
@@ -24,7 +24,7 @@ cycle after our response went through it, and responses do not), and rewritten o
 The head is then written out as HTTP/1.1 from h11's checked values; the body keeps its framing (Content-Length
 bytes as they came, chunked re-chunked per piece). Trailers of chunked requests get step 1 too.
 
-Responses are not parsed by h11: `proxy.httpresponse` reads the head strictly and follows the body framing, and
+Responses are not parsed by h11: `proxy.protocol.http1_response` reads the head strictly and follows the body framing, and
 the body goes to the client byte for byte (h11 parsing and re-serialising both directions cost more than half of
 the relay's time per request). The head is written again unchanged except for what this client needs: HTTP/1.1 in
 the status line, `Connection: close` when the connection is ending, and for an HTTP/1.0 client a chunked body
@@ -82,7 +82,7 @@ construction) may be upgraded to:
     connection closes (`upgrade_refused`): no tunnel is opened that the proxy did not agree to.
 On an accepted 101 the Step carries the 101 for the client and a `SwitchToRaw` with the bytes each side had
 already sent past the HTTP part. The driver writes the 101, then the leftovers, then pumps raw bytes
-(proxy.pump). Bytes fed to the relay after the switch (a read already in flight) pass through untouched.
+(proxy.relay.tcp_forwarder). Bytes fed to the relay after the switch (a read already in flight) pass through untouched.
 
 Driving it from two trio tasks
 ------------------------------
@@ -93,7 +93,7 @@ can return bytes for either peer, and one Step can hold bytes for both, so hold 
 step's bytes are written: then each peer gets its bytes in the order the relay produced them. Before each client
 read, wait while `relay.client_paused` (the backend task wakes the client task after each of its steps, e.g. with
 a trio.Condition). After feeding b"" for a peer, stop reading that peer. Stop both tasks on `step.close`, after
-writing that step's bytes. `proxy.httpproxy` is that driver.
+writing that step's bytes. `proxy.relay.http1_forwarder` is that driver.
 """
 
 from __future__ import annotations
@@ -108,7 +108,8 @@ from urllib.parse import quote
 
 import h11
 
-from proxy.httpresponse import (
+from proxy.policy.identity import PeerIdentity
+from proxy.protocol.http1_response import (
     BadResponse,
     ChunkedReader,
     Framing,
@@ -117,7 +118,6 @@ from proxy.httpresponse import (
     framing,
     read_head,
 )
-from proxy.identity import PeerIdentity
 
 MAX_HEADER_BYTES = 32 * 1024  # request line + header block, like nginx's large_client_header_buffers 4x8k
 
@@ -459,7 +459,7 @@ ERRORS = (
 class _Out:
     """What one call is producing. Pieces are joined once, in `step()`: a body read passes through uncopied."""
 
-    __slots__ = ("_to_backend", "_to_client", "close", "switch", "requests", "statuses", "error", "detail")
+    __slots__ = ("_to_backend", "_to_client", "close", "detail", "error", "requests", "statuses", "switch")
 
     def __init__(self) -> None:
         self._to_backend: list[bytes] = []
@@ -528,7 +528,7 @@ class HttpRelay:
         """A fresh h11 server connection that has read `data` (and the client's EOF if `eof`).
 
         Each request gets its own: h11 starts a connection's next cycle only after our response went through it,
-        and responses go to the client as the backend sent them (`proxy.httpresponse`), not through h11.
+        and responses go to the client as the backend sent them (`proxy.protocol.http1_response`), not through h11.
         """
         parser = h11.Connection(h11.SERVER, max_incomplete_event_size=self._limit)
         if data:
@@ -706,7 +706,7 @@ class HttpRelay:
         protocols = _upgrade_protocols(value for name, value in request.headers if name == b"upgrade")
         return self._policy.allowed_upgrades(protocols)
 
-    # -- responses: framed by proxy.httpresponse, passed on as they came --
+    # -- responses: framed by proxy.protocol.http1_response, passed on as they came --
 
     def _on_backend_bytes(self, data: bytes, out: _Out) -> None:
         while data and not out.close and not self._switched:
@@ -855,7 +855,7 @@ def _with_close(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]
     tokens = connection_tokens(headers)
     if b"close" in tokens:
         return headers
-    kept = sorted(tokens - {b"keep-alive"}) + [b"close"]
+    kept = [*sorted(tokens - {b"keep-alive"}), b"close"]
     others = [(raw, value) for raw, value in headers if raw.lower() != b"connection"]
     return [*others, (b"Connection", b", ".join(kept))]
 
@@ -863,7 +863,7 @@ def _with_close(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]
 def _render_fields(first_line: bytes, fields: Iterable[tuple[bytes, bytes]]) -> bytes:
     """A request or status line (or a last-chunk line) and its fields, up to and including the blank line.
 
-    Every name and value here was either checked by a parser (h11 for requests, `proxy.httpresponse` for
+    Every name and value here was either checked by a parser (h11 for requests, `proxy.protocol.http1_response` for
     responses) or built by `HeaderPolicy` from header-safe text, so nothing needs escaping.
     """
     return b"".join([first_line, b"\r\n", *(b"%s: %s\r\n" % field for field in fields), b"\r\n"])

@@ -21,7 +21,7 @@ from OpenSSL import SSL
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
 
 from proxy import __version__
-from proxy.materials import ListenerMaterials
+from proxy.config.materials import ListenerMaterials
 from proxy.tls.classify import REASONS
 
 PREFIX = "mtls_proxy_"
@@ -51,35 +51,35 @@ class Metrics:
         r = self.registry
         L = ("listener",)
         self.handshakes = Counter(
-            PREFIX + "handshakes", "TLS handshakes by result (authorization included).", L + ("result",), registry=r
+            PREFIX + "handshakes", "TLS handshakes by result (authorization included).", (*L, "result"), registry=r
         )
         self.handshake_failures = Counter(
-            PREFIX + "handshake_failures", "Failed handshakes by reason.", L + ("reason",), registry=r
+            PREFIX + "handshake_failures", "Failed handshakes by reason.", (*L, "reason"), registry=r
         )
         self.resumption_failures = Counter(
             PREFIX + "resumption_failures",
             "Handshakes that resumed a session and failed, by reason (expired: the client certificate behind the "
             "session has expired since, and the proxy refused the resumption).",
-            L + ("reason",),
+            (*L, "reason"),
             registry=r,
         )
         self.handshake_duration = Histogram(
             PREFIX + "handshake_duration_seconds",
             "Time from accept to a verified, authorized client (or to the failure).",
-            L + ("result",),
+            (*L, "result"),
             buckets=HANDSHAKE_BUCKETS,
             registry=r,
         )
         self.tls_sessions = Counter(
             PREFIX + "tls_sessions",
             "Successful handshakes by negotiated version, cipher and resumption.",
-            L + ("version", "cipher", "resumed"),
+            (*L, "version", "cipher", "resumed"),
             registry=r,
         )
         self.client_certificates = Counter(
             PREFIX + "client_certificates",
             "Successful handshakes by whether the client presented a certificate.",
-            L + ("presented",),
+            (*L, "presented"),
             registry=r,
         )
         # multiprocess_mode matters only with worker processes (see
@@ -98,7 +98,7 @@ class Metrics:
             registry=r,
         )
         self.bytes = Counter(
-            PREFIX + "bytes", "Decrypted bytes forwarded, by direction.", L + ("direction",), registry=r
+            PREFIX + "bytes", "Decrypted bytes forwarded, by direction.", (*L, "direction"), registry=r
         )
         self.backend_connect_failures = Counter(
             PREFIX + "backend_connect_failures", "Backend connections that failed or timed out.", L, registry=r
@@ -113,14 +113,14 @@ class Metrics:
         self.certificate_expiry = Gauge(
             PREFIX + "certificate_expiry_timestamp_seconds",
             "notAfter of the loaded server certificate and trusted CAs, as a Unix timestamp.",
-            L + ("role", "subject"),
+            (*L, "role", "subject"),
             registry=r,
             multiprocess_mode="mostrecent",
         )
         self.crl_next_update = Gauge(
             PREFIX + "crl_next_update_timestamp_seconds",
             "nextUpdate of each loaded CRL, as a Unix timestamp (past it, OpenSSL rejects the CA's clients).",
-            L + ("issuer",),
+            (*L, "issuer"),
             registry=r,
             multiprocess_mode="mostrecent",
         )
@@ -137,7 +137,7 @@ class Metrics:
         self.http_responses = Counter(
             PREFIX + "http_responses",
             "HTTP responses sent to clients by status code, the proxy's own errors included (protocol: http).",
-            L + ("code",),
+            (*L, "code"),
             registry=r,
         )
         self.reloads = Counter(PREFIX + "reloads", "Certificate and configuration reloads.", ("result",), registry=r)

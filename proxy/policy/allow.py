@@ -20,11 +20,11 @@ from typing import Protocol
 
 from cryptography import x509
 
-from proxy.identity import PeerIdentity
+from proxy.policy.identity import PeerIdentity
 
 
 class AllowRules(Protocol):
-    """The allow section of a listener (proxy.config.AllowConfig); read-only, any object with these attributes.
+    """The allow section of a listener (proxy.config.schema.AllowConfig); read-only, any object with these attributes.
 
     DNs are expected normalised with `x509.Name.from_rfc4514_string(dn).rfc4514_string()` and fingerprints as 64
     lowercase hex digits: the config validates both when it loads.

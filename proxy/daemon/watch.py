@@ -25,7 +25,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from proxy.config import Config
+from proxy.config.schema import Config
 
 Snapshot = tuple[tuple[str, object], ...]
 
@@ -65,4 +65,4 @@ def snapshot(paths: Iterable[Path]) -> Snapshot:
 
 def changed(old: Snapshot, new: Snapshot) -> list[str]:
     """The paths whose state differs between two snapshots of the same paths."""
-    return [path for (path, before), (_, after) in zip(old, new) if before != after]
+    return [path for (path, before), (_, after) in zip(old, new, strict=False) if before != after]

@@ -7,8 +7,8 @@ import ipaddress
 
 import trio
 
-from proxy.config import TCPAddress, UnixAddress
-from proxy.sockstream import SocketStream, detach, tune_tcp
+from proxy.config.schema import TCPAddress, UnixAddress
+from proxy.net.sockstream import SocketStream, detach, tune_tcp
 
 
 class BackendError(Exception):
@@ -34,7 +34,7 @@ async def connect_backend(address: TCPAddress | UnixAddress, timeout: float) -> 
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise BackendError(f"connect to {address} failed: {reason}") from None
-    return SocketStream.take_over(stream)  # the lean stream for the hot path (see proxy.sockstream)
+    return SocketStream.take_over(stream)  # the lean stream for the hot path (see proxy.net.sockstream)
 
 
 # A listener has one backend address; parsing it again for every connection was 1% of a handshake's CPU.

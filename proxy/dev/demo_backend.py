@@ -2,12 +2,12 @@
 
 It echoes what reached it, so a user running `curl` through the proxy sees that their request arrived at a plain
 HTTP service, and which headers the proxy added on the way (the client identity in HTTP mode). Served with
-`proxy.httpserver.serve_http`.
+`proxy.ops.admin_http.serve_http`.
 """
 
 from __future__ import annotations
 
-from proxy.httpserver import Handler, Request, Response
+from proxy.ops.admin_http import Handler, Request, Response
 
 __all__ = ["demo_handler"]
 

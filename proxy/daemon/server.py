@@ -18,33 +18,32 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
-import math
 import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from proxy import __version__
-from proxy.accepting import CapacityEpisode, accept_with_backoff
-from proxy.admin import admin_handler
-from proxy.capacity import give_memory_back, open_connections
-from proxy.config import Config, ConfigError, TCPAddress
-from proxy.connection import ListenerRuntime, handle_connection
-from proxy.fdlimit import connection_capacity
-from proxy.httpserver import serve_http
-from proxy.materials import ListenerMaterials, load_listener_materials
-from proxy.metrics import Metrics
-from proxy.sockstream import SocketListener, SocketStream
+from proxy.config.materials import ListenerMaterials, load_listener_materials
+from proxy.config.schema import Config, ConfigError, TCPAddress
+from proxy.daemon.capacity import give_memory_back, open_connections
+from proxy.daemon.fdlimit import connection_capacity
+from proxy.daemon.watch import RESOURCE_ERRNOS, OutOfResources, changed, snapshot, watched_paths
+from proxy.net.accepting import CapacityEpisode, accept_with_backoff
+from proxy.net.sockstream import SocketListener, SocketStream
+from proxy.ops.admin import admin_handler
+from proxy.ops.admin_http import serve_http
+from proxy.ops.metrics import Metrics
+from proxy.relay.connection import ListenerRuntime, handle_connection
 from proxy.tls.context import build_server_tls
-from proxy.watch import RESOURCE_ERRNOS, OutOfResources, changed, snapshot, watched_paths
 
-log = logging.getLogger("proxy.server")
+log = logging.getLogger("proxy.daemon.server")
 
 # Past the drain deadline the connections still open are cancelled this many at a time, each batch closed (and
 # logged) before the next is cancelled. Cancelling thousands at once puts them all through each step of closing
@@ -228,7 +227,7 @@ class Proxy:
         if sockets is None:
             sockets = await self._bind_all()
         bound = Bound(listeners={rt.config.name: [format_address(s.socket.getsockname()) for s in ls]
-                                 for rt, ls in zip(self.runtimes, sockets)})
+                                 for rt, ls in zip(self.runtimes, sockets, strict=False)})
         try:
             async with trio.open_nursery() as outer:
                 if self.admin_enabled:
@@ -257,7 +256,7 @@ class Proxy:
         async with trio.open_nursery() as handlers:
             async with trio.open_nursery() as accepting:
                 self._accepting = accepting.cancel_scope
-                for rt, ls in zip(self.runtimes, sockets):
+                for rt, ls in zip(self.runtimes, sockets, strict=False):
                     slots = trio.Semaphore(rt.config.max_connections)
                     for s in ls:
                         accepting.start_soon(accept_loop, s, rt, slots, connections, handlers)
@@ -338,7 +337,7 @@ class Proxy:
             log.error("reload failed unexpectedly, still serving the previous certificates", exc_info=True)
             return self._reload_failed(f"{type(exc).__name__}: {exc}", logged=True)
         self._files_seen = seen
-        for rt, tls in zip(self.runtimes, fresh):
+        for rt, tls in zip(self.runtimes, fresh, strict=False):
             rt.tls = tls
             rt.metrics.publish_materials(tls.materials)
             for warning in tls.materials.warnings:
@@ -407,7 +406,7 @@ def _for_want_of_resources(exc: ConfigError) -> bool:
 
 
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
 def _listener_status(rt: ListenerRuntime, proxy: Proxy) -> dict:

@@ -37,11 +37,12 @@ from dataclasses import dataclass, field
 
 import trio
 
-from proxy.config import Config
-from proxy.materials import ListenerMaterials
-from proxy.sockstream import SocketListener
+from proxy.config.materials import ListenerMaterials
+from proxy.config.schema import Config
+from proxy.net.sockstream import SocketListener
+import contextlib
 
-log = logging.getLogger("proxy.workers")
+log = logging.getLogger("proxy.daemon.workers")
 
 # A worker that dies sooner than this after starting is restarted only after
 # a pause, so a crash loop does not spin the CPU.
@@ -68,7 +69,7 @@ def worker_count(config: Config) -> int:
 
 def bind_listeners(config: Config) -> list[list[socket.socket]]:
     """Blocking stdlib listening sockets, one list per listener, bound before forking."""
-    from proxy.server import ListenError
+    from proxy.daemon.server import ListenError
 
     out: list[list[socket.socket]] = []
     try:
@@ -100,7 +101,7 @@ class _Child:
 class Supervisor:
     def __init__(self, config: Config, materials: tuple[ListenerMaterials, ...], *, workers: int,
                  drain_timeout: float | None = None) -> None:
-        from proxy import metrics as metrics_module
+        from proxy.ops import metrics as metrics_module
 
         self.config = config
         self.materials = materials
@@ -108,7 +109,7 @@ class Supervisor:
         self.metrics_dir = tempfile.mkdtemp(prefix="mtls-proxy-metrics-")
         metrics_module.enable_multiprocess(self.metrics_dir)
         # Imported after the switch above so every metric is multiprocess.
-        from proxy.server import Proxy
+        from proxy.daemon.server import Proxy
 
         self.proxy = Proxy(config, materials, admin=False)  # contexts and ticket keys, shared by fork
         if drain_timeout is not None:
@@ -120,7 +121,7 @@ class Supervisor:
         self._signals: list[int] = []
 
     def _bind_admin(self) -> socket.socket:
-        from proxy.server import ListenError
+        from proxy.daemon.server import ListenError
 
         addr = self.config.admin.listen
         try:
@@ -233,7 +234,7 @@ class Supervisor:
             os._exit(code)
 
     async def _worker_main(self) -> None:
-        from proxy.lifecycle import run_until_signalled
+        from proxy.daemon.lifecycle import run_until_signalled
 
         listeners = [[SocketListener(s) for s in socks] for socks in self.sockets]
         async with trio.open_nursery() as nursery:
@@ -242,9 +243,9 @@ class Supervisor:
             nursery.cancel_scope.cancel()
 
     async def _admin_main(self) -> None:
-        from proxy.admin import admin_handler
-        from proxy.httpserver import serve_http_on
-        from proxy.metrics import multiprocess_registry
+        from proxy.ops.admin import admin_handler
+        from proxy.ops.admin_http import serve_http_on
+        from proxy.ops.metrics import multiprocess_registry
 
         draining = False
 
@@ -274,10 +275,8 @@ async def _exit_with_parent(stop) -> None:
 
 
 def _kill(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _describe(status: int) -> str:

@@ -1,6 +1,6 @@
 """The admin endpoint: /metrics for Prometheus, /healthz and /readyz for probes, /status for humans.
 
-Served by `proxy.httpserver.serve_http`. Every route is read-only, so GET and HEAD are the only methods; the
+Served by `proxy.ops.admin_http.serve_http`. Every route is read-only, so GET and HEAD are the only methods; the
 server itself drops HEAD bodies.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Callable
 import prometheus_client
 from prometheus_client.exposition import choose_encoder
 
-from proxy.httpserver import Handler, Request, Response
+from proxy.ops.admin_http import Handler, Request, Response
 
 __all__ = ["admin_handler"]
 

@@ -1,0 +1,1 @@
+"""The process: listeners and accept loops, reload, drain, workers, file watching, file-descriptor and memory budgets."""

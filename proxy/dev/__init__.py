@@ -1,0 +1,1 @@
+"""Developer tooling, never on the data path: a throwaway PKI and the self-contained demo."""

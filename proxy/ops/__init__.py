@@ -1,0 +1,1 @@
+"""What operators see: Prometheus metrics, access and event logs, the admin endpoint (/metrics, /healthz, /status)."""
