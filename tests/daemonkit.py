@@ -6,6 +6,7 @@ SIGTERM drain. Everything is loopback; every wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import resource
 import socket
@@ -22,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-import contextlib
 
 
 def free_port() -> int:

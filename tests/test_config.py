@@ -1,4 +1,7 @@
-"""proxy.config.schema: parsing, defaults, validation messages and path resolution. Pure: no sockets, no files but tmp_path."""
+"""proxy.config.schema: parsing, defaults, validation messages and path resolution.
+
+Pure: no sockets, no files but tmp_path.
+"""
 
 from __future__ import annotations
 
@@ -209,7 +212,8 @@ def test_unknown_field_lists_allowed_fields_and_suggests_one() -> None:
 
 def test_unknown_top_level_field() -> None:
     assert only_problem(minimal() | {"listener": []}) == (
-        "listener: unknown field (allowed: admin, log, reload, drain_timeout, workers, listeners); did you mean 'listeners'?"
+        "listener: unknown field (allowed: admin, log, reload, drain_timeout, workers, listeners); "
+        "did you mean 'listeners'?"
     )
 
 
@@ -458,12 +462,15 @@ def test_load_reports_validation_errors_with_the_file_as_source(tmp_path: Path) 
     assert str(info.value) == f"{path}: listeners: at least one listener is required"
 
 
+NOT_A_MAPPING = "the top-level document must be a mapping (admin, log, reload, drain_timeout, workers, listeners)"
+
+
 @pytest.mark.parametrize(
     ("document", "expected"),
     [
-        ("- a\n- b\n", "the top-level document must be a mapping (admin, log, reload, drain_timeout, workers, listeners), got a list"),
-        ("just words\n", "the top-level document must be a mapping (admin, log, reload, drain_timeout, workers, listeners), got a string"),
-        ("42\n", "the top-level document must be a mapping (admin, log, reload, drain_timeout, workers, listeners), got int 42"),
+        ("- a\n- b\n", f"{NOT_A_MAPPING}, got a list"),
+        ("just words\n", f"{NOT_A_MAPPING}, got a string"),
+        ("42\n", f"{NOT_A_MAPPING}, got int 42"),
         ("", "the document is empty; expected a mapping with at least `listeners`"),
         ("# only a comment\n", "the document is empty; expected a mapping with at least `listeners`"),
     ],

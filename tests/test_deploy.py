@@ -273,7 +273,8 @@ def unknown_fields(given: Any, understood: Any, path: str = "") -> list[str]:
                 out += unknown_fields(value, understood[key], f"{path}.{key}")
         return out
     if isinstance(given, list):
-        return [f for i, (a, b) in enumerate(zip(given, understood, strict=False)) for f in unknown_fields(a, b, f"{path}[{i}]")]
+        pairs = enumerate(zip(given, understood, strict=False))
+        return [f for i, (a, b) in pairs for f in unknown_fields(a, b, f"{path}[{i}]")]
     return []
 
 

@@ -246,7 +246,8 @@ def test_client_close_is_forwarded_as_the_only_connection_token() -> None:
 @pytest.mark.parametrize(
     "name",
     ["X-Forwarded-Client-Cert", "x-forwarded-client-cert", "X_FORWARDED_CLIENT_CERT", "x.forwarded.client.cert",
-     "X-Forwarded_Client-Cert", "x~forwarded~client~cert", "Forwarded", "X_Forwarded_Host", "X-Client-DN", "x_client_dn"],
+     "X-Forwarded_Client-Cert", "x~forwarded~client~cert", "Forwarded", "X_Forwarded_Host", "X-Client-DN",
+     "x_client_dn"],
 )
 def test_stripping_rule_ignores_case_and_punctuation(name: str) -> None:
     assert HeaderPolicy({"X-Client-DN": "subject"}).is_stripped(name.encode())
@@ -310,7 +311,8 @@ def test_xfcc_uri_quoting(uri: str, expected: str) -> None:
 @pytest.mark.parametrize(
     ("subject", "expected"),
     [
-        (_name((NameOID.ORGANIZATION_NAME, "Acme, Inc."), (NameOID.COMMON_NAME, "bob")), 'Subject="CN=bob,O=Acme\\, Inc."'),
+        (_name((NameOID.ORGANIZATION_NAME, "Acme, Inc."), (NameOID.COMMON_NAME, "bob")),
+         'Subject="CN=bob,O=Acme\\, Inc."'),
         (_name((NameOID.COMMON_NAME, 'say "hi"')), 'Subject="CN=say \\"hi\\""'),  # RFC 4514's \" kept, not doubled
         (_name((NameOID.COMMON_NAME, 'x";URI=spiffe://admin')), 'Subject="CN=x\\"\\;URI=spiffe://admin"'),
         (_name((NameOID.COMMON_NAME, "a=b")), 'Subject="CN=a=b"'),
@@ -619,7 +621,10 @@ def test_http10_client_gets_no_1xx_and_a_dechunked_body() -> None:
     step = r.from_client(b"GET /old HTTP/1.0\r\nHost: a\r\n\r\n")
     request = only_request(step.to_backend)
     assert values(request, b"connection") == [b"close"]
-    step = r.from_backend(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n")
+    step = r.from_backend(
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
+    )
     assert step.to_client.startswith(b"HTTP/1.1 200 OK\r\n")  # no 1xx for an HTTP/1.0 client
     assert b"Transfer-Encoding" not in step.to_client and step.to_client.endswith(b"\r\n\r\nhi")
     assert step.close

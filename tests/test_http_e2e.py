@@ -149,7 +149,7 @@ async def test_backend_connect_timeout_is_504(nursery, test_pki):
             f.setblocking(False)
             f.connect_ex(blocker.getsockname())
             fillers.append(f)
-        p = await start_proxy(nursery, test_pki, "127.0.0.1:%d" % blocker.getsockname()[1],
+        p = await start_proxy(nursery, test_pki, f"127.0.0.1:{blocker.getsockname()[1]}",
                               backend={"protocol": "http", "connect_timeout": 0.3})
         got = await trio.to_thread.run_sync(raw_exchange, p.port, client_context(test_pki, test_pki.alice),
                                             b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")

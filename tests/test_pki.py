@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import os
 import shutil
 import stat
@@ -17,7 +18,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from proxy.dev import pki
-import itertools
 
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
 needs_openssl = pytest.mark.skipif(not Path(OPENSSL).exists(), reason="openssl CLI not installed")

@@ -1,4 +1,7 @@
-"""proxy.policy.allow: authorization of plain PeerIdentity values against allow rules, no certificates or sockets needed."""
+"""proxy.policy.allow: authorization of plain PeerIdentity values against allow rules.
+
+No certificates or sockets needed.
+"""
 
 from __future__ import annotations
 

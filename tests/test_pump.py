@@ -1,4 +1,7 @@
-"""proxy.relay.tcp_forwarder and the HTTP driver (proxy.relay.http1_forwarder): what a relayed connection keeps once its peers go quiet."""
+"""What a relayed connection keeps once its peers go quiet.
+
+proxy.relay.tcp_forwarder and the HTTP driver, proxy.relay.http1_forwarder.
+"""
 
 from __future__ import annotations
 
@@ -78,7 +81,7 @@ async def test_a_quiet_backend_lets_the_client_stream_give_its_buffers_back(test
                 nursery.start_soon(wait_for_eof, client)  # and the client end waits, as a quiet client does
             await trio.testing.wait_all_tasks_blocked()
             grown = (malloc_in_use() - before) / len(links)
-            for client, far_end in links:
+            for _, far_end in links:
                 await far_end.send_eof()  # the pump passes it on, the client's read ends
     for stream in (*proxy_ends, *(far_end for _, far_end in links)):
         await trio.aclose_forcefully(stream)
