@@ -10,6 +10,7 @@ The TLS layer builds its contexts from the objects returned here; it does not re
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,15 +22,15 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
-from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes, PrivateKeyTypes
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes, PrivateKeyTypes, PublicKeyTypes
 
 from proxy.config.schema import Config, ConfigError, ListenerConfig
-import itertools
 
 __all__ = [
     "EXPIRY_WARNING",
     "ListenerMaterials",
     "ServerCredentials",
+    "ServerKey",
     "describe_key",
     "describe_name",
     "load_all",
@@ -37,6 +38,11 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+# The private keys a server can sign its handshake with (see _server_key_problem), all of which OpenSSL's
+# Context.use_privatekey takes; the loader admits no other kind as a server key.
+ServerKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey
+_SERVER_KEY_TYPES = (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)
 
 # A server certificate closer than this to its end of validity gets a warning: enough time to renew.
 EXPIRY_WARNING = timedelta(days=30)
@@ -47,7 +53,7 @@ class ServerCredentials:
     """The certificate chain served to clients (leaf first, then intermediates) and the leaf's private key."""
 
     chain: tuple[x509.Certificate, ...]
-    key: PrivateKeyTypes
+    key: ServerKey
     cert_path: Path
     key_path: Path
 
@@ -109,16 +115,18 @@ def load_listener_materials(
     trusted_ca: tuple[x509.Certificate, ...] = ()
     advertised_ca: tuple[x509.Certificate, ...] = ()
     crls: tuple[x509.CertificateRevocationList, ...] = ()
-    if (path := client_auth.trusted_ca) is not None:
-        trusted_ca = _decoded("client_auth.trusted_ca", path, report,
-                              lambda: _load_ca_bundle(path, "client_auth.trusted_ca", report), ())
+    if (trusted_path := client_auth.trusted_ca) is not None:
+        trusted_ca = _decoded("client_auth.trusted_ca", trusted_path, report,
+                              lambda: _load_ca_bundle(trusted_path, "client_auth.trusted_ca", report), ())
         advertised_ca = trusted_ca
-    if (path := client_auth.advertised_ca) is not None:
-        advertised_ca = _decoded("client_auth.advertised_ca", path, report,
-                                 lambda: _load_ca_bundle(path, "client_auth.advertised_ca", report), ())
-    if (path := client_auth.crl) is not None:
-        crls = _decoded("client_auth.crl", path, report, lambda: _load_crls(path, "client_auth.crl", report), ())
-        _decoded("client_auth.crl", path, report, lambda: _warn_uncovered_cas(trusted_ca, crls, path, report), None)
+    if (advertised_path := client_auth.advertised_ca) is not None:
+        advertised_ca = _decoded("client_auth.advertised_ca", advertised_path, report,
+                                 lambda: _load_ca_bundle(advertised_path, "client_auth.advertised_ca", report), ())
+    if (crl_path := client_auth.crl) is not None:
+        crls = _decoded("client_auth.crl", crl_path, report,
+                        lambda: _load_crls(crl_path, "client_auth.crl", report), ())
+        _decoded("client_auth.crl", crl_path, report,
+                 lambda: _warn_uncovered_cas(trusted_ca, crls, crl_path, report), None)
 
     if report.errors or server is None:
         raise ConfigError(str(source) if source else report.source(), report.errors)
@@ -284,6 +292,9 @@ def _load_server_credentials(listener: ListenerConfig, report: _Report) -> Serve
     if problem := _server_key_problem(public_key):
         report.error("tls.cert", cert_path, f"server certificate {problem}")
         return None
+    if not isinstance(key, _SERVER_KEY_TYPES):  # it matches public_key, which passed: never, but the type says so
+        report.error("tls.key", key_path, f"key is {describe_key(key.public_key())}, which cannot sign a TLS handshake")
+        return None
     return ServerCredentials(chain=tuple(chain), key=key, cert_path=cert_path, key_path=key_path)
 
 
@@ -296,7 +307,7 @@ def _try(load: Callable[[], T], field_name: str, path: Path, report: _Report) ->
         return None
 
 
-def _key_types_differ(in_cert: CertificatePublicKeyTypes, in_key_file: CertificatePublicKeyTypes) -> str:
+def _key_types_differ(in_cert: CertificatePublicKeyTypes, in_key_file: PublicKeyTypes) -> str:
     """", and are of different kinds (...)" when they are, else nothing."""
     cert_kind, key_kind = describe_key(in_cert), describe_key(in_key_file)
     if cert_kind == key_kind:
@@ -386,7 +397,7 @@ _TLS_CURVES = ("secp256r1", "secp384r1", "secp521r1")
 _SECURITY_LEVEL = "OpenSSL's security level (2, 112-bit security)"
 
 
-def describe_key(key: CertificatePublicKeyTypes) -> str:
+def describe_key(key: PublicKeyTypes) -> str:
     """A key's algorithm and size as an operator would name it: "RSA 1024 bits", "EC secp192r1", "Ed448"."""
     if isinstance(key, (rsa.RSAPublicKey, dsa.DSAPublicKey)):
         return f"{'RSA' if isinstance(key, rsa.RSAPublicKey) else 'DSA'} {key.key_size} bits"
@@ -399,7 +410,7 @@ def describe_key(key: CertificatePublicKeyTypes) -> str:
     return type(key).__name__.removeprefix("_").removesuffix("PublicKey") or "unknown key type"
 
 
-def key_too_small(key: CertificatePublicKeyTypes) -> str | None:
+def key_too_small(key: PublicKeyTypes) -> str | None:
     """Why OpenSSL's security level refuses ``key``, or None."""
     if isinstance(key, (rsa.RSAPublicKey, dsa.DSAPublicKey)) and key.key_size < _MIN_RSA_DSA_BITS:
         return f"key too small: {describe_key(key)}; {_SECURITY_LEVEL} needs {_MIN_RSA_DSA_BITS} or more"
@@ -515,7 +526,8 @@ def _warn_uncovered_cas(
             report.warn(
                 "client_auth.crl",
                 path,
-                f"no CRL issued by {describe_name(ca.subject)}: revocation is not checked for the certificates it issues",
+                f"no CRL issued by {describe_name(ca.subject)}: "
+                "revocation is not checked for the certificates it issues",
             )
 
 

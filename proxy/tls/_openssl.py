@@ -30,7 +30,9 @@ public API:
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
+from typing import Any
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
@@ -40,10 +42,18 @@ from OpenSSL._util import no_zero_allocator as _no_zero_allocator
 
 log = logging.getLogger("proxy.tls")
 
-X509_V_OK = _lib.X509_V_OK
+# Typing. The binding's ``lib`` and ``ffi`` are ``Any`` (cffi generates them at run time), and so is every C
+# pointer they hand out. ``CData`` marks those pointers (SSL *, X509 *, X509_STORE_CTX *, char[]): they are only
+# passed back to ``lib``. Every ``lib`` result that is a plain number is given its type where it is read, so
+# nothing outside this module sees an ``Any``.
+CData = Any
+
+X509_V_OK: int = _lib.X509_V_OK
 X509_V_ERR_UNABLE_TO_GET_CRL = 3
-X509_V_ERR_APPLICATION_VERIFICATION = _lib.X509_V_ERR_APPLICATION_VERIFICATION
-X509_V_ERR_CERT_HAS_EXPIRED = _lib.X509_V_ERR_CERT_HAS_EXPIRED
+X509_V_ERR_APPLICATION_VERIFICATION: int = _lib.X509_V_ERR_APPLICATION_VERIFICATION
+X509_V_ERR_CERT_HAS_EXPIRED: int = _lib.X509_V_ERR_CERT_HAS_EXPIRED
+_TLSEXT_ERR_OK: int = _lib.SSL_TLSEXT_ERR_OK
+_TLSEXT_ERR_ALERT_FATAL: int = _lib.SSL_TLSEXT_ERR_ALERT_FATAL
 # TLS alert descriptions (RFC 8446 section 6.2); OpenSSL's SSL_AD_CERTIFICATE_EXPIRED
 # and SSL_AD_INTERNAL_ERROR, which the binding does not carry.
 SSL_AD_CERTIFICATE_EXPIRED = 45
@@ -56,12 +66,14 @@ def session_reused(conn: SSL.Connection) -> bool:
 
 def outgoing_bytes(conn: SSL.Connection) -> int:
     """Ciphertext OpenSSL has produced and we have not taken out with ``bio_read`` yet."""
-    return _lib.BIO_get_mem_data(conn._from_ssl, _ffi.NULL)
+    pending: int = _lib.BIO_get_mem_data(conn._from_ssl, _ffi.NULL)
+    return pending
 
 
 def incoming_bytes(conn: SSL.Connection) -> int:
     """Ciphertext we put in with ``bio_write`` that OpenSSL has not read yet."""
-    return _lib.BIO_get_mem_data(conn._into_ssl, _ffi.NULL)
+    pending: int = _lib.BIO_get_mem_data(conn._into_ssl, _ffi.NULL)
+    return pending
 
 
 def drain(conn: SSL.Connection, size: int) -> memoryview:
@@ -69,8 +81,8 @@ def drain(conn: SSL.Connection, size: int) -> memoryview:
 
     ``bio_read`` without its copy into ``bytes``: the view keeps its C buffer alive.
     """
-    buf = _no_zero_allocator("char[]", size)
-    got = _lib.BIO_read(conn._from_ssl, buf, size)
+    buf: CData = _no_zero_allocator("char[]", size)
+    got: int = _lib.BIO_read(conn._from_ssl, buf, size)
     if got != size:  # a memory BIO gives all it holds; anything else is a bug
         raise SSL.Error(f"BIO_read returned {got} of {size} pending bytes")
     return memoryview(_ffi.buffer(buf, size))
@@ -82,7 +94,7 @@ class ReadBuffer:
     __slots__ = ("_buf", "_size", "filled")
 
     def __init__(self, size: int) -> None:
-        self._buf = None  # allocated by the read that finds something
+        self._buf: CData | None = None  # a char[], allocated by the read that finds something
         self._size = size
         self.filled = 0
 
@@ -95,7 +107,7 @@ class ReadBuffer:
         if self._buf is None:
             self._buf = _no_zero_allocator("char[]", self._size)
         ssl = conn._ssl
-        got = _lib.SSL_read(ssl, self._buf + self.filled, self._size - self.filled)
+        got: int = _lib.SSL_read(ssl, self._buf + self.filled, self._size - self.filled)
         if got <= 0 and not self.filled:
             self._buf = None  # nothing yet: hold no memory while the stream waits for the peer
         conn._raise_ssl_error(ssl, got)
@@ -103,7 +115,10 @@ class ReadBuffer:
         return got
 
     def take(self) -> bytes:
-        return _ffi.buffer(self._buf, self.filled)[:] if self.filled else b""
+        if not self.filled:
+            return b""
+        data: bytes = _ffi.buffer(self._buf, self.filled)[:]
+        return data
 
 
 def release_bio_buffers(conn: SSL.Connection) -> bool:
@@ -128,7 +143,7 @@ def release_bio_buffers(conn: SSL.Connection) -> bool:
     return True
 
 
-def _to_cryptography(ptr) -> x509.Certificate:
+def _to_cryptography(ptr: CData) -> x509.Certificate:
     _lib.X509_up_ref(ptr)  # the X509 wrapper frees its reference when collected
     return crypto.X509._from_raw_x509_ptr(ptr).to_cryptography()
 
@@ -138,16 +153,18 @@ class VerifyStep:
 
     __slots__ = ("_store_ctx",)
 
-    def __init__(self, store_ctx) -> None:
-        self._store_ctx = store_ctx
+    def __init__(self, store_ctx: CData) -> None:
+        self._store_ctx = store_ctx  # X509_STORE_CTX *, valid only during the callback
 
     @property
     def error(self) -> int:
-        return _lib.X509_STORE_CTX_get_error(self._store_ctx)
+        code: int = _lib.X509_STORE_CTX_get_error(self._store_ctx)
+        return code
 
     @property
     def depth(self) -> int:
-        return _lib.X509_STORE_CTX_get_error_depth(self._store_ctx)
+        depth: int = _lib.X509_STORE_CTX_get_error_depth(self._store_ctx)
+        return depth
 
     def current_cert(self) -> x509.Certificate | None:
         ptr = _lib.X509_STORE_CTX_get_current_cert(self._store_ctx)
@@ -164,11 +181,24 @@ class VerifyStep:
 
 VerifyCallback = Callable[[SSL.Connection, VerifyStep, bool], bool]
 
+# What ``Context.set_alpn_select_callback`` calls: the protocol chosen, or ``SSL.NO_OVERLAPPING_PROTOCOLS`` to go
+# on without ALPN. pyOpenSSL names the type of that sentinel only privately.
+ALPNChoice = bytes | SSL._NoOverlappingProtocols
+ALPNSelect = Callable[[SSL.Connection, list[bytes]], ALPNChoice]
+
+# The cffi callbacks installed on a Context must live as long as it does: OpenSSL holds only their C address.
+# A Context has no slot for them, so they are kept here, keyed weakly by the Context they serve.
+_CALLBACKS: weakref.WeakKeyDictionary[SSL.Context, dict[str, CData]] = weakref.WeakKeyDictionary()
+
+
+def _keep_alive(ctx: SSL.Context, name: str, c_callback: CData) -> None:
+    _CALLBACKS.setdefault(ctx, {})[name] = c_callback
+
 
 def set_verify(ctx: SSL.Context, mode: int, callback: VerifyCallback) -> None:
     """Install ``callback(connection, step, ok) -> accept`` as the verify callback."""
 
-    def trampoline(ok: int, store_ctx) -> int:
+    def trampoline(ok: int, store_ctx: CData) -> int:
         try:
             index = _lib.SSL_get_ex_data_X509_STORE_CTX_idx()
             ssl = _lib.X509_STORE_CTX_get_ex_data(store_ctx, index)
@@ -179,8 +209,7 @@ def set_verify(ctx: SSL.Context, mode: int, callback: VerifyCallback) -> None:
             return 0
 
     c_callback = _ffi.callback("int (*)(int, X509_STORE_CTX *)", trampoline)
-    # The cffi callback must live as long as the Context that points at it.
-    ctx._mtls_proxy_verify_callback = c_callback
+    _keep_alive(ctx, "verify", c_callback)
     _lib.SSL_CTX_set_verify(ctx._context, mode, c_callback)
 
 
@@ -220,24 +249,23 @@ def set_resumption_check(ctx: SSL.Context, check: ResumptionCheck) -> None:
     handshake pays only the callback's entry and ``SSL_session_reused``.
     """
 
-    def trampoline(ssl, alert, _arg) -> int:
+    def trampoline(ssl: CData, alert: CData, _arg: CData) -> int:
         try:
             if not _lib.SSL_session_reused(ssl):
-                return _lib.SSL_TLSEXT_ERR_OK  # a full handshake: the verify callback sees the client
+                return _TLSEXT_ERR_OK  # a full handshake: the verify callback sees the client
             cert = _lib.SSL_get_peer_certificate(ssl)  # a new reference (SSL_get1_peer_certificate)
             if cert == _ffi.NULL:
-                return _lib.SSL_TLSEXT_ERR_OK  # an anonymous session (client_auth optional or none)
+                return _TLSEXT_ERR_OK  # an anonymous session (client_auth optional or none)
             peer = crypto.X509._from_raw_x509_ptr(cert)
             refusal = check(SSL.Connection._reverse_mapping[ssl], peer)
         except Exception:  # never let an exception cross into OpenSSL; fail closed
             log.exception("resumption check failed; refusing the resumption")
             refusal = SSL_AD_INTERNAL_ERROR
         if refusal is None:
-            return _lib.SSL_TLSEXT_ERR_OK
+            return _TLSEXT_ERR_OK
         alert[0] = refusal
-        return _lib.SSL_TLSEXT_ERR_ALERT_FATAL
+        return _TLSEXT_ERR_ALERT_FATAL
 
     c_callback = _ffi.callback("int (*)(SSL *, int *, void *)", trampoline)
-    # The cffi callback must live as long as the Context that points at it.
-    ctx._mtls_proxy_resumption_callback = c_callback
+    _keep_alive(ctx, "servername", c_callback)
     _lib.SSL_CTX_set_tlsext_servername_callback(ctx._context, c_callback)

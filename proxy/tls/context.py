@@ -35,7 +35,7 @@ from typing import TypeVar
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from OpenSSL import SSL, crypto
 
 from proxy.config.materials import ListenerMaterials, ServerCredentials, describe_key, key_too_small
@@ -46,6 +46,8 @@ from proxy.tls._openssl import (
     X509_V_ERR_APPLICATION_VERIFICATION,
     X509_V_ERR_UNABLE_TO_GET_CRL,
     X509_V_OK,
+    ALPNChoice,
+    ALPNSelect,
     VerifyStep,
     set_verify,
 )
@@ -301,6 +303,8 @@ def _use_server_credentials(ctx: SSL.Context, server: ServerCredentials, where: 
 def _trust_client_cas(ctx: SSL.Context, listener: ListenerConfig, materials: ListenerMaterials, where: str) -> None:
     auth = listener.client_auth
     store = ctx.get_cert_store()
+    if store is None:  # OpenSSL gives every new SSL_CTX a store; without one nothing could be verified
+        raise ConfigError(where, [f"{where}.client_auth: OpenSSL made no certificate store for this context"])
     with _refused(f"{where}.client_auth.trusted_ca", auth.trusted_ca):
         for ca in materials.trusted_ca:
             store.add_cert(crypto.X509.from_cryptography(ca))
@@ -332,7 +336,7 @@ _MATERIAL_ERRORS = (SSL.Error, crypto.Error, ValueError, TypeError, UnsupportedA
 
 
 @contextmanager
-def _refused(field_name: str, path: Path | None, key: CertificatePublicKeyTypes | None = None) -> Iterator[None]:
+def _refused(field_name: str, path: Path | None, key: PublicKeyTypes | None = None) -> Iterator[None]:
     """Turn a refusal of the material from ``path`` into a ConfigError naming ``field_name`` and the file."""
     try:
         yield
@@ -340,7 +344,7 @@ def _refused(field_name: str, path: Path | None, key: CertificatePublicKeyTypes 
         raise ConfigError(str(path), [f"{field_name}: {path}: {_readable(exc, key)}"]) from None
 
 
-def _readable(exc: Exception, key: CertificatePublicKeyTypes | None) -> str:
+def _readable(exc: Exception, key: PublicKeyTypes | None) -> str:
     """OpenSSL's reason codes ("ee key too small") in words an operator can act on."""
     reasons = _openssl_reasons(exc)
     for reason in reasons:
@@ -363,10 +367,10 @@ def _openssl_reasons(exc: Exception) -> list[str]:
     return [str(entry[-1]) for entry in errors if isinstance(entry, tuple) and entry]
 
 
-def _alpn_selector(ours: tuple[bytes, ...]):
+def _alpn_selector(ours: tuple[bytes, ...]) -> ALPNSelect:
     """Server preference: the first of our protocols the client also offers."""
 
-    def select(conn: SSL.Connection, offered: list[bytes]):
+    def select(conn: SSL.Connection, offered: list[bytes]) -> ALPNChoice:
         for proto in ours:
             if proto in offered:
                 return proto
