@@ -18,10 +18,12 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import AsyncIterator
 
 import trio
 
-from proxy.daemon.server import Proxy
+from proxy.daemon.server import Bound, Proxy
+from proxy.net.sockstream import SocketListener
 
 log = logging.getLogger("proxy.daemon.lifecycle")
 
@@ -30,7 +32,12 @@ HARD_EXIT_GRACE = 1.5  # seconds past the drain deadline; exiting takes ~0.3 s m
 EXIT_OK = 0
 
 
-async def run_until_signalled(proxy: Proxy, *, sockets=None, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def run_until_signalled(
+    proxy: Proxy,
+    *,
+    sockets: list[list[SocketListener]] | None = None,
+    task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED,
+) -> None:
     watchdog = DrainWatchdog(proxy)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         try:
@@ -68,7 +75,7 @@ class DrainWatchdog:
         os._exit(EXIT_OK)  # the drain's contract: up to drain_timeout, then exit 0
 
 
-async def _handle_signals(proxy: Proxy, signals, watchdog: DrainWatchdog) -> None:
+async def _handle_signals(proxy: Proxy, signals: AsyncIterator[int], watchdog: DrainWatchdog) -> None:
     async for signum in signals:
         name = signal.Signals(signum).name
         if signum == signal.SIGHUP:

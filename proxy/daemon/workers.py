@@ -25,6 +25,7 @@ and not shown there (the metrics have them).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -33,6 +34,7 @@ import signal
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -40,7 +42,6 @@ import trio
 from proxy.config.materials import ListenerMaterials
 from proxy.config.schema import Config
 from proxy.net.sockstream import SocketListener
-import contextlib
 
 log = logging.getLogger("proxy.daemon.workers")
 
@@ -181,7 +182,9 @@ class Supervisor:
                 continue
             from prometheus_client import multiprocess
 
-            multiprocess.mark_process_dead(pid, self.metrics_dir)
+            # prometheus_client leaves this function unannotated; the signature it is called with:
+            mark_process_dead: Callable[[int, str], None] = multiprocess.mark_process_dead
+            mark_process_dead(pid, self.metrics_dir)
             if self.stopping:
                 if child.role == "worker" and not self._workers_left():
                     self._send_admin(signal.SIGTERM)  # the last worker drained: the admin can go
@@ -265,7 +268,7 @@ class Supervisor:
                         nursery.cancel_scope.cancel()
 
 
-async def _exit_with_parent(stop) -> None:
+async def _exit_with_parent(stop: Callable[[], None]) -> None:
     """A child whose parent died (killed, say) must not serve on unsupervised."""
     parent = os.getppid()
     while os.getppid() == parent:
