@@ -132,7 +132,7 @@ listeners:
 
 
 def test_design_example_loads(tmp_path: Path) -> None:
-    # The DESIGN.md example, with one rule filled in (an allow block listing no rule is rejected).
+    # The first design's example config, with one rule filled in (an allow block listing no rule is rejected).
     path = tmp_path / "mtls-proxy.yaml"
     path.write_text(DESIGN_EXAMPLE)
     cfg = config.load(path)

@@ -11,9 +11,7 @@ import hashlib
 import http.server
 import json
 import os
-import queue
 import re
-import shlex
 import shutil
 import signal
 import socket
@@ -461,7 +459,7 @@ def test_s_client_sees_the_advertised_ca_names(shared_daemon, test_pki, version)
     assert names == ["O = Acme, CN = Test Client CA", "O = Elsewhere, CN = Other CA"]
 
 
-# The families of DESIGN.md section 4, with their types and labels.
+# The families of README.md, "Metrics", with their types and labels.
 METRIC_FAMILIES = {
     "mtls_proxy_handshakes_total": ("counter", {"listener", "result"}),
     "mtls_proxy_handshake_failures_total": ("counter", {"listener", "reason"}),
@@ -691,125 +689,3 @@ def test_run_with_a_bad_config_exits_2_before_binding(daemon_factory, test_pki):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "listeners[0].client_auth.mode: " in result.stderr
-
-
-# ---- demo -------------------------------------------------------------------------------------------------------
-
-
-class LineReader:
-    """Reads a pipe in a thread so that waiting for a line can time out."""
-
-    def __init__(self, pipe) -> None:
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        self.thread = threading.Thread(target=self._run, args=(pipe,), daemon=True)
-        self.thread.start()
-
-    def _run(self, pipe) -> None:
-        for line in pipe:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def until(self, wanted: str, timeout: float) -> list[str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                pytest.fail(f"no line {wanted!r} after {timeout}s; got:\n" + "\n".join(self.seen))
-            try:
-                line = self.lines.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if line is None:
-                pytest.fail(f"output ended before {wanted!r}; got:\n" + "\n".join(self.seen))
-            self.seen.append(line)
-            if line == wanted:
-                return self.seen
-
-
-def _after(lines: list[str], header: str) -> str:
-    return lines[lines.index(header) + 1].strip()
-
-
-@contextlib.contextmanager
-def demo_process(*args: str, stderr_path: Path) -> Iterator[tuple[subprocess.Popen, list[str]]]:
-    """``mtls-proxy demo ARGS`` on any free ports, up to its "Press Ctrl-C" line; killed on the way out."""
-    with open(stderr_path, "wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "demo", "--port", "0", "--admin-port", "0", *args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO,
-        )
-    reader = LineReader(proc.stdout)
-    try:
-        yield proc, reader.until("Press Ctrl-C to stop.", timeout=START_TIMEOUT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-        reader.thread.join(5)  # EOF once the process is gone
-        proc.stdout.close()
-
-
-def stop_demo(proc: subprocess.Popen, signum: int, stderr_path: Path) -> None:
-    proc.send_signal(signum)
-    try:
-        code = proc.wait(10)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the demo did not exit within 10s of {signal.Signals(signum).name}:\n{stderr_path.read_text()}")
-    assert code == 0, stderr_path.read_text()
-    assert "Traceback" not in stderr_path.read_text()
-
-
-def test_demo_prints_working_commands_and_cleans_up(tmp_path):
-    stderr_path = tmp_path / "demo-stderr.log"
-    with demo_process(stderr_path=stderr_path) as (proc, lines):
-        pki_line = next(line for line in lines if "PKI (CA, server and client certificates):" in line)
-        directory = Path(pki_line.split(": ", 1)[1].strip())
-        assert directory.is_dir() and directory.name.startswith("mtls-proxy-demo-")
-        assert (directory / "ca.crt").is_file()
-
-        with_cert = _after(lines, "With the client certificate (answers 200 from the backend):")
-        without_cert = _after(lines, "Without a client certificate (the handshake is refused):")
-        metrics_cmd = _after(lines, "Metrics:")
-        assert with_cert.startswith("curl ") and "--cert" in with_cert
-        assert without_cert.startswith("curl ") and "--cert" not in without_cert
-
-        # paste-ready: one line each, run as printed
-        ok = run_tool(shlex.split(with_cert), stdin=subprocess.DEVNULL)
-        assert ok.returncode == 0, ok.stderr
-        assert "hello from the mtls-proxy demo backend" in ok.stdout
-
-        refused_run = run_tool(shlex.split(without_cert), stdin=subprocess.DEVNULL)
-        assert refused_run.returncode != 0
-        assert "hello from the mtls-proxy demo backend" not in refused_run.stdout
-
-        line = 'mtls_proxy_handshake_failures_total{listener="demo",reason="no_client_cert"} 1.0'
-
-        def scraped() -> bool:
-            result = run_tool(shlex.split(metrics_cmd), stdin=subprocess.DEVNULL)
-            return result.returncode == 0 and line in result.stdout.splitlines()
-
-        wait_until(scraped, what=f"{line!r} from the printed metrics command")
-
-        stop_demo(proc, signal.SIGINT, stderr_path)
-        assert not directory.exists(), "the demo left its temporary PKI behind"
-
-
-def test_demo_sigterm_exits_0_and_keeps_a_dir_it_was_given(tmp_path):
-    keep = tmp_path / "pki"
-    stderr_path = tmp_path / "demo-stderr.log"
-    with demo_process("--dir", str(keep), stderr_path=stderr_path) as (proc, lines):
-        assert f"  PKI (CA, server and client certificates): {keep}" in lines
-        stop_demo(proc, signal.SIGTERM, stderr_path)
-    # --dir: the PKI is the user's to keep
-    assert sorted(p.name for p in keep.iterdir()) == sorted(
-        ["ca.crt", "ca.key", "server.crt", "server.key", "client.crt", "client.key"])
-
-
-def test_demo_on_a_port_in_use_exits_1(occupied_port):
-    result = run_tool([sys.executable, "-m", "proxy", "demo", "--port", str(occupied_port), "--admin-port", "0"],
-                      stdin=subprocess.DEVNULL, cwd=REPO)
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    assert f"127.0.0.1:{occupied_port}" in result.stderr
-    assert "pick other ports with --port / --admin-port" in result.stderr

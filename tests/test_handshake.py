@@ -360,8 +360,8 @@ async def test_expired_intermediate_is_expired(nursery, test_pki, echo_backend, 
     assert "depth 1" in fields["detail"]
 
 
-# DESIGN.md (Logs): the client's subject, issuer, serial and fingerprint are
-# logged "also for rejected certificates", not only when the leaf itself is
+# README.md's feature list: the client's subject, issuer, serial and fingerprint
+# are logged "also for rejected certificates", not only when the leaf itself is
 # the certificate that failed.
 @pytest.mark.parametrize("case", ["chain_too_long", "expired_intermediate"])
 async def test_certificate_rejected_for_its_chain_is_named_in_the_access_log(nursery, test_pki, echo_backend,

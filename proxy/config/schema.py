@@ -1,9 +1,9 @@
 """The configuration file: pydantic models, parsing and loading (pure: no trio, no sockets).
 
-Everything a user can write in the YAML file is declared here, with the defaults and field names of the
-"Config file" contract in DESIGN.md section 4. Validation happens once, at load time, and every problem is
-reported with its path in the document (``listeners[0].client_auth.mode: ...``) so that ``mtls-proxy check``
-and ``run`` fail before serving anything, with a message that names the fix.
+Everything a user can write in the YAML file is declared here, with the defaults and field names that
+README.md, "Configuration", documents (a public contract: extend it, never rename). Validation happens once, at
+load time, and every problem is reported with its path in the document (``listeners[0].client_auth.mode: ...``)
+so that ``mtls-proxy check`` and ``run`` fail before serving anything, with a message that names the fix.
 
 Relative file paths resolve against the folder of the config file (passed to pydantic as validation context),
 so a config and its certificates can be moved together and the daemon's working directory does not matter.

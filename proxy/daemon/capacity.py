@@ -40,8 +40,9 @@ MiB = 1024 * 1024
 
 # RSS per idle mTLS connection held through to the backend: 46.6 KB at 5,000 connections in bench/RESULTS.md
 # (bench/run.py, idle run, code ebd09c4) and 47.2 KB at 2,000 in its breakdown; rounded up to 48 KiB. A
-# connection moving data holds more while it moves it (its read buffers, up to about 570 KiB per end, README
-# "What a connection holds"), so this is the floor to size for, and the reason for HEADROOM.
+# connection moving data holds more while it moves it (its read buffers: under 1 MiB each way, as the feature
+# list in README.md says, given back when it goes quiet: proxy/tls/stream.py), so this is the floor to size for,
+# and the reason for HEADROOM.
 PER_CONNECTION_BYTES = 48 * 1024
 # RSS of one process after start, before any connection: 56.0 MB in bench/RESULTS.md, rounded up.
 BASE_BYTES = 60 * MiB
