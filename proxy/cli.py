@@ -12,6 +12,7 @@ import logging
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -59,9 +60,10 @@ def _listen_error(caught: BaseException) -> ListenError | None:
     matched, rest = caught.split(ListenError)
     if matched is None or rest is not None:
         return None
-    while isinstance(matched, BaseExceptionGroup):
-        matched = matched.exceptions[0]
-    return matched
+    found: ListenError | BaseExceptionGroup[ListenError] = matched
+    while isinstance(found, BaseExceptionGroup):
+        found = found.exceptions[0]
+    return found
 
 
 # ---- run ---------------------------------------------------------------------
@@ -93,10 +95,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         _freeze_startup_objects()
         trio.run(run_until_signalled, proxy)
     except (ListenError, BaseExceptionGroup) as caught:
-        exc = _listen_error(caught)
-        if exc is None:
+        listen_error = _listen_error(caught)
+        if listen_error is None:
             raise
-        _error(str(exc))
+        _error(str(listen_error))
         return EXIT_RUNTIME
     except KeyboardInterrupt:
         return EXIT_RUNTIME
@@ -114,7 +116,9 @@ def _freeze_startup_objects() -> None:
     gc.freeze()
 
 
-def _run_workers(config: Config, materials, workers: int, drain_timeout: float | None) -> int:
+def _run_workers(
+    config: Config, materials: tuple[ListenerMaterials, ...], workers: int, drain_timeout: float | None
+) -> int:
     from proxy.daemon.workers import Supervisor
 
     supervisor = Supervisor(config, materials, workers=workers, drain_timeout=drain_timeout)
@@ -221,10 +225,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         trio.run(run_demo, directory, args.port, args.admin_port)
     except (ListenError, BaseExceptionGroup) as caught:
-        exc = _listen_error(caught)
-        if exc is None:
+        listen_error = _listen_error(caught)
+        if listen_error is None:
             raise
-        _error(f"{exc} (pick other ports with --port / --admin-port)")
+        _error(f"{listen_error} (pick other ports with --port / --admin-port)")
         return EXIT_RUNTIME
     except KeyboardInterrupt:
         pass
@@ -271,4 +275,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    command: Callable[[argparse.Namespace], int] = args.func
+    return command(args)
