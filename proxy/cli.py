@@ -218,12 +218,22 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from proxy.dev.demo import run_demo
+    from proxy.dev.demo import DemoDirError, prepare_pki, run_demo
 
     directory = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="mtls-proxy-demo-"))
-    setup_logging("info", "text")
     try:
-        trio.run(run_demo, directory, args.port, args.admin_port)
+        # Before logging is set up and before any port is bound: a folder the
+        # demo must not write into is a bad argument, refused with nothing written.
+        try:
+            pki = prepare_pki(directory)
+        except DemoDirError as exc:
+            _error(f"--dir {exc}")
+            return EXIT_CONFIG
+        except OSError as exc:
+            _error(f"cannot use {directory}: {exc.strerror or exc}")
+            return EXIT_RUNTIME
+        setup_logging("info", "text")
+        trio.run(run_demo, pki, args.port, args.admin_port)
     except (ListenError, BaseExceptionGroup) as caught:
         listen_error = _listen_error(caught)
         if listen_error is None:
@@ -261,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="a throwaway PKI, a sample backend and the proxy on 127.0.0.1")
     demo.add_argument("--port", type=int, default=8443, help="TLS port (default 8443; 0 = any free port)")
     demo.add_argument("--admin-port", type=int, default=9090, help="admin port (default 9090; 0 = any free port)")
-    demo.add_argument("--dir", help="keep the demo PKI in this folder instead of a temporary one")
+    demo.add_argument("--dir", metavar="DIR",
+                      help="keep the demo PKI in this folder instead of a temporary one: a new or empty folder gets "
+                           "a new PKI, one holding a complete demo PKI is reused as it is, anything else is refused")
     demo.set_defaults(func=cmd_demo)
 
     certs = sub.add_parser("certs", help="development certificates")

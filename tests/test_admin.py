@@ -344,17 +344,6 @@ async def test_port_zero_reports_the_bound_address(nursery):
 # --- the demo backend and Request --------------------------------------------------------------------------------
 
 
-async def test_demo_backend_echoes_the_request(nursery):
-    address = await start(nursery, demo_handler("hi from the test"))
-    reply = await fetch(address, "/hello?x=1", headers=[("X-Client-Subject", "CN=alice,O=Acme")])
-    assert reply.status == 200
-    assert reply.headers["content-type"] == "text/plain; charset=utf-8"
-    lines = reply.body.decode().splitlines()
-    assert lines[:2] == ["hi from the test", "GET /hello?x=1"]
-    assert "host: test" in lines
-    assert "x-client-subject: CN=alice,O=Acme" in lines
-
-
 def test_request_header_joins_repeated_fields():
     request = Request("GET", "/", (("accept", "a/b"), ("x", "1"), ("accept", "c/d")), "127.0.0.1:1")
     assert request.header("accept") == "a/b, c/d"

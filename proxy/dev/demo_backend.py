@@ -1,8 +1,9 @@
 """The sample backend that `mtls-proxy demo` puts behind the proxy.
 
 It echoes what reached it, so a user running `curl` through the proxy sees that their request arrived at a plain
-HTTP service, and which headers the proxy added on the way (the client identity in HTTP mode). Served with
-`proxy.ops.admin_http.serve_http`.
+HTTP service, and which headers the proxy added on the way: the demo runs the proxy in HTTP mode, so that is the
+client's identity (`X-Forwarded-Client-Cert`, `X-Forwarded-For`, `X-Forwarded-Proto`), and never a copy the client
+forged. Served with `proxy.ops.admin_http.serve_http`.
 """
 
 from __future__ import annotations

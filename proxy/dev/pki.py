@@ -240,6 +240,25 @@ class DevPKI:
     client_cert: Path
     client_key: Path
 
+    @classmethod
+    def at(cls, directory: Path) -> DevPKI:
+        """Where the files of a dev PKI in ``directory`` go, or are (nothing is read or written)."""
+        directory = Path(directory)
+        return cls(
+            dir=directory,
+            ca_cert=directory / "ca.crt",
+            ca_key=directory / "ca.key",
+            server_cert=directory / "server.crt",
+            server_key=directory / "server.key",
+            client_cert=directory / "client.crt",
+            client_key=directory / "client.key",
+        )
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """Every file of the PKI, certificates and keys, in the order they are written."""
+        return (self.ca_cert, self.ca_key, self.server_cert, self.server_key, self.client_cert, self.client_key)
+
 
 def write_dev_pki(
     directory: Path,
@@ -256,15 +275,7 @@ def write_dev_pki(
     existing target file raises :class:`FileExistsError` before anything is written.
     """
     directory = Path(directory)
-    paths = DevPKI(
-        dir=directory,
-        ca_cert=directory / "ca.crt",
-        ca_key=directory / "ca.key",
-        server_cert=directory / "server.crt",
-        server_key=directory / "server.key",
-        client_cert=directory / "client.crt",
-        client_key=directory / "client.key",
-    )
+    paths = DevPKI.at(directory)
     if not overwrite:
         _refuse_existing(paths)
 
@@ -298,7 +309,7 @@ def write_dev_pki(
 
 def _refuse_existing(paths: DevPKI) -> None:
     """Raise FileExistsError for the first target file that already exists."""
-    for path in (paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key, paths.client_cert, paths.client_key):
+    for path in paths.files:
         if path.exists() or path.is_symlink():
             raise FileExistsError(errno.EEXIST, "refusing to overwrite (pass overwrite=True to replace it)", str(path))
 
