@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The test command: install what the suite needs, then lint, type-check and run the tests. README.md ("Run the
+# tests") gives it, and .ci/run runs exactly this. Arguments go to pytest:
+#
+#   bash scripts/test.sh                          # everything
+#   bash scripts/test.sh tests/test_policy.py -x  # some tests (after the same setup and checks)
+#   SKIP_SETUP=1 bash scripts/test.sh ...         # the machine is set up already: skip the installs
+#
+# Run as root on Debian 12 (apt-get). Any ruff or mypy finding fails it before the tests run; a tool the tests
+# need and cannot find fails its test instead of skipping it (CI=true).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+setup() {
+    # Debian tools the tests drive as real peers: openssl (s_client), curl, promtool (from the prometheus package)
+    # to lint /metrics, and the proxies the benchmark's --quick smoke test measures mtls-proxy against.
+    local missing=()
+    command -v openssl >/dev/null || missing+=(openssl)
+    command -v curl >/dev/null || missing+=(curl)
+    command -v promtool >/dev/null || missing+=(prometheus)
+    { command -v nginx >/dev/null && [ -e /usr/lib/nginx/modules/ngx_stream_module.so ]; } \
+        || missing+=(nginx-light libnginx-mod-stream)
+    command -v haproxy >/dev/null || missing+=(haproxy)
+    command -v stunnel4 >/dev/null || missing+=(stunnel4)
+    command -v wrk >/dev/null || missing+=(wrk)
+    if [ ${#missing[@]} -gt 0 ]; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    fi
+
+    # The tools the deployment tests drive: podman, debootstrap, hadolint, kustomize, kubernetes-validate, CRD
+    # models (idempotent, fast when present).
+    bash deploy/ci-setup.sh
+
+    # The package, editable, with the test extra: pytest and its plugins, hypercorn, ruff, mypy and stubs.
+    python -m pip install -q --disable-pip-version-check -e '.[test]'
+}
+
+if [ "${SKIP_SETUP:-}" != 1 ]; then
+    setup
+fi
+
+# Lint and types: the rule set and the strict mypy settings are in pyproject.toml.
+python -m ruff check proxy tests bench
+python -m mypy
+
+CI=${CI:-true} exec python -m pytest "$@"
