@@ -18,16 +18,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from proxy.policy.identity import PeerIdentity, identity_from_chain
-from proxy.protocol.http1 import (
+from proxy.protocol.http1 import ERRORS, HttpRelay, Step, SwitchToRaw, render_error_response
+from proxy.protocol.identity_headers import (
     ALWAYS_STRIPPED,
-    ERRORS,
     MAX_HEADER_BYTES,
     HeaderPolicy,
-    HttpRelay,
-    Step,
-    SwitchToRaw,
     reduce_name,
-    render_error_response,
     xfcc_element,
 )
 
