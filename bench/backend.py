@@ -32,13 +32,13 @@ Run: ``python bench/backend.py [--port 0]``; it prints ``PORT <n>`` on stdout on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import select
 import socket
 import sys
 import threading
-import contextlib
 
 BUFFER = 1 << 20
 BODY = b"hello, world\n"
@@ -165,9 +165,6 @@ class HttpLoop:
                     self.drop(fd)
 
 
-http_loop: HttpLoop | None = None
-
-
 def _echo(head: bytes, keep: bool, http11: bool) -> bytes:
     version = b"HTTP/1.1" if http11 else b"HTTP/1.0"
     connection = b"" if keep else b"Connection: close\r\n"
@@ -207,14 +204,14 @@ def _ping(conn: socket.socket, buf: bytearray, line: bytes, extra: int) -> None:
         conn.sendall(b"PONG\n" * buf[:n].count(b"\n"))
 
 
-def handle(conn: socket.socket | None) -> None:
+def handle(conn: socket.socket | None, http_loop: HttpLoop) -> None:
+    """Serve one accepted connection; an HTTP one is handed to ``http_loop``."""
     buf = bytearray(BUFFER)
     try:
         have = conn.recv_into(buf, 65536)
         if have == 0:
             return
         if buf.startswith(HTTP_METHODS):
-            assert http_loop is not None
             http_loop.add(conn, bytes(buf[:have]))
             conn = None  # the loop owns it now
             return
@@ -248,7 +245,6 @@ def serve(port: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     # Thousands of idle connections mean thousands of threads: keep their stacks small.
     threading.stack_size(256 * 1024)
-    global http_loop
     http_loop = HttpLoop()
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -258,7 +254,7 @@ def serve(port: int) -> None:
     while True:
         conn, _ = listener.accept()
         stats["connections"] += 1
-        threading.Thread(target=handle, args=(conn,), daemon=True).start()
+        threading.Thread(target=handle, args=(conn, http_loop), daemon=True).start()
 
 
 def main() -> None:

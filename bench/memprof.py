@@ -18,6 +18,7 @@ the RSS of the traced phase.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -30,7 +31,6 @@ from typing import Any
 
 import loads
 from peers import MtlsProxy, PeerError
-import contextlib
 
 HERE = Path(__file__).resolve().parent
 NFRAMES = 12

@@ -31,6 +31,7 @@ A ``--workers N`` variant of mtls-proxy is one more spec: ``mtls-proxy:workers=2
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import shutil
@@ -43,7 +44,6 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
-import contextlib
 
 REPO = Path(__file__).resolve().parent.parent
 NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")

@@ -614,7 +614,7 @@ class Bench:
         for peer in measured:
             if peer.runs("idle"):
                 self.memory_idle_conns(peer)
-        for spec, entry in self.data["peers"].items():
+        for entry in self.data["peers"].values():
             summary = entry["summary"]
             for test, runs in entry["runs"].items():
                 summary[f"{test}_cpu"] = report.summarize(runs, "cpu")
@@ -669,6 +669,7 @@ def code_version() -> str:
 
 def results_markdown(data: dict[str, Any], text: str) -> str:
     m = data["machine"]
+    pinning = data["settings"]
     versions = "\n".join(f"| {report.label(spec)} | {entry.get('version', '?')} |"
                          for spec, entry in data["peers"].items())
     return f"""# Benchmark results
@@ -680,7 +681,7 @@ any, are at the end.
 - command: `{data['command']}`
 - code: {data.get('code', '?')}
 - machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory']}, {m['os']}, kernel {m['kernel']}
-- pinning: proxy on CPU {data['settings']['proxy_cpu']}; clients, backend and harness on CPU {data['settings']['load_cpu']}
+- pinning: proxy on CPU {pinning['proxy_cpu']}; clients, backend and harness on CPU {pinning['load_cpu']}
 - clients: {m['openssl_cli']} (`s_time`), Python {m['python']} `ssl` (bulk, checks, idle connections), {m['wrk']}
 
 | peer | version |
@@ -708,7 +709,8 @@ def main() -> int:
     parser.add_argument("--retries", type=int, help="extra attempts for a run that foreign load disturbed")
     parser.add_argument("--patience", type=float,
                         help="seconds, in all, that waiting for a quiet machine and repeating runs may add")
-    parser.add_argument("--foreign-limit", type=float, help="foreign CPU (share of one core) that marks a run disturbed")
+    parser.add_argument("--foreign-limit", type=float,
+                        help="foreign CPU (share of one core) that marks a run disturbed")
     parser.add_argument("--proxy-cpu", type=int)
     parser.add_argument("--load-cpu", type=int)
     parser.add_argument("--no-wrk", action="store_true", help="skip the wrk runs")
