@@ -12,6 +12,7 @@ failed.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,21 +24,28 @@ from OpenSSL._util import lib as _lib
 if TYPE_CHECKING:  # context imports this module for the X509 error codes
     from proxy.tls.context import HandshakeRecord
 
-REASONS = (
-    "no_client_cert",
-    "unknown_ca",
-    "expired",
-    "not_yet_valid",
-    "revoked",
-    "bad_certificate",
-    "forbidden",
-    "protocol_version",
-    "no_shared_cipher",
-    "not_tls",
-    "timeout",
-    "client_closed",
-    "other",
-)
+class Reason(enum.StrEnum):
+    """Why a handshake failed: the ``reason`` label of the failure metrics and of the access log.
+
+    A closed set: the metrics create one series per member, and alert rules name them.
+    """
+
+    NO_CLIENT_CERT = "no_client_cert"
+    UNKNOWN_CA = "unknown_ca"
+    EXPIRED = "expired"
+    NOT_YET_VALID = "not_yet_valid"
+    REVOKED = "revoked"
+    BAD_CERTIFICATE = "bad_certificate"
+    FORBIDDEN = "forbidden"
+    PROTOCOL_VERSION = "protocol_version"
+    NO_SHARED_CIPHER = "no_shared_cipher"
+    NOT_TLS = "not_tls"
+    TIMEOUT = "timeout"
+    CLIENT_CLOSED = "client_closed"
+    OTHER = "other"
+
+
+REASONS: tuple[Reason, ...] = tuple(Reason)
 
 # A TLS connection opens with a handshake record: content type 22.
 _TLS_HANDSHAKE_RECORD = 0x16
@@ -57,20 +65,21 @@ X509_V_ERR_CERT_REJECTED: int = _lib.X509_V_ERR_CERT_REJECTED  # what the strict
 
 def verify_error_text(code: int) -> str:
     """OpenSSL's own words for an X509_V_ERR_* code ("certificate has expired")."""
-    return _ffi.string(_lib.X509_verify_cert_error_string(code)).decode("ascii", "replace")
+    text: bytes = _ffi.string(_lib.X509_verify_cert_error_string(code))
+    return text.decode("ascii", "replace")
 
 
 # X509 error -> reason, for the codes that are not `bad_certificate` (signature,
 # purpose, depth, weak key, malformed, ... and the strict leaf rules).
-X509_REASONS: dict[int, str] = {
-    _lib.X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT: "unknown_ca",
-    _lib.X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT: "unknown_ca",
-    _lib.X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN: "unknown_ca",
-    _lib.X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY: "unknown_ca",
-    _lib.X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE: "unknown_ca",
-    _lib.X509_V_ERR_CERT_NOT_YET_VALID: "not_yet_valid",
-    _lib.X509_V_ERR_CERT_HAS_EXPIRED: "expired",
-    _lib.X509_V_ERR_CERT_REVOKED: "revoked",
+X509_REASONS: dict[int, Reason] = {
+    _lib.X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT: Reason.UNKNOWN_CA,
+    _lib.X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT: Reason.UNKNOWN_CA,
+    _lib.X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN: Reason.UNKNOWN_CA,
+    _lib.X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY: Reason.UNKNOWN_CA,
+    _lib.X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE: Reason.UNKNOWN_CA,
+    _lib.X509_V_ERR_CERT_NOT_YET_VALID: Reason.NOT_YET_VALID,
+    _lib.X509_V_ERR_CERT_HAS_EXPIRED: Reason.EXPIRED,
+    _lib.X509_V_ERR_CERT_REVOKED: Reason.REVOKED,
 }
 
 # Where OpenSSL's words leave the operator guessing which setting is involved.
@@ -81,36 +90,37 @@ _X509_HINTS: dict[int, str] = {
 
 
 # Substrings of OpenSSL error reasons -> reason. Checked in order.
-_OPENSSL_REASONS: tuple[tuple[str, str], ...] = (
-    ("peer did not return a certificate", "no_client_cert"),
-    ("http request", "not_tls"),
-    ("https proxy request", "not_tls"),
-    ("unsupported protocol", "protocol_version"),
-    ("no protocols available", "protocol_version"),
-    ("version too low", "protocol_version"),
-    ("wrong version number", "protocol_version"),
-    ("alert protocol version", "protocol_version"),
-    ("no shared cipher", "no_shared_cipher"),
-    ("no shared signature algorithms", "no_shared_cipher"),
-    ("no suitable signature algorithm", "no_shared_cipher"),
-    ("no suitable key share", "no_shared_cipher"),
-    ("no shared groups", "no_shared_cipher"),
-    ("unexpected eof", "client_closed"),
-    ("certificate verify failed", "bad_certificate"),
+_OPENSSL_REASONS: tuple[tuple[str, Reason], ...] = (
+    ("peer did not return a certificate", Reason.NO_CLIENT_CERT),
+    ("http request", Reason.NOT_TLS),
+    ("https proxy request", Reason.NOT_TLS),
+    ("unsupported protocol", Reason.PROTOCOL_VERSION),
+    ("no protocols available", Reason.PROTOCOL_VERSION),
+    ("version too low", Reason.PROTOCOL_VERSION),
+    ("wrong version number", Reason.PROTOCOL_VERSION),
+    ("alert protocol version", Reason.PROTOCOL_VERSION),
+    ("no shared cipher", Reason.NO_SHARED_CIPHER),
+    ("no shared signature algorithms", Reason.NO_SHARED_CIPHER),
+    ("no suitable signature algorithm", Reason.NO_SHARED_CIPHER),
+    ("no suitable key share", Reason.NO_SHARED_CIPHER),
+    ("no shared groups", Reason.NO_SHARED_CIPHER),
+    ("unexpected eof", Reason.CLIENT_CLOSED),
+    ("certificate verify failed", Reason.BAD_CERTIFICATE),
 )
 
 
 @dataclass(frozen=True, slots=True)
 class HandshakeFailure:
-    reason: str
+    reason: Reason
     detail: str
 
 
-def describe_x509_error(errno: int, depth: int) -> tuple[str, str]:
+def describe_x509_error(errno: int, depth: int) -> tuple[Reason, str]:
     """(reason, detail) for an X509 error the verify callback recorded at ``depth``."""
     where = "client certificate" if depth == 0 else f"CA certificate at depth {depth}"
     hint = f"; {_X509_HINTS[errno]}" if errno in _X509_HINTS else ""
-    return X509_REASONS.get(errno, "bad_certificate"), f"{verify_error_text(errno)} ({where}, X509 error {errno}{hint})"
+    detail = f"{verify_error_text(errno)} ({where}, X509 error {errno}{hint})"
+    return X509_REASONS.get(errno, Reason.BAD_CERTIFICATE), detail
 
 
 def openssl_reasons(exc: SSL.Error) -> list[str]:
@@ -126,41 +136,41 @@ def openssl_reasons(exc: SSL.Error) -> list[str]:
     return out
 
 
-def classify_openssl_reasons(reasons: list[str]) -> str:
+def classify_openssl_reasons(reasons: list[str]) -> Reason:
     for text in reasons:
         low = text.lower()
         for needle, reason in _OPENSSL_REASONS:
             if needle in low:
                 return reason
-    return "other"
+    return Reason.OTHER
 
 
 def classify(exc: BaseException, record: HandshakeRecord | None, first_bytes: bytes) -> HandshakeFailure:
     if isinstance(exc, trio.TooSlowError):
         got = "nothing" if not first_bytes else "an incomplete handshake"
-        return HandshakeFailure("timeout", f"handshake deadline passed; the client sent {got}")
+        return HandshakeFailure(Reason.TIMEOUT, f"handshake deadline passed; the client sent {got}")
     if first_bytes and first_bytes[0] != _TLS_HANDSHAKE_RECORD:
-        return HandshakeFailure("not_tls", f"the client's first bytes are not a TLS handshake: {first_bytes!r}")
+        return HandshakeFailure(Reason.NOT_TLS, f"the client's first bytes are not a TLS handshake: {first_bytes!r}")
     if record is not None:
         if record.errors:
             reason, detail = describe_x509_error(*record.errors[0])
             return HandshakeFailure(reason, detail)
         if record.refusal is not None:
-            return HandshakeFailure("bad_certificate", record.refusal)
+            return HandshakeFailure(Reason.BAD_CERTIFICATE, record.refusal)
         if record.denied:
-            return HandshakeFailure("forbidden", "verified client certificate matches no allow rule")
+            return HandshakeFailure(Reason.FORBIDDEN, "verified client certificate matches no allow rule")
     if isinstance(exc, (SSL.SysCallError, SSL.ZeroReturnError)):
-        return HandshakeFailure("client_closed", "the client closed the connection during the handshake")
+        return HandshakeFailure(Reason.CLIENT_CLOSED, "the client closed the connection during the handshake")
     if isinstance(exc, SSL.Error):
         reasons = openssl_reasons(exc)
         reason = classify_openssl_reasons(reasons)
         detail = "; ".join(reasons) or "TLS error"
-        if reason == "other" and any("alert" in r for r in reasons):
+        if reason is Reason.OTHER and any("alert" in r for r in reasons):
             detail = f"the client sent an alert: {detail}"
         return HandshakeFailure(reason, detail)
     if isinstance(exc, trio.BrokenResourceError):
         cause = exc.__cause__ or exc.__context__
-        return HandshakeFailure("client_closed", f"the connection broke during the handshake ({cause or exc})")
+        return HandshakeFailure(Reason.CLIENT_CLOSED, f"the connection broke during the handshake ({cause or exc})")
     if isinstance(exc, trio.ClosedResourceError):
-        return HandshakeFailure("other", "the connection was closed locally during the handshake")
-    return HandshakeFailure("other", f"{type(exc).__name__}: {exc}")
+        return HandshakeFailure(Reason.OTHER, "the connection was closed locally during the handshake")
+    return HandshakeFailure(Reason.OTHER, f"{type(exc).__name__}: {exc}")
