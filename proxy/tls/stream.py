@@ -16,8 +16,9 @@ two rules, because a proxy's two pump tasks call ``send_all`` and
    wire in the order OpenSSL produced it; receiving goes through a second lock
    plus a counter, so two tasks never both block on the transport.
 
-What this stream adds over trio's ``SSLStream`` (see research/tls-engine.md for
-the measurements behind each number):
+What this stream adds over trio's ``SSLStream`` (why the proxy drives its own:
+docs/architecture.md, "TLS engine"; the numbers here were measured on this
+stream):
 
 - ``send_eof()``: a TLS half-close. It sends close_notify and keeps reading, so
   a client's end-of-request can be passed to the backend while the backend's
@@ -27,8 +28,7 @@ the measurements behind each number):
   quarters the number of Python-level round trips for bulk data.
 - ``send_all`` writes 256 KiB plaintext pieces and drains the outgoing BIO
   with one read of what is there: one transport write per piece. (Draining
-  in several reads and joining them cost page faults and halved throughput;
-  see research/tls-engine.md.)
+  in several reads and joining them cost page faults and halved throughput.)
 - Bulk data is copied as little as pyOpenSSL's cffi layer allows: records
   are decrypted into one buffer and copied out once, and ciphertext goes from
   the BIO to the socket without becoming ``bytes`` (``_openssl.ReadBuffer``,
@@ -59,10 +59,14 @@ the measurements behind each number):
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import operator
+import socket
+from collections.abc import Callable
 
 import trio
+from cryptography import x509
 from OpenSSL import SSL
 
 from proxy.net.sockstream import SocketStream
@@ -172,7 +176,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
         if self._bio_peak > BIO_KEEP_LIMIT:
             self._release_bio_buffers()
 
-    async def _retry(self, fn, *args, ignore_want_read: bool = False, is_handshake: bool = False):
+    async def _retry(
+        self, fn: Callable[..., object], *args: object, ignore_want_read: bool = False, is_handshake: bool = False
+    ) -> None:
         """Call ``fn(*args)`` until it completes, moving ciphertext as it asks.
 
         This is the one tricky function in the module; see the module
@@ -181,11 +187,10 @@ class TLSStream(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint_if_cancelled()
         yielded = False
         finished = False
-        ret = None
         while not finished:
             want_read = False
             try:
-                ret = fn(*args)
+                fn(*args)
             except SSL.WantReadError:
                 want_read = True
             except SSL.ZeroReturnError:
@@ -196,8 +201,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     self._state = _State.BROKEN
                     await self._send_alert()
                     raise
-                # close_notify received: a clean end of the peer's data.
-                ret = b""
+                # close_notify received: a clean end of the peer's data
+                # (the read that raised it reports no bytes).
                 finished = True
             except SSL.Error:
                 # A bad record, a failed verification, EOF without
@@ -257,10 +262,10 @@ class TLSStream(trio.abc.HalfCloseableStream):
                         await self._receive_from_transport()
         if not yielded:
             await trio.lowlevel.cancel_shielded_checkpoint()
-        return ret
 
     async def _receive_from_transport(self) -> None:
         transport = self.transport_stream
+        data: bytes | bytearray
         try:
             if self._bio_peak > BIO_KEEP_LIMIT and isinstance(transport, SocketStream):
                 data = await transport.receive_some(TRANSPORT_RECEIVE_SIZE, before_waiting=self.release_buffers)
@@ -454,10 +459,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
         try:
             if self._state is _State.OK and self._handshake_done and not self._sent_eof and self._close_notify_wanted:
                 self._sent_eof = True
-                try:
+                # If the peer is gone, closing is all that is left.
+                with contextlib.suppress(SSL.Error, trio.BrokenResourceError, trio.ClosedResourceError):
                     await self._retry(self.connection.shutdown, ignore_want_read=True)
-                except (SSL.Error, trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass  # the peer is gone; closing is all that is left
         finally:
             self._state = _State.CLOSED
             await self._close_transport()
@@ -485,7 +489,11 @@ class TLSStream(trio.abc.HalfCloseableStream):
         # refused.
         return not self._transport_eof and (self._alert_sent or transport.unread_bytes() > 0)
 
-    # ---- what was negotiated ---------------------------------------------
+    # ---- what was negotiated, and with whom --------------------------------
+    #
+    # Valid once do_handshake() has completed. Everything a caller needs to know
+    # about the session is read here, so that nothing outside proxy.tls touches
+    # the pyOpenSSL Connection.
 
     @property
     def version(self) -> str:
@@ -503,3 +511,50 @@ class TLSStream(trio.abc.HalfCloseableStream):
     def alpn_protocol(self) -> str | None:
         proto = self.connection.get_alpn_proto_negotiated()
         return proto.decode("ascii", "replace") if proto else None
+
+    @property
+    def server_name(self) -> str | None:
+        """The host name the client asked for (SNI), or None if it sent none."""
+        name = self.connection.get_servername()
+        return name.decode("idna") if name else None
+
+    def peer_certificate(self) -> x509.Certificate | None:
+        """The peer's certificate, or None if it presented none.
+
+        Also after a resumption, which carries the certificate over from the
+        session it resumes (though not the chain: see peer_certificate_chain).
+        """
+        return self.connection.get_peer_certificate(as_cryptography=True)
+
+    def peer_certificate_chain(self) -> list[x509.Certificate]:
+        """The chain OpenSSL verified, leaf first and ending at the trusted CA.
+
+        Empty when the peer presented no certificate, when it was not verified
+        (client_auth: none), and after a resumption, which verifies nothing.
+        """
+        return self.connection.get_verified_chain(as_cryptography=True) or []
+
+    def peer_address(self) -> tuple[str, int] | str | None:
+        """The peer's address: (host, port) over TCP, the path over a Unix socket.
+
+        None over a transport that is not a socket (a memory stream). Raises
+        OSError once the socket is no longer connected.
+        """
+        sock = self._socket()
+        return None if sock is None else _address(sock.getpeername())
+
+    def local_address(self) -> tuple[str, int] | str | None:
+        """Our own end's address, in the form of :meth:`peer_address`."""
+        sock = self._socket()
+        return None if sock is None else _address(sock.getsockname())
+
+    def _socket(self) -> socket.socket | None:
+        transport = self.transport_stream
+        return transport.socket if isinstance(transport, SocketStream) else None
+
+
+def _address(addr: object) -> tuple[str, int] | str:
+    """(host, port) of an IPv4 or IPv6 address (without IPv6's flow info and scope); a Unix socket's path."""
+    if isinstance(addr, tuple):
+        return str(addr[0]), int(addr[1])
+    return addr.decode("utf-8", "replace") if isinstance(addr, bytes) else str(addr)
