@@ -32,6 +32,7 @@ ends.
 
 from __future__ import annotations
 
+import enum
 import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -48,14 +49,25 @@ from proxy.net.sockstream import SocketStream
 CHUNK_SIZE = 256 * 1024
 
 
+class EndedBy(enum.StrEnum):
+    """How a pump ended: the access log's ``ended_by``."""
+
+    EOF = "eof"  # both directions reached their end of data
+    IDLE_TIMEOUT = "idle_timeout"
+    CLIENT_ERROR = "client_error"  # the client's connection failed
+    BACKEND_ERROR = "backend_error"  # the backend's connection failed as it was read
+    # The backend stopped taking the client's data (it answered and closed while
+    # the client was still sending); what it had sent was still delivered.
+    BACKEND_CLOSED_EARLY = "backend_closed_early"
+
+
 @dataclass
 class PumpResult:
     bytes_up: int = 0      # client -> backend
     bytes_down: int = 0    # backend -> client
-    # eof | idle_timeout | client_error | backend_error, or backend_closed_early:
-    # the backend stopped taking the client's data (it answered and closed while
-    # the client was still sending); what it had sent was still delivered.
-    ended_by: str = "eof"
+    # An EndedBy from the pump; the HTTP relay (proxy.relay.http1_forwarder)
+    # also reports endings of its own, such as "upgrade_refused".
+    ended_by: str = EndedBy.EOF
     # The backend's connection failed, whatever ended_by says first: what
     # reached the client may be cut short, and its end must not look clean.
     backend_cut: bool = False
@@ -85,7 +97,7 @@ class IdleDeadline:
             self._next_move = now + self.granularity
 
 
-def chunk_reader(src: trio.abc.ReceiveStream, dst: object) -> Callable[[], Awaitable[bytes]]:
+def chunk_reader(src: trio.abc.ReceiveStream, dst: object) -> Callable[[], Awaitable[bytes | bytearray]]:
     """``src.receive_some(CHUNK_SIZE)``, telling ``dst`` when ``src`` goes quiet.
 
     A TLS stream's buffers grow with a burst it sends and are given back
@@ -103,8 +115,8 @@ class _Direction:
     src: trio.abc.ReceiveStream
     dst: trio.abc.HalfCloseableStream
     count: Callable[[int], None]
-    src_error: str  # the outcome when reading src fails: the whole pump ends
-    dst_error: str  # the outcome when writing dst fails: this direction ends
+    src_error: EndedBy  # the outcome when reading src fails: the whole pump ends
+    dst_error: EndedBy  # the outcome when writing dst fails: this direction ends
     drop_when_stopped: bool = False  # after dst fails, read src to its end and drop it
     total: int = 0
     dropping: bool = False
@@ -123,9 +135,9 @@ async def pump(
 ) -> PumpResult:
     """Relay until both directions have ended, one side breaks, or idle timeout."""
     result = PumpResult()
-    up = _Direction(client, backend, on_up, src_error="client_error", dst_error="backend_closed_early",
+    up = _Direction(client, backend, on_up, src_error=EndedBy.CLIENT_ERROR, dst_error=EndedBy.BACKEND_CLOSED_EARLY,
                     drop_when_stopped=True)
-    down = _Direction(backend, client, on_down, src_error="backend_error", dst_error="client_error")
+    down = _Direction(backend, client, on_down, src_error=EndedBy.BACKEND_ERROR, dst_error=EndedBy.CLIENT_ERROR)
     idle = IdleDeadline(idle_timeout)
     with idle.scope:
         async with trio.open_nursery() as nursery:
@@ -137,7 +149,7 @@ async def pump(
             if up.dropping:
                 nursery.cancel_scope.cancel()  # all the backend sent is delivered: the upload has nowhere to go
     if idle.scope.cancelled_caught:
-        result.ended_by = "idle_timeout"
+        result.ended_by = EndedBy.IDLE_TIMEOUT
     result.bytes_up = up.total
     result.bytes_down = down.total
     return result
@@ -152,11 +164,11 @@ class _Ending:
         self.down = down
         self.scope = scope
 
-    def stopped(self, outcome: str) -> None:
+    def stopped(self, outcome: EndedBy) -> None:
         """A destination takes no more: the direction that writes to it ends."""
         # The first failure names the end: a backend that closed early, then
         # reset, and the read of its reset is only the echo.
-        if self.result.ended_by == "eof":
+        if self.result.ended_by == EndedBy.EOF:
             self.result.ended_by = outcome
         # A write toward the backend fails only after its reset: it closed
         # with our data unread, which throws away what it had not sent yet.
@@ -164,7 +176,7 @@ class _Ending:
         if outcome in (self.up.dst_error, self.down.src_error):
             self.result.backend_cut = True
 
-    def broken(self, outcome: str) -> None:
+    def broken(self, outcome: EndedBy) -> None:
         """A source failed as it was read: the other direction cannot finish meaningfully, the pump ends."""
         self.stopped(outcome)
         self.scope.cancel()
