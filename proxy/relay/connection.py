@@ -1,19 +1,29 @@
-"""One client connection: handshake -> identify -> authorize -> connect -> pump -> close.
+"""One client connection: handshake -> identify -> connect -> forward -> close and log.
 
-Each phase has its own deadline: the handshake timeout covers accept to a
-verified, authorized client; the backend connect has its own timeout; the pump
-has the idle timeout. Whatever happens, the connection ends with both sockets
-closed, the gauges back where they were, and exactly one access-log line.
+``handle_connection`` is what the daemon calls for each accepted socket. It runs a :class:`Connection`, which owns
+the client's TLS stream, the listener's runtime, the handshake record and what the access-log line will say; each
+phase is one of its methods, entered in the order of :class:`Phase`.
+
+Each phase has its own deadline: the handshake timeout covers accept to a verified, authorized client (the allow
+rules run inside the handshake, in the verify callback of proxy.tls.context, so a denied client never completes it);
+the backend connect has its own timeout; forwarding has the idle timeout. Whatever happens, the connection ends with
+both sockets closed, the gauges back where they were, and exactly one access-log line.
+
+What moves the bytes once the backend is connected is the listener's :class:`Forwarder`, chosen once from its
+config: the TCP pump or the HTTP/1.1 relay.
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import logging
 import math
 import random
-from collections.abc import Awaitable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Coroutine
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any, Protocol
 
 import trio
 from cryptography.hazmat.primitives import hashes, serialization
@@ -28,10 +38,9 @@ from proxy.protocol import proxyproto
 from proxy.protocol.http1 import HeaderPolicy, HttpRelay
 from proxy.relay.http1_forwarder import HttpCounters, relay_http
 from proxy.relay.tcp_forwarder import CHUNK_SIZE, PumpResult, pump
-from proxy.tls.classify import classify
+from proxy.tls.classify import HandshakeFailure, Reason, classify
 from proxy.tls.context import HandshakeRecord, ServerTLS
 from proxy.tls.stream import TLSStream
-import contextlib
 
 log = logging.getLogger("proxy.relay.connection")
 
@@ -45,27 +54,51 @@ CLOSE_TIMEOUT = 1.0
 HANDSHAKE_JITTER = 0.1
 
 
-@dataclass
-class ListenerRuntime:
-    """What a listener's connections need; ``tls`` is swapped on reload."""
+class Phase(enum.StrEnum):
+    """How far a connection got. Entered in this order; a connection may end in any of them."""
 
-    config: ListenerConfig
-    tls: ServerTLS
-    metrics: ListenerMetrics
-    http_policy: HeaderPolicy | None = None
-
-    def __post_init__(self) -> None:
-        if self.config.backend.protocol == "http" and self.http_policy is None:
-            backend = self.config.backend
-            self.http_policy = HeaderPolicy(backend.identity_headers, upgrades=backend.upgrades)
+    ACCEPTED = "accepted"
+    HANDSHAKE = "handshake"  # TLS, verification and the allow rules, under the handshake timeout
+    IDENTIFY = "identify"  # who the verified client is; a resumed session gets its identity back
+    CONNECT = "connect"  # the backend, under its connect timeout, and the PROXY header
+    FORWARD = "forward"  # bytes both ways, under the idle timeout
 
 
-@dataclass
-class _Outcome:
+# The one phase each may be followed by.
+_NEXT: dict[Phase, Phase] = {
+    Phase.ACCEPTED: Phase.HANDSHAKE,
+    Phase.HANDSHAKE: Phase.IDENTIFY,
+    Phase.IDENTIFY: Phase.CONNECT,
+    Phase.CONNECT: Phase.FORWARD,
+}
+
+
+class PhaseError(RuntimeError):
+    """A phase entered out of order: a bug in the caller, never the client's doing."""
+
+
+class Outcome(enum.StrEnum):
+    """The access log's ``outcome``."""
+
+    OK = "ok"
+    HANDSHAKE_FAILED = "handshake_failed"  # the reason is a proxy.tls.classify.Reason
+    BACKEND_FAILED = "backend_failed"
+    ERROR = "error"
+
+
+class Failure(enum.StrEnum):
+    """The access log's ``reason`` for a connection that failed after its handshake."""
+
+    BACKEND_CONNECT = "backend_connect"
+    PROXY_PROTOCOL = "proxy_protocol"  # the PROXY header could not be built: fail closed
+
+
+@dataclass(slots=True)
+class AccessLine:
     """Everything the access-log line reports, filled in as phases pass."""
 
-    outcome: str = "ok"  # ok | handshake_failed | backend_failed | error
-    reason: str | None = None
+    outcome: Outcome = Outcome.OK
+    reason: Reason | Failure | None = None
     detail: str | None = None
     version: str | None = None
     cipher: str | None = None
@@ -77,204 +110,387 @@ class _Outcome:
     bytes_up: int = 0
     bytes_down: int = 0
 
+    def failed(self, outcome: Outcome, reason: Reason | Failure, detail: str) -> None:
+        self.outcome, self.reason, self.detail = outcome, reason, detail
 
-def _now() -> datetime:
-    return datetime.now(UTC)
+    def fields(self, listener: str, client: str, elapsed: float) -> dict[str, object]:
+        fields: dict[str, object] = {
+            "listener": listener,
+            "client": client,
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "detail": self.detail,
+            "tls_version": self.version,
+            "cipher": self.cipher,
+            "resumed": self.resumed,
+            "alpn": self.alpn,
+        }
+        if self.identity is not None:
+            fields.update({f"client_{k}": v for k, v in self.identity.log_fields().items()})
+        fields.update(
+            {
+                "bytes_up": self.bytes_up,
+                "bytes_down": self.bytes_down,
+                "ended_by": self.ended_by,
+                "handshake_ms": None if self.handshake_seconds is None else round(self.handshake_seconds * 1000, 3),
+                "duration_ms": round(elapsed * 1000, 3),
+            }
+        )
+        return {k: v for k, v in fields.items() if v is not None}
 
 
-def _peer(stream: SocketStream) -> str:
-    try:
-        addr = stream.socket.getpeername()
-    except OSError:
-        return "unknown"
-    return str(TCPAddress(addr[0], addr[1])) if isinstance(addr, tuple) else str(addr) or "unix"
+# ---- forwarders ----------------------------------------------------------------------------------------------------
 
 
-async def handle_connection(transport: SocketStream, rt: ListenerRuntime) -> None:
-    m = rt.metrics
-    started = trio.current_time()
-    client = _peer(transport)
-    tls = rt.tls  # the generation current at accept; a reload does not touch us
-    closing: trio.abc.AsyncResource = transport
-    out = _Outcome()
-    m.connections.inc()
-    m.active.inc()
-    try:
-        conn, record = tls.new_connection()
-        stream = closing = TLSStream(transport, conn, delay_session_tickets=False)  # a socket has a buffer
-        await _serve(stream, record, tls, rt, out)
-    except Exception as exc:  # a bug: log it, never let it reach the server
-        out.outcome, out.reason, out.detail = "error", "other", f"{type(exc).__name__}: {exc}"
-        log.exception("connection from %s failed unexpectedly", client)
-    finally:
+class Forwarder(Protocol):
+    """What moves a connection's bytes once its backend is connected: one per listener, per backend protocol.
+
+    An HTTP/2 forwarder will be one more class with this interface. A client speaks HTTP/2 only if the handshake
+    negotiated it (``conn.line.alpn == "h2"``), so the HTTP forwarder of a listener that offers h2 is where that
+    choice goes, per connection; nothing else in this module needs to change.
+    """
+
+    def forward(self, conn: Connection, backend: SocketStream) -> Awaitable[PumpResult]:
+        """Relay until the connection ends.
+
+        Hands back the relay's coroutine rather than being one: its frames are not nested one deeper for the
+        life of the connection.
+        """
+        ...
+
+    async def backend_unreachable(self, conn: Connection, *, timed_out: bool) -> None:
+        """Tell the client the backend could not be reached, if the protocol has a way to say so."""
+        ...
+
+
+class TCPForwarder:
+    """The two-way pump (proxy.relay.tcp_forwarder): bytes as they come."""
+
+    def __init__(self, config: ListenerConfig, metrics: ListenerMetrics) -> None:
+        self.idle_timeout = config.timeouts.idle
+        self.metrics = metrics
+
+    def forward(self, conn: Connection, backend: SocketStream) -> Awaitable[PumpResult]:
+        m = self.metrics
+        return pump(conn.stream, backend, idle_timeout=self.idle_timeout, on_up=m.bytes_up.inc,
+                    on_down=m.bytes_down.inc)
+
+    async def backend_unreachable(self, conn: Connection, *, timed_out: bool) -> None:
+        """Nothing to say in TCP: the client sees its connection close."""
+
+
+class HTTP1Forwarder:
+    """The HTTP/1.1 relay (proxy.relay.http1_forwarder), which gives the backend the client's identity in headers."""
+
+    def __init__(self, config: ListenerConfig, metrics: ListenerMetrics) -> None:
+        backend = config.backend
+        self.policy = HeaderPolicy(backend.identity_headers, upgrades=backend.upgrades)
+        self.idle_timeout = config.timeouts.idle
+        self.read_timeout = config.timeouts.handshake  # for the request a backend failure answers
+        self.metrics = metrics
+        m = metrics
+        self.counters = HttpCounters(requests=m.http_requests.inc, status=m.http_response, up=m.bytes_up.inc,
+                                     down=m.bytes_down.inc)
+
+    def relay(self, conn: Connection) -> HttpRelay:
+        identity = conn.record.identity
+        leaf_der = None
+        if self.policy.needs_leaf_der and identity is not None:
+            leaf = conn.stream.peer_certificate()
+            leaf_der = leaf.public_bytes(serialization.Encoding.DER) if leaf is not None else None
+        return HttpRelay(self.policy, client_ip=conn.client_host(), identity=identity, leaf_der=leaf_der)
+
+    def forward(self, conn: Connection, backend: SocketStream) -> Awaitable[PumpResult]:
+        return relay_http(conn.stream, backend, self.relay(conn), idle_timeout=self.idle_timeout,
+                          counters=self.counters)
+
+    async def backend_unreachable(self, conn: Connection, *, timed_out: bool) -> None:
+        """Read the client's request (briefly), then answer it 502, or 504 after a timeout, as an HTTP proxy does."""
+        relay = self.relay(conn)
+        stream = conn.stream
+        with trio.move_on_after(self.read_timeout):
+            try:
+                data = await stream.receive_some(CHUNK_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            relay.from_client(data)
+        step = relay.fail(504 if timed_out else 502)
+        for code in step.statuses:
+            self.metrics.http_response(code)
+        if step.to_client:
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stream.send_all(step.to_client)
+
+
+def forwarder_for(config: ListenerConfig, metrics: ListenerMetrics) -> Forwarder:
+    """The forwarder of a listener: the one place its backend protocol is looked at."""
+    if config.backend.protocol == "http":
+        return HTTP1Forwarder(config, metrics)
+    return TCPForwarder(config, metrics)
+
+
+@dataclass
+class ListenerRuntime:
+    """What a listener's connections need; ``tls`` is swapped on reload."""
+
+    config: ListenerConfig
+    tls: ServerTLS
+    metrics: ListenerMetrics
+    forwarder: Forwarder = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.forwarder = forwarder_for(self.config, self.metrics)
+
+
+# ---- the connection ------------------------------------------------------------------------------------------------
+
+
+def handle_connection(transport: SocketStream, rt: ListenerRuntime) -> Coroutine[Any, Any, None]:
+    """Serve one accepted client to the end; never raises (an unexpected error is logged and counted).
+
+    Hands back the connection's coroutine rather than being one, for the same reason as Forwarder.forward.
+    """
+    return Connection(transport, rt).run()
+
+
+class Connection:
+    """One accepted client, from its first byte to its access-log line."""
+
+    # Thousands of connections can sit idle at once: no per-instance dict.
+    __slots__ = ("_handshake_seconds", "_session", "client", "line", "phase", "rt", "started", "tls", "transport")
+
+    def __init__(self, transport: trio.abc.Stream, rt: ListenerRuntime) -> None:
+        self.started = trio.current_time()
+        self.rt = rt
+        self.tls = rt.tls  # the generation current at accept; a reload does not touch us
+        self.phase = Phase.ACCEPTED
+        self.line = AccessLine()
+        self.transport = transport
+        self.client = _address_text(transport)
+        self._session: tuple[TLSStream, HandshakeRecord] | None = None
+        self._handshake_seconds = 0.0
+
+    @property
+    def stream(self) -> TLSStream:
+        return self._open()[0]
+
+    @property
+    def record(self) -> HandshakeRecord:
+        """What the verify callback saw: the client's identity, or why it was refused."""
+        return self._open()[1]
+
+    def _open(self) -> tuple[TLSStream, HandshakeRecord]:
+        if self._session is None:
+            # Made on first use rather than in __init__, so that OpenSSL failing to make a session is one more
+            # error run() counts and logs.
+            conn, record = self.tls.new_connection()
+            self._session = TLSStream(self.transport, conn, delay_session_tickets=False), record  # a socket buffers
+        return self._session
+
+    def _enter(self, phase: Phase) -> None:
+        if _NEXT.get(self.phase) is not phase:
+            raise PhaseError(f"the {phase} phase cannot follow the {self.phase} phase")
+        self.phase = phase
+
+    async def run(self) -> None:
+        """All the phases, then close and log."""
+        m = self.rt.metrics
+        m.connections.inc()
+        m.active.inc()
+        try:
+            await self._serve()
+        except Exception as exc:  # a bug: log it, never let it reach the server
+            self.line.failed(Outcome.ERROR, Reason.OTHER, f"{type(exc).__name__}: {exc}")
+            log.exception("connection from %s failed unexpectedly", self.client)
+        finally:
+            await self.close()
+            m.active.dec()
+            elapsed = trio.current_time() - self.started
+            m.connection_duration.observe(elapsed)
+            self.log(elapsed)
+
+    async def _serve(self) -> None:
+        if not await self.handshake():
+            return
+        self.identify()
+        backend = await self.connect()
+        if backend is None:
+            return
+        try:
+            result = await self.forward(backend)  # not nested in a coroutine of ours: see Forwarder.forward
+        finally:
+            await _close_backend(backend)
+        self.forwarded(result)
+
+    async def handshake(self) -> bool:
+        """The TLS handshake, verification and the allow rules, under one deadline; a failure is counted here."""
+        self._enter(Phase.HANDSHAKE)
+        stream, record = self.stream, self.record
+        started = trio.current_time()
+        failure: HandshakeFailure | None = None
+        try:
+            with trio.fail_after(self.rt.config.timeouts.handshake * (1 + HANDSHAKE_JITTER * random.random())):
+                await stream.do_handshake()
+        except Exception as exc:  # trio.Cancelled is not an Exception: shutdown passes through
+            failure = classify(exc, record, stream.first_bytes)
+        elapsed = self.line.handshake_seconds = self._handshake_seconds = trio.current_time() - started
+        if failure is None:
+            return True
+        self.line.identity = record.identity or _rejected_identity(record)
+        self.line.failed(Outcome.HANDSHAKE_FAILED, failure.reason, failure.detail)
+        m = self.rt.metrics
+        m.handshake_failed(failure.reason, elapsed)
+        if stream.resumed:  # OpenSSL took the session; the resumption check refused it, or the client left
+            m.resumption_failed(failure.reason)
+        return False
+
+    def identify(self) -> None:
+        """Who the client is, now that the handshake passed; count the handshake's success."""
+        self._enter(Phase.IDENTIFY)
+        stream, record, line = self.stream, self.record, self.line
+        if stream.resumed:
+            self._identify_resumed()
+        elif record.identity is not None:
+            record.identity = self.tls.remember(record.identity)
+        record.release_certificates()
+        line.identity = record.identity
+        line.version, line.cipher, line.resumed, line.alpn = (
+            stream.version, stream.cipher, stream.resumed, stream.alpn_protocol)
+        m = self.rt.metrics
+        m.handshake_succeeded(self._handshake_seconds, version=line.version, cipher=line.cipher or "",
+                              resumed=line.resumed, presented=record.identity is not None)
+        if record.identity is not None:
+            m.client_certificate_remaining.observe(max(0.0, record.identity.remaining_seconds(datetime.now(UTC))))
+
+    def _identify_resumed(self) -> None:
+        """Give a resumed session its identity back; it skipped verification.
+
+        No need to authorize again: a session resumes only under the Context that
+        established it (a reload builds a new Context, whose new session keys
+        cannot open older sessions), and there it passed verification and the
+        same allow rules. Nor has its certificate expired since: the resumption
+        check (tls/resumption.py) refused that handshake already. The identity
+        with the whole chain comes from the Context's cache; if it was evicted,
+        the leaf alone still names the client.
+        """
+        record = self.record
+        if record.identity is not None or self.tls.client_auth == "none":
+            return
+        cert = self.stream.peer_certificate()
+        if cert is None:
+            return  # optional mode, anonymous client
+        sha256 = cert.fingerprint(hashes.SHA256()).hex()
+        record.identity = self.tls.recall(sha256) or identity_from_cert(cert)
+
+    async def connect(self) -> SocketStream | None:
+        """The backend, with the PROXY header sent if the listener wants one; None once a failure is counted."""
+        self._enter(Phase.CONNECT)
+        cfg = self.rt.config.backend
+        header = b""
+        if cfg.proxy_protocol:
+            try:
+                header = self.proxy_header()
+            except ValueError as exc:  # e.g. a client certificate too large for the header
+                self.line.failed(Outcome.ERROR, Failure.PROXY_PROTOCOL, str(exc))
+                return None
+        started = trio.current_time()
+        try:
+            backend = await connect_backend(cfg.address, cfg.connect_timeout)
+        except BackendError as exc:
+            self.rt.metrics.backend_failures.inc()
+            self.line.failed(Outcome.BACKEND_FAILED, Failure.BACKEND_CONNECT, str(exc))
+            await self.rt.forwarder.backend_unreachable(self, timed_out=exc.timed_out)
+            return None
+        self.rt.metrics.backend_connect_duration.observe(trio.current_time() - started)
+        if header:
+            try:
+                await backend.send_all(header)
+            except BaseException:
+                await _close_backend(backend)
+                raise
+        return backend
+
+    def forward(self, backend: SocketStream) -> Awaitable[PumpResult]:
+        """The listener's forwarder, between the client and ``backend``.
+
+        Hands back the forwarder's coroutine, as Forwarder.forward does: _serve() awaits it.
+        """
+        self._enter(Phase.FORWARD)
+        return self.rt.forwarder.forward(self, backend)
+
+    def forwarded(self, result: PumpResult) -> None:
+        """Record how forwarding ended."""
+        if result.backend_cut:
+            # What reached the client may be cut short: end its side without close_notify.
+            self.stream.forgo_close_notify()
+        line = self.line
+        line.ended_by, line.bytes_up, line.bytes_down = result.ended_by, result.bytes_up, result.bytes_down
+
+    async def close(self) -> None:
+        """Close the client's side: close_notify if we can, within CLOSE_TIMEOUT; at once when cancelled."""
         cancelled = trio.current_effective_deadline() == -math.inf  # a drain's deadline passed, say
         with trio.move_on_after(CLOSE_TIMEOUT) as scope:
             scope.shield = True  # closing must happen even when we are cancelled
             if cancelled:
                 scope.cancel()  # but then without close_notify: just close the socket
-            await closing.aclose()
-        m.active.dec()
-        elapsed = trio.current_time() - started
-        m.connection_duration.observe(elapsed)
-        _log_access(rt.config.name, client, out, elapsed)
+            if self._session is None:
+                await self.transport.aclose()
+            else:
+                await self.stream.aclose()
+
+    def log(self, elapsed: float) -> None:
+        level = logging.INFO if self.line.outcome is Outcome.OK else logging.WARNING
+        if not ACCESS.isEnabledFor(level):
+            return  # e.g. log.level: warning: the line is dropped, so do not build it
+        ACCESS.log(level, "connection closed", extra={"fields": self.line.fields(self.rt.config.name, self.client,
+                                                                                  elapsed)})
+
+    # ---- what the backend is told about the client ------------------------------------------------------------------
+
+    def client_host(self) -> str:
+        """The client's IP address, for the HTTP relay's headers."""
+        address = self.stream.peer_address()
+        return address[0] if isinstance(address, tuple) else ""
+
+    def proxy_header(self) -> bytes:
+        """The PROXY protocol header that tells a TCP backend who the client is."""
+        stream, cfg = self.stream, self.rt.config.backend
+        source, destination = stream.peer_address(), stream.local_address()
+        if not (isinstance(source, tuple) and isinstance(destination, tuple)):
+            raise ValueError("the client is not connected over TCP")
+        if cfg.proxy_protocol == "v1":
+            return proxyproto.encode_v1(source, destination)
+        identity = self.record.identity
+        leaf = stream.peer_certificate() if identity is not None else None
+        tls = proxyproto.TLSInfo(
+            version=stream.version,
+            cipher=stream.cipher,
+            sni=stream.server_name,
+            alpn=stream.alpn_protocol,
+            client_cert_presented=identity is not None,
+            client_cert_verified=True,  # we only get here after verification passed
+            common_name=identity.common_names[0] if identity and identity.common_names else None,
+            client_cert_der=leaf.public_bytes(serialization.Encoding.DER) if leaf is not None else None,
+        )
+        return proxyproto.encode_v2(source, destination, tls, include_cert=cfg.proxy_protocol_client_cert)
 
 
-async def _serve(stream: TLSStream, record: HandshakeRecord, tls: ServerTLS, rt: ListenerRuntime, out: _Outcome) -> None:
-    if not await _handshake(stream, record, tls, rt, out):
-        return
-    cfg = rt.config
-    header = b""
-    if cfg.backend.proxy_protocol:
-        try:
-            header = _proxy_header(stream, record, cfg)
-        except ValueError as exc:  # e.g. a client certificate too large for the header: fail closed
-            out.outcome, out.reason, out.detail = "error", "proxy_protocol", str(exc)
-            return
-    backend = await _connect(stream, record, rt, out)
-    if backend is None:
-        return
+async def _close_backend(backend: SocketStream) -> None:
+    with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+        scope.shield = True
+        await backend.aclose()
+
+
+def _address_text(transport: trio.abc.Stream) -> str:
+    """The client's address for the log, read at accept: once the client is gone its socket no longer knows."""
+    if not isinstance(transport, SocketStream):
+        return "unknown"
     try:
-        if header:
-            await backend.send_all(header)
-        result = await _forward(stream, backend, record, rt)
-    finally:
-        with trio.move_on_after(CLOSE_TIMEOUT) as scope:
-            scope.shield = True
-            await backend.aclose()
-    if result.backend_cut:
-        stream.forgo_close_notify()
-    out.ended_by, out.bytes_up, out.bytes_down = result.ended_by, result.bytes_up, result.bytes_down
-
-
-async def _handshake(stream: TLSStream, record: HandshakeRecord, tls: ServerTLS, rt: ListenerRuntime, out: _Outcome) -> bool:
-    """Handshake, verification and authorization under one deadline; count the outcome."""
-    m = rt.metrics
-    started = trio.current_time()
-    try:
-        with trio.fail_after(rt.config.timeouts.handshake * (1 + HANDSHAKE_JITTER * random.random())):
-            await stream.do_handshake()
-    except Exception as exc:  # trio.Cancelled is not an Exception: shutdown passes through
-        failure = classify(exc, record, stream.first_bytes)
-    else:
-        failure = None
-        if stream.resumed:
-            _identify_resumed(stream, record, tls)
-        elif record.identity is not None:
-            record.identity = tls.remember(record.identity)
-        record.release_certificates()
-    elapsed = trio.current_time() - started
-    out.handshake_seconds = elapsed
-    out.identity = record.identity or _rejected_identity(record)
-    if failure is not None:
-        out.outcome, out.reason, out.detail = "handshake_failed", failure.reason, failure.detail
-        m.handshake_failed(failure.reason, elapsed)
-        if stream.resumed:  # OpenSSL took the session; the resumption check refused it, or the client left
-            m.resumption_failed(failure.reason)
-        return False
-    out.version, out.cipher, out.resumed, out.alpn = stream.version, stream.cipher, stream.resumed, stream.alpn_protocol
-    m.handshake_succeeded(
-        elapsed, version=out.version, cipher=out.cipher or "", resumed=out.resumed, presented=record.identity is not None
-    )
-    if record.identity is not None:
-        m.client_certificate_remaining.observe(max(0.0, record.identity.remaining_seconds(_now())))
-    return True
-
-
-async def _connect(stream: TLSStream, record: HandshakeRecord, rt: ListenerRuntime, out: _Outcome):
-    """The backend stream, or None after counting (and, in HTTP mode, answering) the failure."""
-    cfg = rt.config
-    started = trio.current_time()
-    try:
-        backend = await connect_backend(cfg.backend.address, cfg.backend.connect_timeout)
-    except BackendError as exc:
-        rt.metrics.backend_failures.inc()
-        out.outcome, out.reason, out.detail = "backend_failed", "backend_connect", str(exc)
-        if cfg.backend.protocol == "http":
-            await _answer_backend_failure(stream, _http_relay(stream, record, rt), rt, 504 if exc.timed_out else 502)
-        return None
-    rt.metrics.backend_connect_duration.observe(trio.current_time() - started)
-    return backend
-
-
-def _forward(stream: TLSStream, backend, record: HandshakeRecord, rt: ListenerRuntime) -> Awaitable[PumpResult]:
-    # Not a coroutine itself: it hands back the relay's, so the relay's frames
-    # are not nested one deeper for the life of the connection.
-    m = rt.metrics
-    idle = rt.config.timeouts.idle
-    if rt.config.backend.protocol == "http":
-        counters = HttpCounters(requests=m.http_requests.inc, status=m.http_response, up=m.bytes_up.inc,
-                                down=m.bytes_down.inc)
-        return relay_http(stream, backend, _http_relay(stream, record, rt), idle_timeout=idle, counters=counters)
-    return pump(stream, backend, idle_timeout=idle, on_up=m.bytes_up.inc, on_down=m.bytes_down.inc)
-
-
-def _http_relay(stream: TLSStream, record: HandshakeRecord, rt: ListenerRuntime) -> HttpRelay:
-    policy = rt.http_policy
-    leaf_der = None
-    if policy.needs_leaf_der and record.identity is not None:
-        leaf = stream.connection.get_peer_certificate(as_cryptography=True)
-        leaf_der = leaf.public_bytes(serialization.Encoding.DER) if leaf is not None else None
-    client_ip = stream.transport_stream.socket.getpeername()[0]
-    return HttpRelay(policy, client_ip=client_ip, identity=record.identity, leaf_der=leaf_der)
-
-
-async def _answer_backend_failure(stream: TLSStream, relay: HttpRelay, rt: ListenerRuntime, status: int) -> None:
-    """Read the client's request (briefly), then answer it 502/504 as an HTTP proxy does."""
-    with trio.move_on_after(rt.config.timeouts.handshake):
-        try:
-            data = await stream.receive_some(CHUNK_SIZE)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return
-        relay.from_client(data)
-    step = relay.fail(status)
-    for code in step.statuses:
-        rt.metrics.http_response(code)
-    if step.to_client:
-        with trio.move_on_after(CLOSE_TIMEOUT):
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await stream.send_all(step.to_client)
-
-
-def _identify_resumed(stream: TLSStream, record: HandshakeRecord, tls: ServerTLS) -> None:
-    """Give a resumed session its identity back; it skipped verification.
-
-    No need to authorize again: a session resumes only under the Context that
-    established it (a reload builds a new Context, whose new session keys
-    cannot open older sessions), and there it passed verification and the
-    same allow rules. Nor has its certificate expired since: the resumption
-    check (tls/resumption.py) refused that handshake already. The identity
-    with the whole chain comes from the Context's cache; if it was evicted,
-    the leaf alone still names the client.
-    """
-    if record.identity is not None or tls.client_auth == "none":
-        return
-    cert = stream.connection.get_peer_certificate(as_cryptography=True)
-    if cert is None:
-        return  # optional mode, anonymous client
-    sha256 = cert.fingerprint(hashes.SHA256()).hex()
-    record.identity = tls.recall(sha256) or identity_from_cert(cert)
-
-
-def _proxy_header(stream: TLSStream, record: HandshakeRecord, cfg: ListenerConfig) -> bytes:
-    """The PROXY protocol header that tells a TCP backend who the client is."""
-    sock = stream.transport_stream.socket
-    source, destination = sock.getpeername()[:2], sock.getsockname()[:2]
-    if cfg.backend.proxy_protocol == "v1":
-        return proxyproto.encode_v1(source, destination)
-    identity = record.identity
-    leaf = stream.connection.get_peer_certificate(as_cryptography=True) if identity is not None else None
-    sni = stream.connection.get_servername()
-    tls = proxyproto.TLSInfo(
-        version=stream.version,
-        cipher=stream.cipher,
-        sni=sni.decode("idna") if sni else None,
-        alpn=stream.alpn_protocol,
-        client_cert_presented=identity is not None,
-        client_cert_verified=True,  # we only get here after verification passed
-        common_name=identity.common_names[0] if identity and identity.common_names else None,
-        client_cert_der=leaf.public_bytes(serialization.Encoding.DER) if leaf is not None else None,
-    )
-    return proxyproto.encode_v2(source, destination, tls, include_cert=cfg.backend.proxy_protocol_client_cert)
+        addr = transport.socket.getpeername()
+    except OSError:
+        return "unknown"
+    return str(TCPAddress(addr[0], addr[1])) if isinstance(addr, tuple) else str(addr) or "unix"
 
 
 def _rejected_identity(record: HandshakeRecord) -> PeerIdentity | None:
@@ -285,33 +501,3 @@ def _rejected_identity(record: HandshakeRecord) -> PeerIdentity | None:
         return identity_from_cert(record.leaf)
     except Exception:
         return None
-
-
-def _log_access(listener: str, client: str, out: _Outcome, elapsed: float) -> None:
-    level = logging.INFO if out.outcome == "ok" else logging.WARNING
-    if not ACCESS.isEnabledFor(level):
-        return  # e.g. log.level: warning: the line is dropped, so do not build it
-    fields = {
-        "listener": listener,
-        "client": client,
-        "outcome": out.outcome,
-        "reason": out.reason,
-        "detail": out.detail,
-        "tls_version": out.version,
-        "cipher": out.cipher,
-        "resumed": out.resumed,
-        "alpn": out.alpn,
-    }
-    if out.identity is not None:
-        fields.update({f"client_{k}": v for k, v in out.identity.log_fields().items()})
-    fields.update(
-        {
-            "bytes_up": out.bytes_up,
-            "bytes_down": out.bytes_down,
-            "ended_by": out.ended_by,
-            "handshake_ms": None if out.handshake_seconds is None else round(out.handshake_seconds * 1000, 3),
-            "duration_ms": round(elapsed * 1000, 3),
-        }
-    )
-    fields = {k: v for k, v in fields.items() if v is not None}
-    ACCESS.log(level, "connection closed", extra={"fields": fields})
