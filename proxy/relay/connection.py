@@ -145,9 +145,11 @@ class AccessLine:
 class Forwarder(Protocol):
     """What moves a connection's bytes once its backend is connected: one per listener, per backend protocol.
 
-    An HTTP/2 forwarder will be one more class with this interface. A client speaks HTTP/2 only if the handshake
-    negotiated it (``conn.line.alpn == "h2"``), so the HTTP forwarder of a listener that offers h2 is where that
-    choice goes, per connection; nothing else in this module needs to change.
+    HTTP/2 goes here too (proxy.relay.http2_forwarder, not wired in yet). A client speaks it only if the handshake
+    negotiated it (``conn.line.alpn == "h2"``), so the HTTP forwarder of a listener that offers h2 makes that choice,
+    per connection. One difference: ``relay_http2`` opens the backend itself, while the client's first frames
+    arrive, and answers a failed connect on each stream; so for it ``Connection._serve`` will hand over a callable
+    that connects (what ``Connection.connect`` does, less the answer) instead of a connected backend.
     """
 
     def forward(self, conn: Connection, backend: SocketStream) -> Awaitable[PumpResult]:
