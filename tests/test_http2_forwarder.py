@@ -28,6 +28,7 @@ from proxy.policy.identity import PeerIdentity
 from proxy.protocol.http1 import HeaderPolicy
 from proxy.protocol.http2 import Http2Event, Http2Relay, Http2Settings, StreamClosed
 from proxy.relay.http2_forwarder import relay_http2
+from proxy.relay.tcp_forwarder import PumpResult
 from tests.conftest import free_port
 
 IDENTITY = PeerIdentity(
@@ -83,6 +84,11 @@ def _shout(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator
         yield request.upper()
 
 
+def _slow(request: bytes, context: grpc.ServicerContext) -> bytes:
+    threading.Event().wait(float(request))
+    return b"slept"
+
+
 def _fail(request: bytes, context: grpc.ServicerContext) -> bytes:
     context.set_trailing_metadata((("x-detail", "from-backend"),))
     context.abort(grpc.StatusCode.PERMISSION_DENIED, "not you")
@@ -103,6 +109,7 @@ def grpc_backend() -> Iterator[Backend]:
         "Metadata": grpc.unary_unary_rpc_method_handler(_metadata),
         "Echo": grpc.unary_unary_rpc_method_handler(_echo),
         "Fail": grpc.unary_unary_rpc_method_handler(_fail),
+        "Slow": grpc.unary_unary_rpc_method_handler(_slow),
         "Count": grpc.unary_stream_rpc_method_handler(_count),
         "Total": grpc.stream_unary_rpc_method_handler(_total),
         "Shout": grpc.stream_stream_rpc_method_handler(_shout),
@@ -140,6 +147,8 @@ class WatchedRelay(Http2Relay):
 class Proxy:
     port: int
     relays: list[WatchedRelay] = field(default_factory=list)
+    results: list[PumpResult] = field(default_factory=list)
+    drain: trio.Event | None = None  # given to the connections accepted from now on
     events: list[Http2Event] = field(default_factory=list)
 
     @property
@@ -152,6 +161,7 @@ async def start_proxy(
     connect: Callable[[], Awaitable[trio.abc.Stream]],
     *,
     connect_timeout: float = 5.0,
+    idle_timeout: float = 30.0,
     settings: Http2Settings | None = None,
 ) -> Proxy:
     proxy = Proxy(0)
@@ -160,14 +170,16 @@ async def start_proxy(
         relay = WatchedRelay(POLICY, client_ip="127.0.0.1", identity=IDENTITY, settings=settings)
         proxy.relays.append(relay)
         try:
-            await relay_http2(
+            result = await relay_http2(
                 stream,
                 connect,
                 relay,
                 connect_timeout=connect_timeout,
-                idle_timeout=30,
+                idle_timeout=idle_timeout,
+                drain=proxy.drain,
                 on_event=proxy.events.append,
             )
+            proxy.results.append(result)
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -261,6 +273,40 @@ async def test_a_16_mib_message_streams_through_within_the_windows(channel: grpc
     assert await in_thread(lambda: call(message, timeout=60)) == message
     settings = proxy.relays[0].settings
     assert proxy.relays[0].peak <= 2 * settings.connection_window_size  # one window per direction at most
+
+
+async def test_drain_lets_the_call_in_flight_finish_and_the_channel_moves_on(
+    nursery: trio.Nursery, grpc_backend: Backend
+) -> None:
+    drain = trio.Event()
+    proxy = await start_proxy(nursery, tcp(grpc_backend.port))
+    proxy.drain = drain
+    with grpc.insecure_channel(proxy.address) as chan:
+        slow = chan.unary_unary("/test.Svc/Slow")
+        assert await in_thread(lambda: slow(b"0", timeout=10)) == b"slept"  # the connection is up
+        in_flight = slow.future(b"0.5", timeout=10)
+        await trio.sleep(0.2)
+        drain.set()
+        assert await in_thread(in_flight.result) == b"slept"
+        await wait_until(lambda: len(proxy.results) == 1)
+        assert proxy.results[0].ended_by == "drained"
+        proxy.drain = None  # connections from now on are not draining
+        assert await in_thread(lambda: slow(b"0", timeout=10)) == b"slept"  # on a new connection
+    assert len(proxy.relays) == 2
+
+
+async def test_an_idle_connection_ends(nursery: trio.Nursery, grpc_backend: Backend) -> None:
+    proxy = await start_proxy(nursery, tcp(grpc_backend.port), idle_timeout=0.5)
+    with grpc.insecure_channel(proxy.address) as chan:
+        assert await in_thread(lambda: chan.unary_unary("/test.Svc/Echo")(b"x", timeout=10)) == b"x"
+        await wait_until(lambda: len(proxy.results) == 1, timeout=5)
+    assert proxy.results[0].ended_by == "idle_timeout"
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.02)
 
 
 # ---- failures --------------------------------------------------------------------------------------------------

@@ -77,7 +77,6 @@ import collections
 import contextlib
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -101,15 +100,39 @@ from hyperframe.frame import GoAwayFrame
 
 from proxy.policy.identity import PeerIdentity
 from proxy.protocol.http1 import HeaderPolicy
+from proxy.protocol.http2_events import (
+    ATTACKS,
+    DEFAULT_WINDOW,
+    AttackContained,
+    Http2Event,
+    Http2Settings,
+    Http2Step,
+    PeerGoAway,
+    ProtocolViolation,
+    StreamClosed,
+    StreamOpened,
+)
 from proxy.protocol.http2_frames import Budget, Budgets, FrameGate, GoAway, Violation
+
+__all__ = [
+    "ATTACKS",
+    "CONNECTION_SPECIFIC",
+    "AttackContained",
+    "Http2Event",
+    "Http2Relay",
+    "Http2Settings",
+    "Http2Step",
+    "PeerGoAway",
+    "ProtocolViolation",
+    "StreamClosed",
+    "StreamOpened",
+]
 
 # Fields that are about one connection and mean nothing on another hop (RFC 9113 section 8.2.2).
 CONNECTION_SPECIFIC = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"http2-settings"}
 )
 
-_DEFAULT_WINDOW = 65_535  # every connection window starts here (RFC 9113 section 6.9.2)
-_MAX_WINDOW = 2**31 - 1
 # HEADERS frames may carry padding (up to 256 bytes) and a priority block (5 bytes) besides the encoded fields.
 _HEADER_FRAME_OVERHEAD = 512
 
@@ -119,128 +142,6 @@ _ANSWERS = {
     502: (b"Bad Gateway", b"14", b"backend unavailable"),  # 14 UNAVAILABLE
     504: (b"Gateway Timeout", b"4", b"backend connect timed out"),  # 4 DEADLINE_EXCEEDED
 }
-
-# The closed set of AttackContained.reason values.
-ATTACKS = (
-    "rapid_reset",  # CVE-2023-44487
-    "continuation_flood",  # CVE-2024-27316
-    "header_list_too_large",  # HPACK bomb or oversized headers
-    "settings_flood",
-    "ping_flood",
-)
-
-
-# ---- settings --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Http2Settings:
-    """What the relay advertises to both peers and the flood limits it applies to the client.
-
-    Memory per connection is bounded by about twice `connection_window_size` (one per direction) plus what the
-    driver is writing. The windows are advertised to the client and to the backend alike.
-    """
-
-    max_concurrent_streams: int = 100  # SETTINGS_MAX_CONCURRENT_STREAMS to the client
-    initial_window_size: int = 256 * 1024  # per stream, per direction
-    connection_window_size: int = 1024 * 1024  # per direction; at least twice initial_window_size
-    max_frame_size: int = 16 * 1024  # SETTINGS_MAX_FRAME_SIZE: the largest frame either peer may send us
-    max_header_list_size: int = 32 * 1024  # decoded, as RFC 9113 counts it; also bounds an encoded header block
-    max_resets_per_second: int = 100  # client RST_STREAM frames (rapid reset)
-    max_settings_per_second: int = 10
-    max_pings_per_second: int = 50
-
-    def __post_init__(self) -> None:
-        _check_range("max_concurrent_streams", self.max_concurrent_streams, 1, 10_000)
-        _check_range("initial_window_size", self.initial_window_size, _DEFAULT_WINDOW // 64, _MAX_WINDOW // 2)
-        _check_range("connection_window_size", self.connection_window_size, _DEFAULT_WINDOW, _MAX_WINDOW)
-        _check_range("max_frame_size", self.max_frame_size, 16_384, 16_777_215)
-        _check_range("max_header_list_size", self.max_header_list_size, 1024, 16 * 1024 * 1024)
-        for name in ("max_resets_per_second", "max_settings_per_second", "max_pings_per_second"):
-            _check_range(name, getattr(self, name), 1, 1_000_000)
-        if self.connection_window_size < 2 * self.initial_window_size:
-            raise ValueError(
-                f"connection_window_size ({self.connection_window_size}) must be at least twice initial_window_size "
-                f"({self.initial_window_size}), or one stalled stream could hold the whole connection window"
-            )
-
-
-def _check_range(name: str, value: int, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer from {low} to {high}, got {value!r}")
-
-
-# ---- events and steps ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class StreamOpened:
-    """A client opened a stream (a request head arrived)."""
-
-    stream_id: int
-    method: str
-    path: str
-    grpc: bool
-
-
-@dataclass(frozen=True, slots=True)
-class StreamClosed:
-    """A stream is over on both connections.
-
-    `status`: the response's :status, the proxy's own (405, 502, 504), or None if no response head went out.
-    `grpc_status`: from the response's trailers (or trailers-only head), or the proxy's own answer. `reset`: the
-    RST_STREAM error code that ended it on the client's side, if one did; `reset_by`: "client", "backend" or
-    "proxy". `bytes_up` / `bytes_down`: DATA payload bytes received from the client / the backend on it.
-    """
-
-    stream_id: int
-    status: int | None
-    grpc_status: str | None
-    reset: int | None
-    reset_by: str | None
-    bytes_up: int
-    bytes_down: int
-
-
-@dataclass(frozen=True, slots=True)
-class ProtocolViolation:
-    """A peer broke HTTP/2; the connection to it ends with GOAWAY `error_code`. `side`: "client" or "backend"."""
-
-    side: str
-    error_code: int
-    detail: str
-
-
-@dataclass(frozen=True, slots=True)
-class AttackContained:
-    """A known attack (`reason`, one of ATTACKS) ended the client's connection with GOAWAY ENHANCE_YOUR_CALM."""
-
-    reason: str
-    side: str
-    detail: str
-
-
-@dataclass(frozen=True, slots=True)
-class PeerGoAway:
-    """A peer sent GOAWAY (`side`: "client" or "backend")."""
-
-    side: str
-    error_code: int
-    last_stream_id: int
-
-
-Http2Event = StreamOpened | StreamClosed | ProtocolViolation | AttackContained | PeerGoAway
-
-
-@dataclass(frozen=True, slots=True)
-class Http2Step:
-    """What one call produced: write `to_client` and `to_backend` (either may be empty), then close if `close`."""
-
-    to_client: bytes = b""
-    to_backend: bytes = b""
-    events: tuple[Http2Event, ...] = ()
-    close: bool = False  # after writing this step's bytes, close both connections
-
 
 # ---- streams ---------------------------------------------------------------------------------------------------
 
@@ -970,8 +871,8 @@ def _connection(settings: Http2Settings, *, client_side: bool) -> H2Connection:
 
 def _initiate(conn: H2Connection, settings: Http2Settings) -> None:
     conn.initiate_connection()
-    if settings.connection_window_size > _DEFAULT_WINDOW:
-        conn.increment_flow_control_window(settings.connection_window_size - _DEFAULT_WINDOW)
+    if settings.connection_window_size > DEFAULT_WINDOW:
+        conn.increment_flow_control_window(settings.connection_window_size - DEFAULT_WINDOW)
 
 
 def _value(headers: Iterable[Header], name: bytes) -> str | None:

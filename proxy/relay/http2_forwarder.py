@@ -23,7 +23,7 @@ import trio
 
 from proxy.net.backend import BackendError
 from proxy.protocol.http2 import Http2Event, Http2Relay, Http2Step
-from proxy.relay.tcp_forwarder import CHUNK_SIZE, IdleDeadline, PumpResult
+from proxy.relay.tcp_forwarder import CHUNK_SIZE, EndedBy, IdleDeadline, PumpResult
 
 HIGH_WATER = CHUNK_SIZE  # bytes queued for one peer before the readers wait for its writer
 FLUSH_TIMEOUT = 1.0  # after the relay says close: time to write what is queued (a GOAWAY, the last answers)
@@ -180,5 +180,5 @@ async def relay_http2(
             with trio.move_on_after(FLUSH_TIMEOUT) as scope:
                 scope.shield = True
                 await backend.aclose()
-    result.ended_by = "idle_timeout" if idle.scope.cancelled_caught else relay.end_reason or "eof"
+    result.ended_by = EndedBy.IDLE_TIMEOUT if idle.scope.cancelled_caught else relay.end_reason or EndedBy.EOF
     return result
