@@ -685,3 +685,59 @@ def test_the_settings_reach_the_client() -> None:
     assert (remote.max_concurrent_streams, remote.initial_window_size, remote.max_frame_size) == (7, 100_000, 32_768)
     assert remote.max_header_list_size == settings.max_header_list_size
     assert peers.client.outbound_flow_control_window == settings.connection_window_size
+
+
+# ---- more of the edges -----------------------------------------------------------------------------------------
+
+
+def test_an_informational_response_passes_before_the_final_one() -> None:
+    peers = Peers()
+    stream_id = peers.request([*post(), (b"expect", b"100-continue")], end=False)
+    peers.backend.send_headers(stream_id, [(b":status", b"100")])
+    peers.pump()
+    peers.client.send_data(stream_id, b"payload", end_stream=True)
+    peers.pump()
+    assert peers.received("backend", stream_id) == b"payload"
+    peers.respond(stream_id, status=b"201")
+    statuses = [headers_of(e)[0][1] for e in peers.client_events if hasattr(e, "headers") and e.stream_id == stream_id]
+    assert statuses == [b"100", b"201"]
+
+
+def test_a_head_request_gets_the_proxys_answer_without_a_body() -> None:
+    peers = Peers(connect=False)
+    stream_id = peers.request([(b":method", b"HEAD"), *GET[1:]])
+    peers.apply(peers.relay.backend_failed(502))
+    head = headers_of(one(peers.client_events, ResponseReceived, stream_id))
+    assert head[0] == (b":status", b"502") and (b"content-length", b"16") in head
+    assert peers.received("client", stream_id) == b""
+    assert one(peers.client_events, StreamEnded, stream_id)
+
+
+def test_a_backend_breaking_the_protocol_gets_goaway_and_the_client_502() -> None:
+    peers = Peers()
+    stream_id = peers.request(GET)
+    oversized = (1 << 20).to_bytes(3, "big") + DataFrame(stream_id, data=b"").serialize()[3:]
+    peers.apply(peers.relay.backend_bytes(oversized))
+    assert [(e.side, e.error_code) for e in peers.of(ProtocolViolation)] == [("backend", ErrorCodes.FRAME_SIZE_ERROR)]
+    assert [g.error_code for g in peers.backend_goaways] == [ErrorCodes.FRAME_SIZE_ERROR]
+    assert headers_of(one(peers.client_events, ResponseReceived, stream_id))[0] == (b":status", b"502")
+    assert peers.closed and peers.relay.end_reason == "backend_protocol_error"
+
+
+def test_a_client_goaway_with_an_error_ends_everything_at_once() -> None:
+    peers = Peers()
+    stream_id = peers.request(GET)
+    peers.send_raw(GoAwayFrame(0, last_stream_id=0, error_code=ErrorCodes.INTERNAL_ERROR).serialize())
+    assert one(peers.backend_events, StreamReset, stream_id).error_code == ErrorCodes.CANCEL
+    assert peers.closed and peers.relay.end_reason == "client_goaway"
+
+
+def test_padding_is_given_back_with_the_data() -> None:
+    """Padding counts against the window but never reaches the backend: the relay returns it at once."""
+    peers = Peers(settings=Http2Settings(initial_window_size=4096, connection_window_size=65_535))
+    stream_id = peers.request(post(), end=False)
+    for _ in range(40):  # 40 x 1201 window bytes through a 4096-byte window: only if all of it comes back
+        assert peers.client.local_flow_control_window(stream_id) >= 1201
+        peers.client.send_data(stream_id, b"d" * 1000, pad_length=200)
+        peers.pump()
+    assert peers.received("backend", stream_id) == b"d" * 40_000
