@@ -26,7 +26,7 @@ import trio
 
 from proxy.policy.identity import PeerIdentity
 from proxy.protocol.http1 import HeaderPolicy
-from proxy.protocol.http2 import Http2Event, Http2Relay, Http2Settings, StreamClosed
+from proxy.protocol.http2 import Http2Event, Http2Relay, Http2Settings, StreamClosed, StreamOpened
 from proxy.relay.http2_forwarder import relay_http2
 from proxy.relay.tcp_forwarder import PumpResult
 from tests.conftest import free_port
@@ -301,6 +301,21 @@ async def test_an_idle_connection_ends(nursery: trio.Nursery, grpc_backend: Back
         assert await in_thread(lambda: chan.unary_unary("/test.Svc/Echo")(b"x", timeout=10)) == b"x"
         await wait_until(lambda: len(proxy.results) == 1, timeout=5)
     assert proxy.results[0].ended_by == "idle_timeout"
+    opened = sorted(e.stream_id for e in proxy.events if isinstance(e, StreamOpened))
+    assert opened and opened == sorted(e.stream_id for e in proxy.events if isinstance(e, StreamClosed))
+
+
+async def test_a_cancelled_driver_closes_the_books_on_its_streams(nursery: trio.Nursery, grpc_backend: Backend) -> None:
+    """A drain's deadline cancels the driver from outside: the streams still open get their StreamClosed."""
+    proxy = await start_proxy(nursery, tcp(grpc_backend.port))
+    with grpc.insecure_channel(proxy.address) as chan:
+        future = chan.unary_unary("/test.Svc/Slow").future(b"5", timeout=10)
+        await wait_until(lambda: any(isinstance(e, StreamOpened) for e in proxy.events))
+        nursery.cancel_scope.cancel()
+        with pytest.raises(grpc.RpcError):
+            await trio.to_thread.run_sync(future.result, abandon_on_cancel=False)
+    closed = [e for e in proxy.events if isinstance(e, StreamClosed)]
+    assert [(e.reset, e.reset_by) for e in closed] == [(8, "connection")]  # 8: CANCEL
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:

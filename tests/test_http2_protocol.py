@@ -469,6 +469,19 @@ def test_the_client_closing_cancels_every_backend_stream() -> None:
     peers.apply(peers.relay.client_closed())
     assert [e.stream_id for e in peers.of(StreamReset, "backend")] == streams
     assert peers.closed and peers.relay.end_reason == "client_closed"
+    # Every stream opened is closed in the books too, so a gauge of active streams comes back down.
+    assert [(e.stream_id, e.reset, e.reset_by) for e in peers.of(StreamClosed)] == [
+        (stream_id, ErrorCodes.CANCEL, "connection") for stream_id in streams
+    ]
+
+
+def test_stop_ends_the_streams_still_open() -> None:
+    peers = Peers()
+    stream_id = peers.request(GET)
+    peers.apply(peers.relay.stop("cancelled"))
+    assert one(peers.backend_events, StreamReset, stream_id).error_code == ErrorCodes.CANCEL
+    assert closed(peers, stream_id).reset_by == "connection"
+    assert peers.closed and peers.relay.end_reason == "cancelled" and peers.relay.open_streams == 0
 
 
 @pytest.mark.parametrize(

@@ -344,6 +344,13 @@ class Http2Relay:
         """GOAWAY to the client; close once the streams it covers are done (see "Drain and GOAWAY")."""
         return self._run(lambda: self._send_goaway("drained"))
 
+    def stop(self, reason: str) -> Http2Step:
+        """The driver is stopping without the relay's say (idle timeout, cancellation): every stream ends now.
+
+        Its bytes need not be written; its events close the books on the streams still open.
+        """
+        return self._run(lambda: self._abort(reason))
+
     def _run(self, action: Callable[[], None]) -> Http2Step:
         if self._closed:
             return Http2Step(close=True)
@@ -352,20 +359,17 @@ class Http2Relay:
             stream = self._streams.get(stream_id)
             if stream is not None and stream.finished:
                 del self._streams[stream_id]
-                self._events.append(
-                    StreamClosed(
-                        stream.id,
-                        stream.status,
-                        stream.grpc_status,
-                        stream.reset,
-                        stream.reset_by,
-                        stream.bytes_up,
-                        stream.bytes_down,
-                    )
-                )
+                self._events.append(_closed_event(stream))
         self._touched.clear()
         if self._closing and not self._streams:
             self._closed = True
+        if self._closed:
+            # Every stream opened gets its StreamClosed, also when the connection ends under it.
+            for stream in self._streams.values():
+                if stream.reset is None and not stream.finished:
+                    stream.reset, stream.reset_by = int(ErrorCodes.CANCEL), "connection"
+                self._events.append(_closed_event(stream))
+            self._streams.clear()
         self._client_out.append(self._client.data_to_send())
         step = Http2Step(
             to_client=b"".join(self._client_out),
@@ -873,6 +877,18 @@ def _initiate(conn: H2Connection, settings: Http2Settings) -> None:
     conn.initiate_connection()
     if settings.connection_window_size > DEFAULT_WINDOW:
         conn.increment_flow_control_window(settings.connection_window_size - DEFAULT_WINDOW)
+
+
+def _closed_event(stream: _Stream) -> StreamClosed:
+    return StreamClosed(
+        stream.id,
+        stream.status,
+        stream.grpc_status,
+        stream.reset,
+        stream.reset_by,
+        stream.bytes_up,
+        stream.bytes_down,
+    )
 
 
 def _value(headers: Iterable[Header], name: bytes) -> str | None:

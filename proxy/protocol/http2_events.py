@@ -80,8 +80,10 @@ class StreamClosed:
 
     `status`: the response's :status, the proxy's own (405, 502, 504), or None if no response head went out.
     `grpc_status`: from the response's trailers (or trailers-only head), or the proxy's own answer. `reset`: the
-    RST_STREAM error code that ended it on the client's side, if one did; `reset_by`: "client", "backend" or
-    "proxy". `bytes_up` / `bytes_down`: DATA payload bytes received from the client / the backend on it.
+    RST_STREAM error code that ended it on the client's side, if one did; `reset_by`: "client", "backend",
+    "proxy", or "connection" (the connection ended under it: `reset` is then CANCEL). `bytes_up` / `bytes_down`:
+    DATA payload bytes received from the client / the backend on it. Every StreamOpened gets exactly one
+    StreamClosed, so an active-streams gauge can follow the two.
     """
 
     stream_id: int

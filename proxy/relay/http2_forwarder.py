@@ -176,6 +176,8 @@ async def relay_http2(
                 if drain is not None:
                     nursery.start_soon(wait_for_drain, drain)
     finally:
+        if not relay.closed:  # the idle timeout or a cancellation from outside (a drain's deadline)
+            apply(relay.stop(EndedBy.IDLE_TIMEOUT if idle.scope.cancelled_caught else "cancelled"))
         if backend is not None:
             with trio.move_on_after(FLUSH_TIMEOUT) as scope:
                 scope.shield = True
