@@ -16,7 +16,8 @@ The first bytes of a connection choose what it does:
     answers ``PONG`` per line until EOF: the idle-connection test uses it to prove that a connection reached
     the backend, then leaves it open.
 ``STATS``
-    one JSON line of counters: connections accepted, HTTP requests, and how many of those carried identity
+    one JSON line of counters: connections accepted, connections closed before sending a byte
+    (``silent_connections``), HTTP requests, and how many of those carried identity
     headers: ``identity_requests`` (``X-Forwarded-Client-Cert`` or ``X-Forwarded-For``), ``verify_requests``
     (``X-Client-Verify``), ``xfcc_requests`` (``X-Forwarded-Client-Cert``), for the HTTP identity-mode row.
 
@@ -51,8 +52,8 @@ RESPONSE_10 = (
 HTTP_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ")
 IDENTITY_HEADERS = (b"x-forwarded-client-cert:", b"x-forwarded-for:")
 
-stats = {"connections": 0, "http_requests": 0, "identity_requests": 0, "verify_requests": 0, "xfcc_requests": 0,
-         "bytes_in": 0, "bytes_out": 0}
+stats = {"connections": 0, "silent_connections": 0, "http_requests": 0, "identity_requests": 0,
+         "verify_requests": 0, "xfcc_requests": 0, "bytes_in": 0, "bytes_out": 0}
 _zeros = memoryview(bytes(BUFFER))
 
 
@@ -208,8 +209,14 @@ def handle(conn: socket.socket | None, http_loop: HttpLoop) -> None:
     """Serve one accepted connection; an HTTP one is handed to ``http_loop``."""
     buf = bytearray(BUFFER)
     try:
-        have = conn.recv_into(buf, 65536)
+        try:
+            have = conn.recv_into(buf, 65536)
+        except OSError:
+            have = 0
         if have == 0:
+            # Closed before sending a byte: a proxy that dials the backend before the client's handshake is done
+            # (Traefik) leaves one of these for every client it then refuses.
+            stats["silent_connections"] += 1
             return
         if buf.startswith(HTTP_METHODS):
             http_loop.add(conn, bytes(buf[:have]))

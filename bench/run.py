@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Side-by-side benchmark of mtls-proxy against nginx, HAProxy and stunnel as mTLS-terminating TCP proxies (and
-against nginx as an HTTP identity-mode reverse proxy).
+"""Side-by-side benchmark of mtls-proxy against nginx, HAProxy, stunnel and Traefik as mTLS-terminating TCP proxies
+(and against nginx and Traefik as HTTP identity-mode reverse proxies).
 
-    python bench/run.py                 # full run (about 15 minutes on a quiet machine), prints the tables
-    python bench/run.py --quick         # smoke run (about 25 seconds), what the test suite runs
+    python bench/run.py                 # full run (about 17 minutes on a quiet machine), prints the tables
+    python bench/run.py --quick         # smoke run (30 to 45 seconds), what the test suite runs
     python bench/run.py --results bench/RESULTS.md --json /tmp/bench.json
 
 See bench/README.md for what is measured and how.
@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -45,11 +46,17 @@ from peers import KINDS, START_TIMEOUT, Peer, PeerError, parse_spec  # noqa: E40
 # The last row is issue 5's worker-processes comparison: two workers on both cores, handshakes only (see the
 # "Worker processes" section of the report).
 WORKERS_ROW = "mtls-proxy:workers=2:cpus=0-1:tests=full+resumed"
-DEFAULT_PEERS = f"nginx,haproxy,stunnel,mtls-proxy,{WORKERS_ROW}"
+DEFAULT_PEERS = f"nginx,haproxy,stunnel,traefik,mtls-proxy,{WORKERS_ROW}"
 TESTS = ("full", "resumed", "bulk_up", "bulk_down", "wrk", "wrk_http")
-# The identity headers every request through an HTTP identity-mode listener must carry (see peers.py).
-FORGED = {"X-Client-Verify": "SUCCESS", "X-Client-Subject": "CN=forged", "X-Forwarded-Client-Cert": "Hash=forged",
-          "x-forwarded-for": "192.0.2.66"}
+# What an anonymous client forges in the HTTP identity-mode checks: every identity header the peer sets (see
+# forged_headers), each of which the peer must replace or remove.
+FORGED_XFF = {"x-forwarded-for": "192.0.2.66"}
+FORGED_VERIFY = {"X-Client-Verify": "SUCCESS", "X-Client-Subject": "CN=forged"}
+# The shape of a verified client's certificate header, by header: (what it must contain, as the report says it).
+CERT_HEADER_SHAPE = {
+    "X-Forwarded-Client-Cert": ("Hash=", "Hash=...;Subject=..."),
+    "X-Forwarded-Tls-Client-Cert-Info": ('Subject="', 'Subject="..." (URL-encoded)'),
+}
 
 
 @dataclass(frozen=True)
@@ -93,8 +100,24 @@ def log(message: str) -> None:
 # ---- setup ------------------------------------------------------------------------------------------------------
 
 
+def forged_headers(peer: Peer) -> dict[str, str]:
+    """The identity headers an anonymous client forges against this peer: the ones it sets."""
+    forged = {**FORGED_XFF, peer.cert_header: 'Hash=forged;Subject="CN=forged"'}
+    return {**FORGED_VERIFY, **forged} if peer.verify_headers else forged
+
+
+def needs(kind: type[Peer]) -> list[str]:
+    """What a peer still needs installed: its apt packages, then its PyPI packages."""
+    return kind.missing() + kind.missing_pip()
+
+
 def install_missing(kinds: list[type[Peer]], need_wrk: bool, allowed: bool) -> list[str]:
-    """apt-get install what the chosen peers need; return what is still missing."""
+    """apt-get install (as root) and pip install what the chosen peers need; return what is still missing."""
+    wheels = sorted({pkg for kind in kinds for pkg in kind.missing_pip()})
+    if wheels and allowed:
+        log(f"installing {' '.join(wheels)} with pip")
+        cmd = [sys.executable, "-m", "pip", "install", "-q", *wheels]
+        subprocess.run(cmd, stdout=subprocess.DEVNULL, timeout=900)
     packages = sorted({pkg for kind in kinds for pkg in kind.missing()}
                       | ({"wrk"} if need_wrk and not shutil.which("wrk") else set())
                       | ({"openssl"} if not shutil.which("openssl") else set()))
@@ -108,7 +131,7 @@ def install_missing(kinds: list[type[Peer]], need_wrk: bool, allowed: bool) -> l
             if subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, timeout=900).returncode != 0:
                 subprocess.run(["apt-get", "update", "-qq"], env=env, timeout=900)
                 subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, timeout=900)
-    return sorted({pkg for kind in kinds for pkg in kind.missing()}
+    return sorted({pkg for kind in kinds for pkg in needs(kind)}
                   | ({"wrk"} if need_wrk and not shutil.which("wrk") else set()))
 
 
@@ -241,13 +264,13 @@ class Bench:
 
     def check(self, peer: Peer) -> bool:
         """Refuse no certificate and a foreign CA, admit the good certificate; the optional port admits no
-        certificate. Refused clients must not have reached the backend at all."""
-        before = self.backend.stats()["connections"]
+        certificate. Refused clients must not have reached the backend at all: no connection, or, from a peer that
+        dials the backend before the handshake is done (Traefik), no byte."""
+        before = self.backend.stats()
         no_cert = clients.probe(peer.require_port, self.pki, None)
         other = clients.probe(peer.require_port, self.pki, "other")
         other_opt = clients.probe(peer.optional_port, self.pki, "other")
-        after = self.backend.stats()["connections"]
-        leaked = after - before - 1  # the second STATS connection is the only one expected
+        leaked, silent = self.refused_at_backend(before)
         good = clients.probe(peer.require_port, self.pki, "client")
         anon = clients.probe(peer.optional_port, self.pki, None)
 
@@ -257,9 +280,11 @@ class Bench:
         checks = {
             "no_cert": res(no_cert), "other_ca": res(other), "other_ca_optional_port": res(other_opt),
             "good": res(good), "optional_no_cert": res(anon), "backend_connections_from_refused": leaked,
+            "silent_backend_connections_from_refused": silent,
         }
+        allowed = silent if peer.dials_before_handshake else 0
         checks["ok"] = (not no_cert[0] and not other[0] and not other_opt[0] and good[0] and anon[0]
-                        and leaked == 0)
+                        and leaked == allowed)
         if peer.http:
             checks["http"] = self.check_http(peer)
             checks["ok"] = checks["ok"] and checks["http"]["ok"]
@@ -276,7 +301,7 @@ class Bench:
                 f"with TCP_NODELAY, {latency['no_nodelay']['first_response_ms']:.1f} ms without")
         verdict = "ok" if checks["ok"] else "MISCONFIGURED"
         log(f"{peer.spec}: checks {verdict}: no cert -> {no_cert[1]}; other CA -> {other[1]}; good -> {good[1]}; "
-            f"optional/no cert -> {anon[1]}; refused clients at the backend: {leaked}")
+            f"optional/no cert -> {anon[1]}; refused clients at the backend: {leaked} ({silent} without a byte)")
         if peer.http:
             h = checks["http"]
             log(f"{peer.spec}: HTTP identity-mode checks {'ok' if h['ok'] else 'FAILED'}: no cert -> "
@@ -286,19 +311,37 @@ class Bench:
                 + (f"; problems: {'; '.join(h['problems'])}" if h["problems"] else ""))
         return checks["ok"]
 
+    def refused_at_backend(self, before: dict[str, int]) -> tuple[int, int]:
+        """(backend connections opened since ``before``, those of them closed without a byte), less the STATS
+        connections that ask. A silent connection is counted when the backend reads its EOF, a moment after the
+        peer refused the client: wait for the count to catch up, at most 2 s."""
+        deadline = time.monotonic() + 2.0
+        asked = 0
+        while True:
+            after = self.backend.stats()
+            asked += 1
+            opened = after["connections"] - before["connections"] - asked
+            silent = after["silent_connections"] - before["silent_connections"]
+            if opened == silent or time.monotonic() > deadline:
+                return opened, silent
+            time.sleep(0.05)
+
     def check_http(self, peer: Peer) -> dict[str, Any]:
         """The HTTP identity-mode listeners: the require port refuses no certificate and a foreign CA (no request
-        reaches the backend); a good certificate's request arrives with XFCC, X-Client-Subject,
-        X-Client-Verify: SUCCESS, X-Forwarded-For and -Proto; an anonymous request on the optional port arrives
-        with X-Client-Verify: NONE and no XFCC, and the copies of those headers the client forged are gone."""
+        reaches the backend); a good certificate's request arrives with the peer's certificate header (XFCC;
+        Traefik's X-Forwarded-Tls-Client-Cert-Info), X-Client-Subject and X-Client-Verify: SUCCESS (peers that
+        send them), X-Forwarded-For and -Proto; an anonymous request on the optional port arrives with
+        X-Client-Verify: NONE and no certificate header, and the copies of those headers the client forged are
+        gone."""
         pki = self.pki
         before = self.backend.stats()["http_requests"]
         no_cert = clients.http_probe(peer.http_require_port, pki, None)
         other = clients.http_probe(peer.http_require_port, pki, "other")
         other_opt = clients.http_probe(peer.http_optional_port, pki, "other")
         leaked = self.backend.stats()["http_requests"] - before
-        good = clients.http_probe(peer.http_require_port, pki, "client", FORGED)
-        anon = clients.http_probe(peer.http_optional_port, pki, None, FORGED)
+        forged = forged_headers(peer)
+        good = clients.http_probe(peer.http_require_port, pki, "client", forged)
+        anon = clients.http_probe(peer.http_optional_port, pki, None, forged)
         problems = []
         for label, result in (("no cert", no_cert), ("other CA", other), ("other CA, optional port", other_opt)):
             if result[0]:
@@ -312,38 +355,47 @@ class Bench:
             if got is None or not test(got):
                 problems.append(f"{label}: {name} should be {want}, the backend got {got}")
 
+        marker, shape = CERT_HEADER_SHAPE[peer.cert_header]
+
+        def names_the_client(values: list[str]) -> bool:
+            # One copy (the forged one replaced), naming the client; Traefik's value is URL-encoded.
+            return len(values) == 1 and any(marker in text and "CN=bench-client" in text
+                                            for text in (values[0], urllib.parse.unquote_plus(values[0])))
+
         g, a = good[2], anon[2]
         if not good[0]:
             problems.append(f"good cert: {good[1]}")
         else:
-            expect("good cert", g, "X-Client-Verify", lambda v: v == ["SUCCESS"], "SUCCESS")
-            expect("good cert", g, "X-Client-Subject", lambda v: len(v) == 1 and "CN=bench-client" in v[0],
-                   "the client's subject")
-            expect("good cert", g, "X-Forwarded-Client-Cert",
-                   lambda v: len(v) == 1 and "Hash=" in v[0] and "CN=bench-client" in v[0], "Hash=...;Subject=...")
+            if peer.verify_headers:
+                expect("good cert", g, "X-Client-Verify", lambda v: v == ["SUCCESS"], "SUCCESS")
+                expect("good cert", g, "X-Client-Subject", lambda v: len(v) == 1 and "CN=bench-client" in v[0],
+                       "the client's subject")
+            expect("good cert", g, peer.cert_header, names_the_client, shape)
             expect("good cert", g, "X-Forwarded-For", lambda v: v == ["127.0.0.1"], "127.0.0.1")
             expect("good cert", g, "X-Forwarded-Proto", lambda v: v == ["https"], "https")
         if not anon[0]:
             problems.append(f"optional port, no cert: {anon[1]}")
         else:
-            expect("no cert", a, "X-Client-Verify", lambda v: v == ["NONE"], "NONE")
+            if peer.verify_headers:
+                expect("no cert", a, "X-Client-Verify", lambda v: v == ["NONE"], "NONE")
             expect("no cert", a, "X-Forwarded-For", lambda v: v == ["127.0.0.1"], "127.0.0.1")
             expect("no cert", a, "X-Forwarded-Proto", lambda v: v == ["https"], "https")
-            for name in ("x-forwarded-client-cert", "x-client-subject"):
+            absent = [peer.cert_header.lower()] + (["x-client-subject"] if peer.verify_headers else [])
+            for name in absent:
                 if name in a:
                     problems.append(f"no cert: the backend got {name}: {a[name]} (forged, or an empty identity)")
 
         def res(r: tuple[bool, str, dict[str, list[str]]]) -> dict[str, Any]:
             return {"reached": r[0], "detail": r[1]}
 
-        identity = ("x-forwarded-client-cert", "x-client-subject", "x-client-verify", "x-forwarded-for",
+        identity = (peer.cert_header.lower(), "x-client-subject", "x-client-verify", "x-forwarded-for",
                     "x-forwarded-proto")
         return {
             "no_cert": res(no_cert), "other_ca": res(other), "other_ca_optional_port": res(other_opt),
             "backend_requests_from_refused": leaked,
             "good": {**res(good), "headers": {k: v for k, v in g.items() if k in identity}},
             "optional_no_cert": {**res(anon), "headers": {k: v for k, v in a.items() if k in identity}},
-            "problems": problems, "ok": not problems,
+            "problems": problems, "ok": not problems, "cert_header": peer.cert_header,
         }
 
     # ---- measuring ----
@@ -400,7 +452,7 @@ class Bench:
                 self.waited += time.monotonic() - attempt_started
             run = self.units(test, result, acct)
             if stats0 is not None:
-                self.identity_delivery(run, stats0, self.backend.stats())
+                self.identity_delivery(run, stats0, self.backend.stats(), verify_headers=peer.verify_headers)
                 if not run["ok"]:
                     log(f"{peer.spec} {test}: FAILED: {run['error']}")
                     return {**run, "attempts": attempts}
@@ -429,13 +481,18 @@ class Bench:
         raise ValueError(test)
 
     @staticmethod
-    def identity_delivery(run: dict[str, Any], before: dict[str, int], after: dict[str, int]) -> None:
+    def identity_delivery(run: dict[str, Any], before: dict[str, int], after: dict[str, int], *,
+                          verify_headers: bool) -> None:
         """After an HTTP identity-mode wrk run: did every request reach the backend with the identity headers
         (wrk has no certificate, so X-Client-Verify: NONE, X-Forwarded-For, no XFCC), and how many backend
-        connections did the proxy open for them (nginx pools them; mtls-proxy opens one per client connection)?"""
+        connections did the proxy open for them (nginx and Traefik pool them; mtls-proxy opens one per client
+        connection)? A peer without X-Client-Verify (Traefik) is held to X-Forwarded-For: an anonymous request
+        gets no other identity header from it."""
         requests = after["http_requests"] - before["http_requests"]
-        with_verify = after["verify_requests"] - before["verify_requests"]
-        run.update(backend_requests=requests, backend_requests_with_identity=with_verify,
+        counter, header = ("verify_requests", "X-Client-Verify") if verify_headers else (
+            "identity_requests", "X-Forwarded-For")
+        with_verify = after[counter] - before[counter]
+        run.update(backend_requests=requests, backend_requests_with_identity=with_verify, identity_header=header,
                    backend_xfcc_requests=after["xfcc_requests"] - before["xfcc_requests"],
                    # less the second STATS connection itself
                    backend_connections=after["connections"] - before["connections"] - 1,
@@ -443,7 +500,7 @@ class Bench:
         if requests < 0.99 * run["count"] or run["identity_share"] < 0.999:
             run["ok"] = False
             run["error"] = (f"wrk counted {run['count']} requests; {requests} reached the backend, {with_verify} of "
-                            "them with X-Client-Verify: the identity headers were not added to every request")
+                            f"them with {header}: the identity headers were not added to every request")
 
     def units(self, test: str, result: Any, acct: dict[str, Any]) -> dict[str, Any]:
         proxy_cpu = acct["cpu"]["proxy"]
@@ -715,7 +772,7 @@ def main() -> int:
     parser.add_argument("--load-cpu", type=int)
     parser.add_argument("--no-wrk", action="store_true", help="skip the wrk runs")
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
-    parser.add_argument("--no-install", action="store_true", help="never apt-get install missing peers")
+    parser.add_argument("--no-install", action="store_true", help="never apt-get or pip install missing peers")
     parser.add_argument("--skip-missing", action="store_true", help="drop peers that are not installed")
     parser.add_argument("--json", type=Path, help="write every number to this file")
     parser.add_argument("--results", type=Path, help="write the report as Markdown (e.g. bench/RESULTS.md)")
@@ -750,13 +807,13 @@ def main() -> int:
         parser.error(str(exc))
     missing = install_missing(kinds, need_wrk=not args.no_wrk, allowed=not args.no_install)
     if missing:
-        still = [spec for spec, kind in zip(specs, kinds, strict=False) if kind.missing()]
+        still = [spec for spec, kind in zip(specs, kinds, strict=False) if needs(kind)]
         if not args.skip_missing:
             print(f"missing: {' '.join(missing)} (install them, run as root, or pass --skip-missing)",
                   file=sys.stderr)
             return 2
         log(f"skipping {', '.join(still) or 'nothing'}; missing packages: {' '.join(missing)}")
-        specs = [spec for spec, kind in zip(specs, kinds, strict=False) if not kind.missing()]
+        specs = [spec for spec, kind in zip(specs, kinds, strict=False) if not needs(kind)]
     use_wrk = not args.no_wrk and shutil.which("wrk") is not None
 
     # The harness, the backend and the clients share the load core; each peer gets the proxy core.
