@@ -26,6 +26,7 @@ from proxy.daemon.capacity import memory_warnings
 from proxy.daemon.fdlimit import fd_capacity_warnings, raise_nofile_limit
 from proxy.daemon.server import ListenError, Proxy
 from proxy.daemon.workers import worker_count
+from proxy.ops import probe as probe_command
 from proxy.ops.logs import setup_logging
 
 log = logging.getLogger("proxy.cli")
@@ -275,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="keep the demo PKI in this folder instead of a temporary one: a new or empty folder gets "
                            "a new PKI, one holding a complete demo PKI is reused as it is, anything else is refused")
     demo.set_defaults(func=cmd_demo)
+
+    probe = sub.add_parser("probe", help="connect as a TLS client and say why a client certificate is admitted or "
+                                         "refused (works against any TLS server)")
+    probe_command.add_arguments(probe)
+    probe.set_defaults(func=probe_command.main)
 
     certs = sub.add_parser("certs", help="development certificates")
     certs_sub = certs.add_subparsers(dest="certs_command", required=True, metavar="SUBCOMMAND")
