@@ -37,6 +37,29 @@ happens inside `from_backend`, which is why one Step can carry bytes for both pe
 `client_paused` is True and the driver must stop reading from the client: that is what bounds the memory a
 pipelining client can make us hold.
 
+States
+------
+Where a cycle stands is one `State`, changed only by `HttpRelay._transition(event)` through the `TRANSITIONS` table
+(the habit of h11's `_state.py`): a combination such as "a response body is flowing but no request was sent" has no
+name, so it cannot be held. The relay checks what the peers did wrong (an unsolicited response, a 101 before the
+request was complete) before it fires an event and answers those with 502; an event the table does not define
+from the current state is a bug in the relay and raises `RelayStateError`.
+
+    IDLE            --REQUEST_HEAD-->          REQUEST_BODY        (--CLIENT_CLOSED--> CLOSED)
+    REQUEST_BODY    --REQUEST_END-->           AWAIT_RESPONSE
+    REQUEST_BODY    --[LAST_]RESPONSE_HEAD-->  EARLY_RESPONSE      --REQUEST_END--> LAST_RESPONSE_BODY
+    AWAIT_RESPONSE  --RESPONSE_HEAD-->         RESPONSE_BODY       --RESPONSE_END--> IDLE (the next cycle)
+    AWAIT_RESPONSE  --LAST_RESPONSE_HEAD-->    LAST_RESPONSE_BODY  --RESPONSE_END--> CLOSED
+    AWAIT_RESPONSE  --UPGRADE-->               SWITCHED
+    EARLY_RESPONSE  --RESPONSE_END-->          CLOSED
+    REQUEST_BODY and AWAIT_RESPONSE stay where they are on INFORMATIONAL (a 1xx); every state but CLOSED goes to
+    CLOSED on ABORT (an error, or the driver's `fail`).
+
+A response head that arrives before the whole request is always the last one (EARLY_RESPONSE): the rest of the
+request body is still passed on, but the connection ends with the response. What is not a state stays a plain
+field reset by `_new_cycle`: the request's method and version, its framing and `Connection: close`, the Upgrade
+protocols offered, the response's framing and how much of its body is left.
+
 Errors
 ------
 Each error ends the connection; the Step carries an `error` label (one of `ERRORS`) and, if the client has no
@@ -89,7 +112,8 @@ writing that step's bytes. `proxy.relay.http1_forwarder` is that driver.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import enum
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import h11
@@ -217,6 +241,98 @@ class _Reject(Exception):
         self.detail = detail
 
 
+# ---- the cycle's states (see "States" in the module docstring) --------------------------------------------------
+
+
+class State(enum.Enum):
+    """Where one request/response cycle stands; SWITCHED and CLOSED end the connection's cycles."""
+
+    IDLE = "idle"  # no request in this cycle yet: a response now is unsolicited
+    REQUEST_BODY = "request_body"  # request head forwarded, its body still arriving; no final response head yet
+    AWAIT_RESPONSE = "await_response"  # request complete; the final response head is awaited (1xx pass on)
+    EARLY_RESPONSE = "early_response"  # a final response head went out while the request body still arrives
+    RESPONSE_BODY = "response_body"  # request complete, response body flowing; the connection stays open after it
+    LAST_RESPONSE_BODY = "last_response_body"  # request complete, response body flowing; the connection ends with it
+    SWITCHED = "switched"  # an accepted 101: bytes pass raw, the relay no longer reads them
+    CLOSED = "closed"  # the connection is over
+
+    # Members are singletons, so identity is equality. Enum's own __hash__ is a Python function; with object's, a
+    # lookup in the table (several per request) takes half as long.
+    __hash__ = object.__hash__
+
+
+class Event(enum.Enum):
+    """What moves a cycle: something parsed from a peer, or an end the relay decided."""
+
+    REQUEST_HEAD = "request_head"  # a request head went to the backend
+    REQUEST_END = "request_end"  # the request body is complete (at once for a request without one)
+    CLIENT_CLOSED = "client_closed"  # the client's EOF between requests
+    INFORMATIONAL = "informational"  # a 1xx other than 101 (passed on, or dropped for an HTTP/1.0 client)
+    RESPONSE_HEAD = "response_head"  # a final response head after which the connection may stay open
+    LAST_RESPONSE_HEAD = "last_response_head"  # a final response head after which the connection ends
+    RESPONSE_END = "response_end"  # the response body is complete (at once for a response without one)
+    UPGRADE = "upgrade"  # a 101 the relay accepted: the connection becomes a raw pump
+    ABORT = "abort"  # an error, or the driver's fail(): the connection ends now
+
+    __hash__ = object.__hash__  # as State's
+
+
+TRANSITIONS: Mapping[tuple[State, Event], State] = {
+    (State.IDLE, Event.REQUEST_HEAD): State.REQUEST_BODY,
+    (State.IDLE, Event.CLIENT_CLOSED): State.CLOSED,
+    (State.REQUEST_BODY, Event.REQUEST_END): State.AWAIT_RESPONSE,
+    (State.REQUEST_BODY, Event.INFORMATIONAL): State.REQUEST_BODY,  # e.g. 100 Continue
+    # An answer before the whole request is the last one whatever its head says: the backend may not read the
+    # rest of the body, so nothing after it could be framed.
+    (State.REQUEST_BODY, Event.RESPONSE_HEAD): State.EARLY_RESPONSE,
+    (State.REQUEST_BODY, Event.LAST_RESPONSE_HEAD): State.EARLY_RESPONSE,
+    (State.AWAIT_RESPONSE, Event.INFORMATIONAL): State.AWAIT_RESPONSE,
+    (State.AWAIT_RESPONSE, Event.RESPONSE_HEAD): State.RESPONSE_BODY,
+    (State.AWAIT_RESPONSE, Event.LAST_RESPONSE_HEAD): State.LAST_RESPONSE_BODY,
+    (State.AWAIT_RESPONSE, Event.UPGRADE): State.SWITCHED,  # only after a complete request
+    (State.EARLY_RESPONSE, Event.REQUEST_END): State.LAST_RESPONSE_BODY,
+    (State.EARLY_RESPONSE, Event.RESPONSE_END): State.CLOSED,
+    (State.RESPONSE_BODY, Event.RESPONSE_END): State.IDLE,  # the next cycle
+    (State.LAST_RESPONSE_BODY, Event.RESPONSE_END): State.CLOSED,
+    **{(state, Event.ABORT): State.CLOSED for state in State if state is not State.CLOSED},
+}
+
+# Groups the relay branches on. Each is a set of states, so no flag can disagree with the state.
+# Client bytes are parsed as they come (a request head, or the rest of a request body).
+_READS_REQUEST = frozenset({State.IDLE, State.REQUEST_BODY, State.EARLY_RESPONSE})
+# The request is complete: more client bytes wait in the parser until the next cycle.
+_REQUEST_DONE = frozenset({State.AWAIT_RESPONSE, State.RESPONSE_BODY, State.LAST_RESPONSE_BODY})
+# The client has a final response head for this cycle; backend bytes belong to its body.
+_IN_RESPONSE_BODY = frozenset({State.EARLY_RESPONSE, State.RESPONSE_BODY, State.LAST_RESPONSE_BODY})
+
+
+# Reading an Enum member through its class costs about 100 ns on Python 3.11, five times a plain class attribute,
+# and the relay does it several times per request: the relay reads these module names instead.
+_IDLE, _AWAIT_RESPONSE, _RESPONSE_BODY = State.IDLE, State.AWAIT_RESPONSE, State.RESPONSE_BODY
+_SWITCHED, _CLOSED = State.SWITCHED, State.CLOSED
+_REQUEST_HEAD, _REQUEST_END, _CLIENT_CLOSED = Event.REQUEST_HEAD, Event.REQUEST_END, Event.CLIENT_CLOSED
+_INFORMATIONAL, _UPGRADE, _ABORT = Event.INFORMATIONAL, Event.UPGRADE, Event.ABORT
+_RESPONSE_HEAD, _LAST_RESPONSE_HEAD, _RESPONSE_END = Event.RESPONSE_HEAD, Event.LAST_RESPONSE_HEAD, Event.RESPONSE_END
+_ENDED = frozenset({_SWITCHED, _CLOSED})  # no more cycles: bytes pass raw, or nothing passes
+
+
+class RelayStateError(Exception):
+    """The relay fired an event its state does not allow: a bug in the relay, never something a peer did."""
+
+    def __init__(self, state: State, event: Event) -> None:
+        super().__init__(f"internal error in HttpRelay: no transition from {state.name} on {event.name}")
+        self.state = state
+        self.event = event
+
+
+def next_state(state: State, event: Event) -> State:
+    """Where `event` leads from `state`, by `TRANSITIONS`; RelayStateError if the table has no such step."""
+    try:
+        return TRANSITIONS[state, event]
+    except KeyError:
+        raise RelayStateError(state, event) from None
+
+
 # ---- the relay ---------------------------------------------------------------------------------------------------
 
 
@@ -237,8 +353,7 @@ class HttpRelay:
         self._client = self._parser(b"", False)
         self._backend_head = bytearray()  # a response head still arriving
         self.requests = 0  # request heads forwarded on this connection
-        self._closed = False
-        self._switched = False
+        self._state = _IDLE
         self._new_cycle()
 
     def _parser(self, data: bytes, eof: bool) -> h11.Connection:
@@ -255,53 +370,63 @@ class HttpRelay:
         return parser
 
     def _new_cycle(self) -> None:
+        """The plain fields of a cycle, back to their start (the state is IDLE already)."""
         self._method = b""
         self._client_version = b"1.1"
-        self._request_started = False  # a request head went to the backend in this cycle
-        self._request_done = False  # ... and all of its body
         self._request_chunked = False
         self._request_chunks: ChunkedReader | None = None  # strict check of a chunked request body (see "Errors")
         self._request_closes = False  # the client asked for the connection to end after this exchange
         self._upgrades_offered: frozenset[str] = frozenset()  # allowed protocol names forwarded in Upgrade
-        self._response_started = False  # the client has a final response head for this cycle
-        self._close_after_response = False
-        self._body: Framing | None = None  # None: a response head is expected next
+        self._body = Framing.NONE  # the response body's framing, read in the states _IN_RESPONSE_BODY
         self._body_left = 0  # Framing.LENGTH: bytes still to come
         self._chunks: ChunkedReader | None = None  # Framing.CHUNKED
         self._dechunk = False  # chunked response to an HTTP/1.0 client: send the payload, close-delimited
         self._rechunk = False  # close-delimited response to an HTTP/1.1 client: chunk it, as h11 would
 
+    def _transition(self, event: Event) -> None:
+        # next_state, inlined: this runs four times per request.
+        try:
+            self._state = TRANSITIONS[self._state, event]
+        except KeyError:
+            raise RelayStateError(self._state, event) from None
+
+    @property
+    def state(self) -> State:
+        """Where the current cycle stands (for tests and debugging; the driver needs only the properties below)."""
+        return self._state
+
     @property
     def client_paused(self) -> bool:
         """True while a complete request waits for its response and more client bytes are buffered: stop reading."""
-        return self._request_done and not (self._closed or self._switched) and bool(self._client.trailing_data[0])
+        return self._state in _REQUEST_DONE and bool(self._client.trailing_data[0])
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._state is _CLOSED
 
     @property
     def switched(self) -> bool:
-        return self._switched
+        return self._state is _SWITCHED
 
     # -- entry points --
 
     def from_client(self, data: bytes) -> Step:
         """Bytes read from the client; b"" = the client closed its sending half (stop reading it then)."""
-        if self._closed:
+        state = self._state
+        if state in _READS_REQUEST:
+            return self._run(lambda out: self._on_client_bytes(data, out))
+        if state is _CLOSED:
             return Step(close=True)
-        if self._switched:
+        if state is _SWITCHED:
             return Step(to_backend=data) if data else Step(close=True)
-        if self._request_done:
-            self._client.receive_data(data)
-            return Step()  # the next request waits for this response (client_paused tells the driver)
-        return self._run(lambda out: self._on_client_bytes(data, out))
+        self._client.receive_data(data)
+        return Step()  # the next request waits for this response (client_paused tells the driver)
 
     def from_backend(self, data: bytes) -> Step:
         """Bytes read from the backend; b"" = the backend closed (also pass b"" when a read from it fails)."""
-        if self._closed:
-            return Step(close=True)
-        if self._switched:
+        if self._state in _ENDED:
+            if self._state is _CLOSED:
+                return Step(close=True)
             return Step(to_client=data) if data else Step(close=True)
         if data:
             return self._run(lambda out: self._on_backend_bytes(data, out))
@@ -312,11 +437,11 @@ class HttpRelay:
 
         The client gets `status` if it has no response head for its current request yet; either way, close.
         """
-        if self._closed:
+        if self._state is _CLOSED:
             return Step(close=True)
         error = "backend_timeout" if status == 504 else "backend_unreachable"
         out = _Out()
-        self._reject(out, _Reject(None if self._switched else status, error))
+        self._reject(out, _Reject(None if self._state is _SWITCHED else status, error))
         return out.step()
 
     def _run(self, handle: Callable[[_Out], None]) -> Step:
@@ -330,16 +455,18 @@ class HttpRelay:
         return out.step()
 
     def _reject(self, out: _Out, reject: _Reject) -> None:
-        if reject.status is not None and not self._response_started:
+        if reject.status is not None and self._state not in _IN_RESPONSE_BODY:
             out.client(render_error_response(reject.status, head=self._method == b"HEAD"))
             out.statuses.append(reject.status)
         out.error = reject.error
         out.detail = reject.detail
-        self._end(out)
+        self._end(out, _ABORT)
 
-    def _end(self, out: _Out) -> None:
+    def _end(self, out: _Out, event: Event) -> None:
+        """Fire an event that ends the connection, and tell the driver to close."""
+        self._transition(event)
+        assert self._state is _CLOSED, self._state
         out.close = True
-        self._closed = True
 
     # -- requests: parsed by h11, written again with the identity headers --
 
@@ -357,7 +484,7 @@ class HttpRelay:
             raise _Reject(400, "bad_request", str(exc)) from exc
 
     def _drain_client(self, out: _Out) -> None:
-        while not out.close and not self._request_done:
+        while self._state in _READS_REQUEST:
             try:
                 event = self._client.next_event()
             except h11.RemoteProtocolError as exc:
@@ -370,17 +497,17 @@ class HttpRelay:
                 if event.data:  # (an empty chunk would be the last-chunk marker)
                     out.backend(_chunk(event.data) if self._request_chunked else event.data)
             elif isinstance(event, h11.EndOfMessage):
-                self._request_done = True
+                self._transition(_REQUEST_END)
                 if self._request_chunked:
                     trailers = [(n, v) for n, v in event.headers.raw_items() if not self._policy.is_stripped(n)]
                     out.backend(_render_fields(b"0", trailers))
             elif isinstance(event, h11.ConnectionClosed):
-                self._end(out)  # between requests: the client is done (each request has a fresh parser)
+                self._end(out, _CLIENT_CLOSED)  # between requests: the client is done (one parser a request)
 
     def _forward_request(self, request: h11.Request, out: _Out) -> None:
         self._method = request.method
         self._client_version = request.http_version
-        self._request_started = True
+        self._transition(_REQUEST_HEAD)
         if _head_size(request.method, request.target, request.headers.raw_items()) > self._limit:
             raise _Reject(431, "headers_too_large")
         if request.method == b"CONNECT":
@@ -426,10 +553,12 @@ class HttpRelay:
     # -- responses: framed by proxy.protocol.http1_response, passed on as they came --
 
     def _on_backend_bytes(self, data: bytes, out: _Out) -> None:
-        while data and not out.close and not self._switched:
-            if self._body is not None:
+        while data:
+            if self._state in _IN_RESPONSE_BODY:
                 data = self._relay_body(data, out)
                 continue
+            if self._state in _ENDED:
+                return
             self._backend_head += data
             parsed = read_head(self._backend_head, self._limit)
             if parsed is None:
@@ -440,13 +569,14 @@ class HttpRelay:
             self._on_head(head, data, out)
 
     def _on_head(self, head: ResponseHead, rest: bytes, out: _Out) -> None:
-        if not self._request_started:
+        if self._state is _IDLE:
             raise BadResponse("a response without a request")
         status_line = b"HTTP/1.1 %d %s" % (head.status, head.reason)
         if head.status == 101:
             self._switch(status_line, head, rest, out)
             return
         if head.status < 200:
+            self._transition(_INFORMATIONAL)
             if self._client_version >= b"1.1":  # no 1xx to an HTTP/1.0 client (RFC 9110 section 15.2)
                 out.client(_render_fields(status_line, head.headers))
             return
@@ -458,14 +588,14 @@ class HttpRelay:
             headers = [(raw, value) for raw, value in headers if raw.lower() != b"transfer-encoding"]
         if self._rechunk:
             headers = [*headers, (b"Transfer-Encoding", b"chunked")]
-        # The connections end together: if the backend or the client is closing, or the request body has not all
-        # arrived (an early answer), this response is the last one.
-        if self._request_closes or not self._request_done or not head.keeps_alive() or body is Framing.CLOSE:
-            self._close_after_response = True
+        # The connections end together: if the backend or the client is closing, this response is the last one; so
+        # is an answer that came before the whole request (the table sends that to EARLY_RESPONSE either way).
+        last = self._request_closes or not head.keeps_alive() or body is Framing.CLOSE
+        self._transition(_LAST_RESPONSE_HEAD if last else _RESPONSE_HEAD)
+        if self._state is not _RESPONSE_BODY:
             headers = _with_close(headers)
         out.client(_render_fields(status_line, headers))
         out.statuses.append(head.status)
-        self._response_started = True
         self._body, self._body_left = body, length
         self._chunks = ChunkedReader(self._limit) if body is Framing.CHUNKED else None
         if body is Framing.NONE:
@@ -492,23 +622,24 @@ class HttpRelay:
         return data[used:]
 
     def _on_backend_eof(self, out: _Out) -> None:
-        if self._body is Framing.CLOSE:
+        if self._state in _IN_RESPONSE_BODY and self._body is Framing.CLOSE:
             if self._rechunk:
                 out.client(b"0\r\n\r\n")
-            self._finish_cycle(out)  # always the last response: _on_head set close_after_response
-        elif self._body is not None:
+            self._finish_cycle(out)  # always the last response: a close-delimited head is LAST_RESPONSE_HEAD
+        elif self._state in _IN_RESPONSE_BODY:
             raise BadResponse("the backend closed in the middle of a response body")
         elif self._backend_head:
             raise BadResponse("the backend closed in the middle of a response head")
-        elif self._request_started:
+        elif self._state is not _IDLE:
             raise BadResponse("the backend closed without responding")
         else:
             # No request in flight: the client has asked nothing, so it gets no 502, just the close.
             raise _Reject(None, "backend_closed")
 
     def _finish_cycle(self, out: _Out) -> None:
-        if self._close_after_response:
-            self._end(out)
+        self._transition(_RESPONSE_END)
+        if self._state is _CLOSED:
+            out.close = True
             return
         leftover, eof = self._client.trailing_data
         self._client = self._parser(leftover, eof)
@@ -521,13 +652,13 @@ class HttpRelay:
         if not self._upgrades_offered or not switched_to or not switched_to <= self._upgrades_offered:
             offered = ", ".join(sorted(self._upgrades_offered)) or "none"
             raise _Reject(502, "upgrade_refused", f"101 to {sorted(switched_to)} (allowed and offered: {offered})")
-        if not self._request_done:
+        if self._state is not _AWAIT_RESPONSE:
             raise BadResponse("101 before the upgrade request was complete")
         out.client(_render_fields(status_line, head.headers))
         out.statuses.append(101)
         client_leftover, client_eof = self._client.trailing_data
         out.switch = SwitchToRaw(client_leftover, rest, client_eof)
-        self._switched = True
+        self._transition(_UPGRADE)
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------------
