@@ -1,8 +1,11 @@
-"""The HTTP relay's cycle states (proxy.protocol.http1).
+"""The HTTP relay's cycle states (proxy.protocol.http1) and the trio driver (proxy.relay.http1_forwarder).
 
 - The transition table, alone: every (state, event) pair of the product either leads where the table written out
   here says, or raises RelayStateError; and the sequences of events the relay meets walk the expected states.
 - The same sequences through an HttpRelay fed real bytes, with the state read after each call.
+- The driver over trio memory streams with the autojump clock: the idle timeout counts from the last byte either
+  way, a slow backend that keeps sending is never cut off, a pipelined request waits for the response ahead of it,
+  and after a 101 the raw pump carries the bytes.
 """
 
 from __future__ import annotations
@@ -10,9 +13,13 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import trio
+import trio.testing
 
 from proxy.protocol.http1 import TRANSITIONS, Event, HttpRelay, RelayStateError, State, Step, next_state
 from proxy.protocol.identity_headers import HeaderPolicy
+from proxy.relay.http1_forwarder import HttpCounters, relay_http
+from proxy.relay.tcp_forwarder import PumpResult
 
 S, E = State, Event
 
@@ -272,3 +279,150 @@ def test_relay_a_bad_response_aborts_from_where_it_stands(response: bytes) -> No
     r = new_relay()
     step = r.from_backend(response)
     assert step.close and step.error == "bad_response" and r.state is S.CLOSED
+
+
+# ---- the driver over memory streams ------------------------------------------------------------------------------
+
+
+class Counted:
+    def __init__(self) -> None:
+        self.requests = 0
+        self.statuses: list[int] = []
+        self.counters = HttpCounters(
+            requests=self._add_requests, status=self.statuses.append, up=lambda n: None, down=lambda n: None
+        )
+
+    def _add_requests(self, n: int) -> None:
+        self.requests += n
+
+
+class Wired:
+    """A relay_http run between two memory stream pairs: `client` and `backend` are the peers' ends."""
+
+    def __init__(self, idle_timeout: float) -> None:
+        self.client, proxy_client = trio.testing.memory_stream_pair()
+        proxy_backend, self.backend = trio.testing.memory_stream_pair()
+        self.counted = Counted()
+        self.result: PumpResult | None = None
+        self.ended_at: float | None = None
+        self._args = (proxy_client, proxy_backend)
+        self._idle_timeout = idle_timeout
+
+    async def run(self) -> None:
+        proxy_client, proxy_backend = self._args
+        relay = new_relay()
+        self.result = await relay_http(
+            proxy_client, proxy_backend, relay, idle_timeout=self._idle_timeout, counters=self.counted.counters
+        )
+        self.ended_at = trio.current_time()
+
+
+async def read_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        more = await stream.receive_some()
+        assert more, f"EOF after {data!r}"
+        data += more
+    return bytes(data)
+
+
+async def test_driver_ends_an_idle_connection_after_the_timeout(autojump_clock: trio.testing.MockClock) -> None:
+    wired = Wired(idle_timeout=30)
+    started = trio.current_time()
+    await wired.run()
+    assert wired.result is not None and wired.result.ended_by == "idle_timeout"
+    assert wired.ended_at is not None and 30 <= wired.ended_at - started <= 31  # granularity: min(1, 30/10)
+
+
+async def test_driver_idle_timeout_counts_from_the_last_exchange(autojump_clock: trio.testing.MockClock) -> None:
+    wired = Wired(idle_timeout=30)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wired.run)
+        await trio.sleep(20)
+        await wired.client.send_all(GET)
+        assert (await read_exactly(wired.backend, len(GET) + 10)).startswith(b"GET / HTTP/1.1\r\n")
+        await trio.sleep(20)
+        await wired.backend.send_all(OK_HEAD + b"hello")
+        assert await read_exactly(wired.client, len(OK_HEAD) + 5) == OK_HEAD + b"hello"
+        last_byte = trio.current_time()
+    assert wired.result is not None and wired.result.ended_by == "idle_timeout"
+    assert wired.ended_at is not None and 30 <= wired.ended_at - last_byte <= 31
+    assert wired.counted.requests == 1 and wired.counted.statuses == [200]
+
+
+async def test_driver_a_slow_backend_that_keeps_sending_is_not_cut_off(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    wired = Wired(idle_timeout=30)
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
+    body = b"0123456789"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wired.run)
+        await wired.client.send_all(GET)
+        await wired.backend.receive_some()
+        await trio.sleep(25)
+        await wired.backend.send_all(head)
+        for byte in body:  # one byte every 25 s: 250 s in all, never 30 s quiet
+            await trio.sleep(25)
+            await wired.backend.send_all(bytes([byte]))
+        assert await read_exactly(wired.client, len(head) + len(body)) == head + body
+        await wired.client.send_eof()  # done: the relay closes between requests
+    assert wired.result is not None and wired.result.ended_by == "eof"
+
+
+async def test_driver_a_backend_slower_than_the_idle_timeout_is_cut_off(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    wired = Wired(idle_timeout=30)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wired.run)
+        await wired.client.send_all(GET)
+        sent = trio.current_time()
+        await wired.backend.receive_some()
+        await trio.sleep(60)  # the backend thinks for longer than the idle timeout
+    assert wired.result is not None and wired.result.ended_by == "idle_timeout"
+    assert wired.ended_at is not None and 30 <= wired.ended_at - sent <= 31
+    with trio.move_on_after(1):
+        assert await wired.client.receive_some() == b"", "the client got bytes"
+        pytest.fail("the client stream was closed by the relay, which leaves closing to its caller")
+
+
+async def test_driver_holds_a_pipelined_request_until_the_response_ahead_of_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    wired = Wired(idle_timeout=300)
+    second = b"GET /second HTTP/1.1\r\nHost: a\r\n\r\n"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wired.run)
+        await wired.client.send_all(GET + second)
+        first = await wired.backend.receive_some()
+        assert b"/second" not in first
+        with trio.move_on_after(100):  # it does not come, however long the backend waits
+            assert b"/second" not in await wired.backend.receive_some()
+        await wired.backend.send_all(OK_HEAD + b"hello")
+        assert (await wired.backend.receive_some()).startswith(b"GET /second HTTP/1.1\r\n")
+        await wired.backend.send_all(OK_HEAD + b"again")
+        await wired.client.send_eof()
+    assert wired.result is not None and wired.result.ended_by == "eof"
+    assert wired.counted.requests == 2 and wired.counted.statuses == [200, 200]
+
+
+async def test_driver_hands_an_upgraded_connection_to_the_raw_pump(autojump_clock: trio.testing.MockClock) -> None:
+    wired = Wired(idle_timeout=300)
+    upgrade = b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+    switching = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wired.run)
+        await wired.client.send_all(upgrade)
+        await wired.backend.receive_some()
+        await wired.backend.send_all(switching + b"from-backend")
+        assert await read_exactly(wired.client, len(switching) + 12) == switching + b"from-backend"
+        await wired.client.send_all(b"from-client\r\n\r\nGET /not-parsed HTTP/1.1\r\n\r\n")
+        raw = await read_exactly(wired.backend, 43)
+        assert raw == b"from-client\r\n\r\nGET /not-parsed HTTP/1.1\r\n\r\n"  # as sent: no header added
+        await wired.client.send_eof()
+        assert await wired.backend.receive_some() == b""
+        await wired.backend.send_eof()
+        assert await wired.client.receive_some() == b""
+    assert wired.result is not None and wired.result.ended_by == "upgrade:eof"
+    assert wired.counted.statuses == [101]

@@ -14,16 +14,19 @@ client is not read at all.
 
 After the backend's ``101 Switching Protocols`` both tasks stop and the raw
 two-way pump (`proxy.relay.tcp_forwarder`) takes over the two streams.
+
+`HttpForwarder` holds what the two tasks share (the lock, the idle deadline,
+the result, whether the pump takes over); `relay_http` builds one and runs it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
 
-from proxy.protocol.http1 import HttpRelay, Step
+from proxy.protocol.http1 import HttpRelay, Step, SwitchToRaw
 from proxy.relay.tcp_forwarder import CHUNK_SIZE, IdleDeadline, PumpResult, chunk_reader, pump
 
 
@@ -35,30 +38,117 @@ class HttpCounters:
     down: Callable[[int], None]
 
 
-async def relay_http(
+def relay_http(
     client: trio.abc.HalfCloseableStream,
     backend: trio.abc.HalfCloseableStream,
     relay: HttpRelay,
     *,
     idle_timeout: float,
     counters: HttpCounters,
-) -> PumpResult:
-    result = PumpResult()
-    lock = trio.Lock()
-    wake_client = trio.Condition(lock)  # the backend task wakes a paused client task
-    switched = False
-    client_holds_data = False  # the client task has read bytes it has not fed to the relay yet
+) -> Awaitable[PumpResult]:
+    """Relay HTTP between the two streams until the connection ends; after a 101, pump raw bytes.
 
-    async def send(stream: trio.abc.SendStream, data: bytes) -> bool:
-        try:
-            await stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return False
-        return True
+    Not a coroutine itself: it hands back the forwarder's, so a connection's frames are not nested one deeper for
+    its whole life (proxy.relay.connection's `_forward` does the same).
+    """
+    return HttpForwarder(client, backend, relay, idle_timeout=idle_timeout, counters=counters).run()
 
-    async def apply(step: Step) -> None:
-        """Write one step's output (the lock is held)."""
-        nonlocal switched
+
+class HttpForwarder:
+    """The two tasks of one HTTP connection and what they share. `run()` once."""
+
+    def __init__(
+        self,
+        client: trio.abc.HalfCloseableStream,
+        backend: trio.abc.HalfCloseableStream,
+        relay: HttpRelay,
+        *,
+        idle_timeout: float,
+        counters: HttpCounters,
+    ) -> None:
+        self._client = client
+        self._backend = backend
+        self._relay = relay
+        self._idle_timeout = idle_timeout
+        self._counters = counters
+        self._result = PumpResult()
+        self._lock = trio.Lock()
+        self._wake_client = trio.Condition(self._lock)  # the backend task wakes a paused client task
+        self._tasks = trio.CancelScope()  # cancelled to stop both tasks
+        self._idle: IdleDeadline  # set by run(): its deadline counts from the start
+        self._switched = False  # the 101 and both leftovers are written: the raw pump takes over
+        self._client_holds_data = False  # the client task has read bytes it has not fed to the relay yet
+
+    async def run(self) -> PumpResult:
+        self._idle = IdleDeadline(self._idle_timeout)
+        with self._idle.scope, self._tasks:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._client_task)
+                nursery.start_soon(self._backend_task)
+        result = self._result
+        if self._idle.scope.cancelled_caught:
+            result.ended_by = "idle_timeout"
+            return result
+        if self._switched:
+            raw = await pump(
+                self._client,
+                self._backend,
+                idle_timeout=self._idle_timeout,
+                on_up=self._counters.up,
+                on_down=self._counters.down,
+            )
+            result.bytes_up += raw.bytes_up
+            result.bytes_down += raw.bytes_down
+            result.ended_by = "upgrade:" + raw.ended_by
+        return result
+
+    def _stop(self) -> None:
+        self._tasks.cancel()
+
+    async def _client_task(self) -> None:
+        relay = self._relay
+        while True:
+            if relay.client_paused:
+                async with self._lock:
+                    while relay.client_paused:
+                        await self._wake_client.wait()
+            try:
+                # bytes() of bytes is the same object: no copy (trio's stream type also allows a bytearray).
+                data = bytes(await self._client.receive_some(CHUNK_SIZE))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._result.ended_by = "client_error"
+                self._stop()
+                return
+            self._idle.touch()
+            self._client_holds_data = True
+            try:
+                async with self._lock:
+                    await self._apply(relay.from_client(data))
+            finally:
+                self._client_holds_data = False
+            if not data or relay.switched:
+                return  # the client finished sending (the backend task carries on), or the raw pump takes over
+            del data  # not kept alive through the next read's wait
+
+    async def _backend_task(self) -> None:
+        relay = self._relay
+        read = chunk_reader(self._backend, self._client)
+        while True:
+            try:
+                data = bytes(await read())
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""  # the relay answers a lost backend like a closed one
+            self._idle.touch()
+            async with self._lock:
+                await self._apply(relay.from_backend(data))
+                self._wake_client.notify_all()
+            if not data or relay.switched:
+                return
+            del data  # not kept alive through the next read's wait
+
+    async def _apply(self, step: Step) -> None:
+        """Write one step's output and act on its flags (the lock is held)."""
+        counters, result = self._counters, self._result
         if step.requests:
             counters.requests(step.requests)
         for status in step.statuses:
@@ -66,85 +156,45 @@ async def relay_http(
         if step.error:
             result.ended_by = step.error
         if step.to_backend:
-            if not await send(backend, step.to_backend):
+            if not await _send(self._backend, step.to_backend):
                 # The backend is gone mid-request: the client gets a 502 if
                 # it has no response head yet, then the connection ends.
-                await apply(relay.fail(502))
+                await self._apply(self._relay.fail(502))
                 return
             result.bytes_up += len(step.to_backend)
             counters.up(len(step.to_backend))
         if step.to_client:
-            if not await send(client, step.to_client):
+            if not await _send(self._client, step.to_client):
                 result.ended_by = "client_error"
-                nursery.cancel_scope.cancel()
+                self._stop()
                 return
             result.bytes_down += len(step.to_client)
             counters.down(len(step.to_client))
         if step.switch is not None:
-            sw = step.switch
-            if not (await send(backend, sw.client_leftover) and await send(client, sw.backend_leftover)):
-                result.ended_by = "peer_error"
-                nursery.cancel_scope.cancel()
-                return
-            switched = True
-            # The client task may already hold bytes the client sent after the
-            # 101 (it read them while we wrote): cancelling it would lose them.
-            # It feeds them to the relay, which passes them on raw, and stops.
-            if not client_holds_data:
-                nursery.cancel_scope.cancel()
+            await self._switch(step.switch)
         elif step.close:
-            nursery.cancel_scope.cancel()
+            self._stop()
 
-    async def from_client() -> None:
-        nonlocal client_holds_data
-        while True:
-            if relay.client_paused:
-                async with lock:
-                    while relay.client_paused:
-                        await wake_client.wait()
-            try:
-                data = await client.receive_some(CHUNK_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                result.ended_by = "client_error"
-                nursery.cancel_scope.cancel()
-                return
-            idle.touch()
-            client_holds_data = True
-            try:
-                async with lock:
-                    await apply(relay.from_client(data))
-            finally:
-                client_holds_data = False
-            if not data or relay.switched:
-                return  # the client finished sending (the backend task carries on), or the raw pump takes over
-            del data  # not kept alive through the next read's wait
+    async def _switch(self, switch: SwitchToRaw) -> None:
+        """Write what each side sent past the 101, then let the raw pump take over."""
+        if not (
+            await _send(self._backend, switch.client_leftover) and await _send(self._client, switch.backend_leftover)
+        ):
+            self._result.ended_by = "peer_error"
+            self._stop()
+            return
+        self._switched = True
+        # The client task may already hold bytes the client sent after the
+        # 101 (it read them while we wrote): cancelling it would lose them.
+        # It feeds them to the relay, which passes them on raw, and stops.
+        if not self._client_holds_data:
+            self._stop()
 
-    async def from_backend() -> None:
-        read = chunk_reader(backend, client)
-        while True:
-            try:
-                data = await read()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""  # the relay answers a lost backend like a closed one
-            idle.touch()
-            async with lock:
-                await apply(relay.from_backend(data))
-                wake_client.notify_all()
-            if not data or relay.switched:
-                return
-            del data  # not kept alive through the next read's wait
 
-    idle = IdleDeadline(idle_timeout)
-    with idle.scope:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(from_client)
-            nursery.start_soon(from_backend)
-    if idle.scope.cancelled_caught:
-        result.ended_by = "idle_timeout"
-        return result
-    if switched:
-        raw = await pump(client, backend, idle_timeout=idle_timeout, on_up=counters.up, on_down=counters.down)
-        result.bytes_up += raw.bytes_up
-        result.bytes_down += raw.bytes_down
-        result.ended_by = "upgrade:" + raw.ended_by
-    return result
+async def _send(stream: trio.abc.SendStream, data: bytes) -> bool:
+    """Write `data`; False if the stream is broken or closed."""
+    try:
+        await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return False
+    return True
