@@ -407,10 +407,13 @@ async def test_driver_holds_a_pipelined_request_until_the_response_ahead_of_it(
     assert wired.counted.requests == 2 and wired.counted.statuses == [200, 200]
 
 
+UPGRADE = b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+
+
 async def test_driver_hands_an_upgraded_connection_to_the_raw_pump(autojump_clock: trio.testing.MockClock) -> None:
     wired = Wired(idle_timeout=300)
-    upgrade = b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
-    switching = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+    upgrade, switching = UPGRADE, SWITCHING
     async with trio.open_nursery() as nursery:
         nursery.start_soon(wired.run)
         await wired.client.send_all(upgrade)
@@ -426,3 +429,30 @@ async def test_driver_hands_an_upgraded_connection_to_the_raw_pump(autojump_cloc
         assert await wired.client.receive_some() == b""
     assert wired.result is not None and wired.result.ended_by == "upgrade:eof"
     assert wired.counted.statuses == [101]
+
+
+async def test_driver_passes_on_what_the_client_sends_the_moment_it_sees_the_101(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The client task can have read those bytes, and not yet fed them to the relay, when the backend task ends the
+    HTTP part: they go to the backend ahead of the raw pump. The window is a few scheduler turns wide and trio
+    shuffles the order of tasks, so the frame is sent after 0 or 1 extra turns, ten times each."""
+    for attempt in range(20):
+        wired = Wired(idle_timeout=300)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wired.run)
+            await wired.client.send_all(UPGRADE)
+            await wired.backend.receive_some()
+            await wired.backend.send_all(SWITCHING + b"from-backend")
+            assert await wired.client.receive_some(len(SWITCHING)) == SWITCHING
+            for _ in range(attempt % 2):
+                await trio.lowlevel.checkpoint()
+            await wired.client.send_all(b"frame")
+            with trio.fail_after(60):
+                assert await read_exactly(wired.backend, 5) == b"frame", f"attempt {attempt}"
+            assert await read_exactly(wired.client, 12) == b"from-backend"
+            await wired.client.send_eof()
+            assert await wired.backend.receive_some() == b""
+            await wired.backend.send_eof()
+        assert wired.result is not None and wired.result.ended_by == "upgrade:eof"
+        assert wired.result.bytes_up == len(UPGRADE) + 54 + 5  # the request with two headers added, then the frame

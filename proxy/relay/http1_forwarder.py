@@ -77,7 +77,9 @@ class HttpForwarder:
         self._tasks = trio.CancelScope()  # cancelled to stop both tasks
         self._idle: IdleDeadline  # set by run(): its deadline counts from the start
         self._switched = False  # the 101 and both leftovers are written: the raw pump takes over
-        self._client_holds_data = False  # the client task has read bytes it has not fed to the relay yet
+        # What the client task has read and not yet handed to the relay. Stopping the tasks for the pump can cancel
+        # it on its way to the lock; those bytes were sent after the 101, so they go to the backend before the pump.
+        self._unfed = b""
 
     async def run(self) -> PumpResult:
         self._idle = IdleDeadline(self._idle_timeout)
@@ -90,6 +92,8 @@ class HttpForwarder:
             result.ended_by = "idle_timeout"
             return result
         if self._switched:
+            if self._unfed and not await self._send_unfed():
+                return result
             raw = await pump(
                 self._client,
                 self._backend,
@@ -120,15 +124,17 @@ class HttpForwarder:
                 self._stop()
                 return
             self._idle.touch()
-            self._client_holds_data = True
-            try:
-                async with self._lock:
-                    await self._apply(relay.from_client(data))
-            finally:
-                self._client_holds_data = False
+            self._unfed = data
+            async with self._lock:
+                await self._apply(self._feed_client(data))
             if not data or relay.switched:
                 return  # the client finished sending (the backend task carries on), or the raw pump takes over
             del data  # not kept alive through the next read's wait
+
+    def _feed_client(self, data: bytes) -> Step:
+        """The relay's step for bytes from the client, which are then no longer unfed (the lock is held)."""
+        self._unfed = b""
+        return self._relay.from_client(data)
 
     async def _backend_task(self) -> None:
         relay = self._relay
@@ -184,11 +190,17 @@ class HttpForwarder:
             self._stop()
             return
         self._switched = True
-        # The client task may already hold bytes the client sent after the
-        # 101 (it read them while we wrote): cancelling it would lose them.
-        # It feeds them to the relay, which passes them on raw, and stops.
-        if not self._client_holds_data:
-            self._stop()
+        self._stop()  # bytes the client task read but could not feed yet are in _unfed
+
+    async def _send_unfed(self) -> bool:
+        """Write what the client sent right after the 101 and the client task read but never fed the relay."""
+        data, self._unfed = self._unfed, b""
+        if not await _send(self._backend, data):
+            self._result.ended_by = "peer_error"
+            return False
+        self._result.bytes_up += len(data)
+        self._counters.up(len(data))
+        return True
 
 
 async def _send(stream: trio.abc.SendStream, data: bytes) -> bool:
