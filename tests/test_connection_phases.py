@@ -229,6 +229,23 @@ async def test_a_backend_that_is_down_gets_an_http_client_a_502(test_pki, caplog
     assert r.metric("http_responses_total", code="502") == 1
 
 
+async def test_the_client_address_is_the_one_read_at_accept_even_after_the_client_is_gone(test_pki, echo_backend):
+    # The HTTP relay and the PROXY header name the client; asking its socket once the client has reset raised
+    # "Transport endpoint is not connected", and the connection was logged as failed unexpectedly.
+    r = Runtime(test_pki, echo_backend.address, backend={"protocol": "http"})
+    proxy_end, client_end = loopback_pair()
+    conn = Connection(SocketStream(proxy_end), r.rt)
+    client_port = client_end.getsockname()[1]
+    client_end.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    client_end.close()  # a reset
+    await trio.sleep(0.05)
+    with pytest.raises(OSError):
+        proxy_end.getpeername()
+    assert conn.client_host() == "127.0.0.1"
+    assert conn.client == f"127.0.0.1:{client_port}"
+    proxy_end.close()
+
+
 @pytest.fixture
 def unanswered_port() -> Iterator[int]:
     """A loopback port whose accept queue is full: the kernel drops further SYNs, so a connect waits."""

@@ -260,7 +260,8 @@ class Connection:
     """One accepted client, from its first byte to its access-log line."""
 
     # Thousands of connections can sit idle at once: no per-instance dict.
-    __slots__ = ("_handshake_seconds", "_session", "client", "line", "phase", "rt", "started", "tls", "transport")
+    __slots__ = ("_handshake_seconds", "_session", "client", "line", "peer", "phase", "rt", "started", "tls",
+                 "transport")
 
     def __init__(self, transport: trio.abc.Stream, rt: ListenerRuntime) -> None:
         self.started = trio.current_time()
@@ -269,7 +270,8 @@ class Connection:
         self.phase = Phase.ACCEPTED
         self.line = AccessLine()
         self.transport = transport
-        self.client = _address_text(transport)
+        self.peer = _peer_address(transport)  # read at accept: once the client is gone its socket no longer knows
+        self.client = _address_text(self.peer)
         self._session: tuple[TLSStream, HandshakeRecord] | None = None
         self._handshake_seconds = 0.0
 
@@ -452,13 +454,12 @@ class Connection:
 
     def client_host(self) -> str:
         """The client's IP address, for the HTTP relay's headers."""
-        address = self.stream.peer_address()
-        return address[0] if isinstance(address, tuple) else ""
+        return self.peer[0] if isinstance(self.peer, tuple) else ""
 
     def proxy_header(self) -> bytes:
         """The PROXY protocol header that tells a TCP backend who the client is."""
         stream, cfg = self.stream, self.rt.config.backend
-        source, destination = stream.peer_address(), stream.local_address()
+        source, destination = self.peer, stream.local_address()
         if not (isinstance(source, tuple) and isinstance(destination, tuple)):
             raise ValueError("the client is not connected over TCP")
         if cfg.proxy_protocol == "v1":
@@ -484,15 +485,24 @@ async def _close_backend(backend: SocketStream) -> None:
         await backend.aclose()
 
 
-def _address_text(transport: trio.abc.Stream) -> str:
-    """The client's address for the log, read at accept: once the client is gone its socket no longer knows."""
+def _peer_address(transport: trio.abc.Stream) -> tuple[str, int] | str | None:
+    """The client's address: (host, port) over TCP, a path over a Unix socket; None if unknown."""
     if not isinstance(transport, SocketStream):
-        return "unknown"
+        return None
     try:
         addr = transport.socket.getpeername()
     except OSError:
+        return None
+    if isinstance(addr, tuple):
+        return str(addr[0]), int(addr[1])
+    return addr.decode("utf-8", "replace") if isinstance(addr, bytes) else str(addr)
+
+
+def _address_text(peer: tuple[str, int] | str | None) -> str:
+    """The client's address for the log."""
+    if peer is None:
         return "unknown"
-    return str(TCPAddress(addr[0], addr[1])) if isinstance(addr, tuple) else str(addr) or "unix"
+    return str(TCPAddress(peer[0], peer[1])) if isinstance(peer, tuple) else peer or "unix"
 
 
 def _rejected_identity(record: HandshakeRecord) -> PeerIdentity | None:
