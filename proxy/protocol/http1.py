@@ -63,8 +63,8 @@ protocols offered, the response's framing and how much of its body is left.
 Errors
 ------
 Each error ends the connection; the Step carries an `error` label (one of `ERRORS`) and, if the client has no
-response head for its current request yet, an error response (habit 13: the status hint rides on the exception,
-as h11's error_status_hint does):
+response head for its current request yet, an error response (the status hint rides on the exception, as h11's
+error_status_hint does):
 - malformed request -> 400; header block over `max_header_bytes` -> 431; a transfer coding other than chunked
   -> 501; CONNECT -> 405; both Content-Length and Transfer-Encoding -> 400 (the request-smuggling shape, RFC 9112
   section 6.3, refused rather than repaired).
