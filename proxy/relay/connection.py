@@ -36,6 +36,7 @@ from proxy.ops.metrics import ListenerMetrics
 from proxy.policy.identity import PeerIdentity, identity_from_cert
 from proxy.protocol import proxyproto
 from proxy.protocol.http1 import HeaderPolicy, HttpRelay
+from proxy.relay.dataplane import forward_tcp
 from proxy.relay.http1_forwarder import HttpCounters, relay_http
 from proxy.relay.tcp_forwarder import CHUNK_SIZE, PumpResult, pump
 from proxy.tls.classify import HandshakeFailure, Reason, classify
@@ -166,16 +167,21 @@ class Forwarder(Protocol):
 
 
 class TCPForwarder:
-    """The two-way pump (proxy.relay.tcp_forwarder): bytes as they come."""
+    """Bytes as they come: on the data plane (proxy.relay.dataplane), or with the two-way pump
+    (proxy.relay.tcp_forwarder) when the session cannot move onto its socket."""
 
     def __init__(self, config: ListenerConfig, metrics: ListenerMetrics) -> None:
         self.idle_timeout = config.timeouts.idle
         self.metrics = metrics
 
-    def forward(self, conn: Connection, backend: SocketStream) -> Awaitable[PumpResult]:
+    async def forward(self, conn: Connection, backend: SocketStream) -> PumpResult:
         m = self.metrics
-        return pump(conn.stream, backend, idle_timeout=self.idle_timeout, on_up=m.bytes_up.inc,
-                    on_down=m.bytes_down.inc)
+        result = await forward_tcp(conn.stream, backend, idle_timeout=self.idle_timeout, on_up=m.bytes_up.inc,
+                                   on_down=m.bytes_down.inc)
+        if result is None:
+            result = await pump(conn.stream, backend, idle_timeout=self.idle_timeout, on_up=m.bytes_up.inc,
+                                on_down=m.bytes_down.inc)
+        return result
 
     async def backend_unreachable(self, conn: Connection, *, timed_out: bool) -> None:
         """Nothing to say in TCP: the client sees its connection close."""

@@ -55,6 +55,9 @@ stream):
   wait). Not while bytes keep coming: a fresh buffer is zeroed as it grows
   and cleansed when freed, and swapping after every 64 KiB cost 10% of bulk
   throughput.
+
+After the handshake a TCP-mode session leaves this stream: ``hand_over()`` gives it to OpenSSL's socket BIO for
+the data plane (proxy.tls.established, proxy.relay.dataplane), where it no longer pays for the memory BIOs.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ from OpenSSL import SSL
 
 from proxy.net.sockstream import SocketStream
 from proxy.tls._openssl import ReadBuffer, drain, incoming_bytes, outgoing_bytes, release_bio_buffers, session_reused
+from proxy.tls._socket_bio import SocketSession, discard_incoming
 
 # Plaintext is handed to SSL_write in pieces of this size, the pump's chunk.
 # Each piece becomes sixteen full records, about 256.4 KiB of ciphertext,
@@ -465,6 +469,64 @@ class TLSStream(trio.abc.HalfCloseableStream):
         finally:
             self._state = _State.CLOSED
             await self._close_transport()
+
+    async def hand_over(self) -> tuple[SocketSession, bytes, bool] | None:
+        """Give the session to OpenSSL's socket BIO (see proxy.tls.established); None if that cannot be exact.
+
+        Only an idle, handshaken session over a ``SocketStream`` moves. Held-back session tickets are sent first;
+        records already in the incoming BIO are decrypted and handed back as plaintext (with whether close_notify
+        came behind them), to be forwarded before anything else. From then on this stream is closed and its
+        ``aclose()`` does nothing: the caller owns the socket.
+        """
+        transport = self.transport_stream
+        if (
+            not isinstance(transport, SocketStream)
+            or self._state is not _State.OK
+            or not self._handshake_done
+            or self._sent_eof
+            or self._send_busy
+            or self._recv_busy
+            or self._transport_eof
+        ):
+            return None
+        pending = self._delayed_outgoing + bytes(self._drain_outgoing())
+        self._delayed_outgoing = b""
+        if pending:
+            await transport.send_all(pending)
+        early, eof = self._decrypt_waiting()
+        if early is None:
+            self._state = _State.BROKEN  # a bad record behind the Finished: reported by the next call, as ever
+            await self._send_alert()
+            return None
+        session = SocketSession.attach(self.connection, transport.socket.fileno())
+        if session is None:  # cannot happen once SSL_read wanted more: the incoming BIO is empty then
+            raise RuntimeError("the TLS session could not be moved onto its socket")
+        self._state = _State.CLOSED
+        return session, early, eof
+
+    def _decrypt_waiting(self) -> tuple[bytes | None, bool]:
+        """Plaintext of the records in the incoming BIO, and whether close_notify followed; (None, _) if broken.
+
+        The BIO holds at most one transport read of ciphertext (``TRANSPORT_RECEIVE_SIZE``), so this is bounded.
+        """
+        conn = self.connection
+        pieces: list[bytes] = []
+        while incoming_bytes(conn) or conn.pending():
+            buffer = ReadBuffer(DEFAULT_RECEIVE_SIZE)
+            try:
+                while buffer.room:
+                    buffer.read_from(conn)
+            except SSL.WantReadError:
+                pieces.append(buffer.take())
+                break
+            except SSL.ZeroReturnError:
+                pieces.append(buffer.take())
+                discard_incoming(conn)  # bytes after close_notify mean nothing
+                return b"".join(pieces), True
+            except SSL.Error:
+                return None, False
+            pieces.append(buffer.take())
+        return b"".join(pieces), False
 
     def forgo_close_notify(self) -> None:
         """Make ``aclose()`` end the connection without close_notify.

@@ -1,0 +1,169 @@
+"""proxy.relay.dataplane: TCP-mode connections relayed on readiness events, with OpenSSL on the client's socket.
+
+Real TLS clients (Python's ssl, in threads) against the real proxy in this trio run, so the tests can look at the
+process's one DataPlane: that the connection was relayed there, and that nothing stays registered afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import ssl
+
+import trio
+
+from proxy.relay.dataplane import DataPlane
+from tests.conftest import client_context, exchange, start_backend, start_proxy, wait_for
+from tests.memclient import MemoryBIOClient
+
+
+def _plane() -> DataPlane:
+    return DataPlane.current()
+
+
+def _connect(port: int, ctx: ssl.SSLContext) -> ssl.SSLSocket:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return ctx.wrap_socket(raw, server_hostname="localhost")
+
+
+async def test_echo_goes_through_the_data_plane_and_leaves_nothing_registered(nursery, test_pki, echo_backend):
+    p = await start_proxy(nursery, test_pki, echo_backend.address)
+    before = _plane().relayed
+    results = [await exchange(p.port, client_context(test_pki, test_pki.alice, version=v), b"hello " * 100)
+               for v in ("1.2", "1.3")]
+    assert [r.ok for r in results] == [True, True], results
+    assert all(r.data == b"hello " * 100 for r in results)
+    assert _plane().relayed == before + 2
+    await wait_for(lambda: _plane().connections == 0)
+    assert _plane().registered_fds == 0
+
+
+async def test_a_request_sent_right_behind_the_finished_arrives_first_and_whole(nursery, test_pki, echo_backend):
+    # TLS 1.3: the client's first records often arrive with its Finished, in the same read; the hand-over
+    # decrypts them and forwards them before anything else.
+    p = await start_proxy(nursery, test_pki, echo_backend.address)
+    payload = b"".join(i.to_bytes(4, "big") for i in range(50_000))  # 200 KB, ordered
+
+    def run() -> bytes:
+        with _connect(p.port, client_context(test_pki, test_pki.alice, version="1.3")) as tls:
+            tls.sendall(payload)
+            got = bytearray()
+            while len(got) < len(payload):
+                chunk = tls.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+            return bytes(got)
+
+    assert await trio.to_thread.run_sync(run) == payload
+
+
+async def test_bulk_both_ways_with_a_slow_reader_keeps_every_byte(nursery, test_pki, access_log):
+    # 16 MiB each way, the client reading slowly: backpressure on both directions, no byte lost or reordered.
+    size = 16 * 1024 * 1024
+    block = bytes(range(256)) * 256
+    down = hashlib.sha256()
+
+    async def source_and_sink(stream: trio.SocketStream, backend) -> None:
+        uploaded = 0
+
+        async def sink() -> None:
+            nonlocal uploaded
+            while data := await stream.receive_some(1 << 16):
+                uploaded += len(data)
+
+        try:
+            async with trio.open_nursery() as inner:
+                inner.start_soon(sink)
+                for _ in range(size // len(block)):
+                    await stream.send_all(block)
+                await stream.send_eof()
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            backend.received += b"broken "
+        backend.received += str(uploaded).encode()
+
+    backend = await start_backend(nursery, source_and_sink)
+    p = await start_proxy(nursery, test_pki, backend.address)
+    expected = hashlib.sha256(block * (size // len(block))).hexdigest()
+
+    # A stdlib TLS client over memory BIOs, so one task can write while another reads (an ssl.SSLSocket shared by
+    # two threads is not safe); the reader is slow: a pause every 64 reads.
+    client = await MemoryBIOClient.connect(p.port, client_context(test_pki, test_pki.alice))
+    await client.handshake()
+
+    async def upload() -> None:
+        for _ in range(size // len(block)):
+            await client.send(block)
+
+    async def download() -> int:
+        received = reads = 0
+        while chunk := await client.receive():
+            down.update(chunk)
+            received += len(chunk)
+            reads += 1
+            if reads % 64 == 0:
+                await trio.sleep(0.001)
+        return received
+
+    async with trio.open_nursery() as both:
+        both.start_soon(upload)
+        received = await download()
+    await client.aclose()
+    (fields,) = await access_log.wait(1)
+    assert received == size, (fields["ended_by"], fields.get("detail"), fields["bytes_up"], fields["bytes_down"])
+    assert down.hexdigest() == expected
+    await wait_for(lambda: backend.received.endswith(str(size).encode()), timeout=20)
+
+
+async def test_half_close_from_the_client_still_gets_the_whole_answer(nursery, test_pki):
+    async def answer_after_eof(stream: trio.SocketStream, backend) -> None:
+        request = b""
+        while data := await stream.receive_some(65536):
+            request += data
+        await stream.send_all(request[::-1] * 1000)
+
+    backend = await start_backend(nursery, answer_after_eof)
+    p = await start_proxy(nursery, test_pki, backend.address)
+
+    def run() -> bytes:
+        with _connect(p.port, client_context(test_pki, test_pki.alice, version="1.3")) as tls:
+            tls.sendall(b"abc")
+            socket.socket.shutdown(tls, socket.SHUT_WR)  # a FIN without close_notify (SSLSocket.shutdown drops TLS)
+            got = bytearray()
+            while chunk := tls.recv(65536):
+                got += chunk
+            return bytes(got)
+
+    assert await trio.to_thread.run_sync(run) == b"cba" * 1000
+
+
+async def test_an_idle_connection_is_closed_and_unregistered(nursery, test_pki, echo_backend, access_log):
+    p = await start_proxy(nursery, test_pki, echo_backend.address, timeouts={"idle": 0.3})
+
+    def run() -> bytes:
+        with _connect(p.port, client_context(test_pki, test_pki.alice)) as tls:
+            tls.sendall(b"x")
+            assert tls.recv(1) == b"x"
+            return tls.recv(1)  # nothing more comes: the proxy closes after 0.3-0.33 s
+
+    assert await trio.to_thread.run_sync(run) == b""
+    (fields,) = await access_log.wait(1)
+    assert fields["ended_by"] == "idle_timeout", fields
+    await wait_for(lambda: _plane().connections == 0)
+
+
+async def test_many_connections_at_once_each_get_their_own_bytes(nursery, test_pki, echo_backend):
+    p = await start_proxy(nursery, test_pki, echo_backend.address)
+    ctx = client_context(test_pki, test_pki.alice)
+    results = []
+
+    async def one(i: int) -> None:
+        results.append(await exchange(p.port, ctx, f"client {i} ".encode() * 500))
+
+    async with trio.open_nursery() as clients:
+        for i in range(60):
+            clients.start_soon(one, i)
+    assert len(results) == 60 and all(r.ok for r in results), [r for r in results if not r.ok][:3]
+    assert sorted(r.data for r in results) == sorted(f"client {i} ".encode() * 500 for i in range(60))
+    await wait_for(lambda: _plane().connections == 0)
+    assert _plane().registered_fds == 0
