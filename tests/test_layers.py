@@ -57,9 +57,7 @@ PRIVATE_ATTRIBUTES = frozenset({
     "_NoOverlappingProtocols",
 })
 # Modules that read the binding without being a seam, and why; each should move its use into the seam.
-BINDING_EXCEPTIONS = {
-    "proxy.tls.classify": "OpenSSL's X509_V_ERR_* numbers and X509_verify_cert_error_string",
-}
+BINDING_EXCEPTIONS: dict[str, str] = {}
 
 
 @dataclass(frozen=True)

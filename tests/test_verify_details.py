@@ -14,9 +14,10 @@ from cryptography import x509
 from OpenSSL import crypto
 
 from proxy.dev import pki
-from proxy.tls.classify import X509_REASONS, describe_x509_error, verify_error_text
+from proxy.tls._openssl import verify_error_text
+from proxy.tls.classify import X509_REASONS, describe_x509_error
 from tests.conftest import Cred, _write, start_proxy
-from tests.test_handshake import access_log, assert_rejected, connect, version_ctx  # noqa: F401 - a fixture
+from tests.test_handshake import assert_rejected, connect, version_ctx
 
 
 def openssl_verdict(trusted: x509.Certificate, chain: tuple[x509.Certificate, ...]) -> tuple[int, int, str]:

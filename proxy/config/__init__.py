@@ -1,1 +1,1 @@
-"""The config file's schema and the TLS material it names, loaded and checked before anything listens. Never imports trio."""
+"""The config file's schema and the TLS material it names, loaded and checked before anything listens. No trio."""

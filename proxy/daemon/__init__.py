@@ -1,1 +1,1 @@
-"""The process: listeners and accept loops, reload, drain, workers, file watching, file-descriptor and memory budgets."""
+"""The process: listeners, accept loops, reload, drain, workers, file watching, descriptor and memory budgets."""

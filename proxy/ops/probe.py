@@ -43,7 +43,7 @@ from proxy.ops.probe_tls import (
     build_context,
 )
 from proxy.ops.probe_verdict import EXIT_PROBLEM, OwnCertificate, Verdict, judge, overall, quiet_suspicion
-from proxy.tls.classify import verify_error_text
+from proxy.tls._openssl import verify_error_text
 
 __all__ = ["add_arguments", "main", "probe"]
 

@@ -25,6 +25,11 @@ public API:
   (for the log), and set the error that picks the alert the client receives.
 - A look at the client certificate behind a session that is being resumed,
   with the power to refuse it (``set_resumption_check``, below).
+- The X509_V_ERR_* numbers and OpenSSL's words for them (``x509_error``, ``verify_error_text``): they change
+  between OpenSSL versions, so they come from the linked library (proxy.tls.classify names the reasons).
+- A session that OpenSSL drives on its socket after the handshake (``SocketSession``, for the data plane):
+  nothing public moves a Connection from memory BIOs to a socket, and pyOpenSSL's ``recv``/``send`` raise an
+  exception for every would-block, about 2 µs each, which a readiness-driven loop meets on every read.
 """
 
 from __future__ import annotations
@@ -269,3 +274,108 @@ def set_resumption_check(ctx: SSL.Context, check: ResumptionCheck) -> None:
     c_callback = _ffi.callback("int (*)(SSL *, int *, void *)", trampoline)
     _keep_alive(ctx, "servername", c_callback)
     _lib.SSL_CTX_set_tlsext_servername_callback(ctx._context, c_callback)
+
+
+# ---- X509 verification errors ---------------------------------------------------------------------------------------
+
+
+def x509_error(name: str) -> int:
+    """The linked OpenSSL's number for an X509_V_ERR_* name (e.g. "X509_V_ERR_CERT_HAS_EXPIRED")."""
+    code: int = getattr(_lib, name)
+    return code
+
+
+def verify_error_text(code: int) -> str:
+    """OpenSSL's own words for an X509_V_ERR_* code ("certificate has expired")."""
+    text: bytes = _ffi.string(_lib.X509_verify_cert_error_string(code))
+    return text.decode("ascii", "replace")
+
+
+# ---- a session on its socket (the data plane) -----------------------------------------------------------------------
+
+WANT_READ = -1
+WANT_WRITE = -2
+EOF = 0
+# SSL_MODE_ENABLE_PARTIAL_WRITE: SSL_write returns once some records are on the socket, so a full socket buffer
+# leaves the rest with us (a copy of it) instead of inside OpenSSL's write buffer half-sent.
+_MODE_ENABLE_PARTIAL_WRITE = 0x1
+
+
+class TLSBroken(Exception):
+    """The session failed (a bad record, a reset, a protocol error): nothing more can be read or written."""
+
+
+class SharedBuffer:
+    """One C buffer that all connections of a data plane read into in turn (used up before the next read)."""
+
+    __slots__ = ("ptr", "size", "view")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.ptr: CData = _no_zero_allocator("char[]", size)
+        self.view = memoryview(_ffi.buffer(self.ptr, size))
+
+
+def discard_incoming(conn: SSL.Connection) -> None:
+    """Empty the incoming memory BIO (what a client sent after its close_notify)."""
+    waiting = incoming_bytes(conn)
+    if waiting:
+        scratch = _no_zero_allocator("char[]", waiting)
+        _lib.BIO_read(conn._into_ssl, scratch, waiting)
+
+
+class SocketSession:
+    """A handshaken ``SSL.Connection`` whose reads and writes go to a socket file descriptor."""
+
+    __slots__ = ("_conn", "_ssl")
+
+    def __init__(self, conn: SSL.Connection) -> None:
+        self._conn = conn
+        self._ssl: CData = conn._ssl
+
+    @classmethod
+    def attach(cls, conn: SSL.Connection, fd: int) -> SocketSession | None:
+        """Point the session's BIOs at ``fd``; None (and the session untouched) unless both memory BIOs are empty."""
+        if incoming_bytes(conn) or outgoing_bytes(conn):
+            return None
+        if _lib.SSL_set_fd(conn._ssl, fd) != 1:  # frees the two memory BIOs
+            _lib.ERR_clear_error()
+            return None
+        # pyOpenSSL's bio_* methods now refuse (TypeError) rather than reach the freed BIOs.
+        conn._into_ssl = conn._from_ssl = None
+        _lib.SSL_set_mode(conn._ssl, _MODE_ENABLE_PARTIAL_WRITE)
+        return cls(conn)
+
+    def read_into(self, buffer: SharedBuffer, offset: int) -> int:
+        """Decrypt one record (or what is left of it) into ``buffer`` at ``offset``."""
+        got: int = _lib.SSL_read(self._ssl, buffer.ptr + offset, buffer.size - offset)
+        return got if got > 0 else self._outcome(got)
+
+    def write(self, data: bytes | memoryview) -> int:
+        with _ffi.from_buffer(data) as ptr:
+            got: int = _lib.SSL_write(self._ssl, ptr, len(data))
+        return got if got > 0 else self._outcome(got)
+
+    def write_from(self, buffer: SharedBuffer, start: int, end: int) -> int:
+        got: int = _lib.SSL_write(self._ssl, buffer.ptr + start, end - start)
+        return got if got > 0 else self._outcome(got)
+
+    def shutdown(self) -> int:
+        got: int = _lib.SSL_shutdown(self._ssl)
+        return 1 if got >= 0 else self._outcome(got)
+
+    def _outcome(self, result: int) -> int:
+        error = _lib.SSL_get_error(self._ssl, result)
+        if error == _lib.SSL_ERROR_WANT_READ:
+            return WANT_READ
+        if error == _lib.SSL_ERROR_WANT_WRITE:
+            return WANT_WRITE
+        if error == _lib.SSL_ERROR_ZERO_RETURN:
+            return EOF  # close_notify, or a FIN (the context sets OP_IGNORE_UNEXPECTED_EOF)
+        try:
+            self._conn._raise_ssl_error(self._ssl, result)  # builds the error text and empties OpenSSL's queue
+        except SSL.ZeroReturnError:
+            return EOF
+        except SSL.Error as exc:
+            raise TLSBroken(str(exc) or exc.__class__.__name__) from exc
+        raise TLSBroken(f"OpenSSL error {error}")

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 import trio
 from OpenSSL import SSL
-from OpenSSL._util import ffi as _ffi  # see "OpenSSL's verification vocabulary"
-from OpenSSL._util import lib as _lib
+
+from proxy.tls._openssl import verify_error_text, x509_error
 
 if TYPE_CHECKING:  # context imports this module for the X509 error codes
     from proxy.tls.context import HandshakeRecord
@@ -57,35 +57,29 @@ _TLS_HANDSHAKE_RECORD = 0x16
 # certificate doesn't have a public key"), so every number here comes from the
 # linked library's own header, x509_vfy.h, as pyOpenSSL's cffi bindings expose
 # it, and every text from its X509_verify_cert_error_string. pyOpenSSL has no
-# public API for either; these few lines are the only use of its bindings
-# outside proxy.tls._openssl.
+# public API for either: proxy.tls._openssl reads them (x509_error,
+# verify_error_text).
 
-X509_V_ERR_CERT_REJECTED: int = _lib.X509_V_ERR_CERT_REJECTED  # what the strict leaf rules report
-
-
-def verify_error_text(code: int) -> str:
-    """OpenSSL's own words for an X509_V_ERR_* code ("certificate has expired")."""
-    text: bytes = _ffi.string(_lib.X509_verify_cert_error_string(code))
-    return text.decode("ascii", "replace")
+X509_V_ERR_CERT_REJECTED = x509_error("X509_V_ERR_CERT_REJECTED")  # what the strict leaf rules report
 
 
 # X509 error -> reason, for the codes that are not `bad_certificate` (signature,
 # purpose, depth, weak key, malformed, ... and the strict leaf rules).
 X509_REASONS: dict[int, Reason] = {
-    _lib.X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT: Reason.UNKNOWN_CA,
-    _lib.X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT: Reason.UNKNOWN_CA,
-    _lib.X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN: Reason.UNKNOWN_CA,
-    _lib.X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY: Reason.UNKNOWN_CA,
-    _lib.X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE: Reason.UNKNOWN_CA,
-    _lib.X509_V_ERR_CERT_NOT_YET_VALID: Reason.NOT_YET_VALID,
-    _lib.X509_V_ERR_CERT_HAS_EXPIRED: Reason.EXPIRED,
-    _lib.X509_V_ERR_CERT_REVOKED: Reason.REVOKED,
+    x509_error("X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT"): Reason.UNKNOWN_CA,
+    x509_error("X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT"): Reason.UNKNOWN_CA,
+    x509_error("X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN"): Reason.UNKNOWN_CA,
+    x509_error("X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY"): Reason.UNKNOWN_CA,
+    x509_error("X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE"): Reason.UNKNOWN_CA,
+    x509_error("X509_V_ERR_CERT_NOT_YET_VALID"): Reason.NOT_YET_VALID,
+    x509_error("X509_V_ERR_CERT_HAS_EXPIRED"): Reason.EXPIRED,
+    x509_error("X509_V_ERR_CERT_REVOKED"): Reason.REVOKED,
 }
 
 # Where OpenSSL's words leave the operator guessing which setting is involved.
 _X509_HINTS: dict[int, str] = {
-    _lib.X509_V_ERR_CERT_CHAIN_TOO_LONG: "more intermediates than client_auth.verify_depth allows",
-    _lib.X509_V_ERR_INVALID_PURPOSE: "its extended key usage does not allow client authentication",
+    x509_error("X509_V_ERR_CERT_CHAIN_TOO_LONG"): "more intermediates than client_auth.verify_depth allows",
+    x509_error("X509_V_ERR_INVALID_PURPOSE"): "its extended key usage does not allow client authentication",
 }
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 
 from proxy.net.sockstream import SocketStream
-from proxy.tls._socket_bio import SharedBuffer, SocketSession, TLSBroken
+from proxy.tls._openssl import SharedBuffer, SocketSession, TLSBroken
 from proxy.tls.stream import LINGER_MAX_BYTES, LINGER_TIMEOUT, TLSStream
 
 

@@ -73,8 +73,16 @@ from cryptography import x509
 from OpenSSL import SSL
 
 from proxy.net.sockstream import SocketStream
-from proxy.tls._openssl import ReadBuffer, drain, incoming_bytes, outgoing_bytes, release_bio_buffers, session_reused
-from proxy.tls._socket_bio import SocketSession, discard_incoming
+from proxy.tls._openssl import (
+    ReadBuffer,
+    SocketSession,
+    discard_incoming,
+    drain,
+    incoming_bytes,
+    outgoing_bytes,
+    release_bio_buffers,
+    session_reused,
+)
 
 # Plaintext is handed to SSL_write in pieces of this size, the pump's chunk.
 # Each piece becomes sixteen full records, about 256.4 KiB of ciphertext,
