@@ -17,6 +17,8 @@ import pytest
 import trio
 import yaml
 
+from proxy.net.accepting import take_waiting
+from proxy.net.sockstream import SocketListener
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -108,25 +110,22 @@ def handshake_succeeds(test_pki, port: int, timeout: float = 10) -> bool:
 async def test_connections_waiting_in_the_backlog_are_accepted_in_bounded_batches():
     # A real listening socket with 100 clients queued: one batch takes at most its size, never more than the
     # listener's slots or the process's descriptor budget allow, and nothing when the backlog is empty.
-    from proxy.daemon.server import _accept_ready
-    from proxy.net.sockstream import SocketListener
-
     server = socket.create_server(("127.0.0.1", 0), backlog=128)
     listener = SocketListener(server)
     clients = [socket.create_connection(server.getsockname()) for _ in range(100)]
     slots, budget = trio.Semaphore(80), trio.Semaphore(1000)
     try:
-        first = list(_accept_ready(listener, slots, budget, 64))
+        first = list(take_waiting(listener, (slots, budget), 64))
         assert len(first) == 64 and (slots.value, budget.value) == (16, 936)
-        second = list(_accept_ready(listener, slots, budget, 64))
+        second = list(take_waiting(listener, (slots, budget), 64))
         assert len(second) == 16 and slots.value == 0  # the listener's max_connections
         for stream in first[:30]:
             await stream.aclose()
             slots.release()
             budget.release()
-        third = list(_accept_ready(listener, slots, budget, 64))
+        third = list(take_waiting(listener, (slots, budget), 64))
         assert len(third) == 20  # the rest of the backlog, then the batch ends on EAGAIN
-        assert list(_accept_ready(listener, slots, budget, 64)) == []
+        assert list(take_waiting(listener, (slots, budget), 64)) == []
         for stream in first[30:] + second + third:
             await stream.aclose()
     finally:

@@ -1,20 +1,24 @@
 """Listeners, the accept loops, the connection limit, and the proxy as a whole.
 
-Nurseries (habit 4 in STYLE.md, from hypercorn): the accept loops live in
-their own nursery, the connection handlers in another. Stopping cancels the
-accept loops only (new connections are refused once the sockets close), then
-gives the connections until the drain deadline, and then closes the rest in
-batches. The admin endpoint lives outside both, so `/readyz` can say 503
+Nurseries: the accept loops live in their own nursery, the connection
+handlers in another. Stopping cancels the accept loops only (new connections
+are refused once the sockets close), then gives the connections until the
+drain deadline, and then closes the rest in batches (docs/architecture.md,
+"Drain"). The admin endpoint lives outside both, so `/readyz` can say 503
 during the drain.
 
-The accept loop never handshakes (habit 1): it only takes a connection slot,
-accepts, and starts a handler task. At ``max_connections``, or when the
-process's file-descriptor budget (fdlimit.py) is spent, it stops accepting
-(clients wait in the kernel's backlog) instead of accepting and failing.
+The accept loop (``proxy.net.accepting``, shared with the admin endpoint)
+never handshakes, so a slow client cannot hold up the others
+(docs/architecture.md, "Data flow"): it only takes a connection slot, accepts,
+and starts a handler task. At ``max_connections``, or when the process's
+file-descriptor budget (fdlimit.py) is spent, it stops accepting (clients wait
+in the kernel's backlog) instead of accepting and failing. Every listening
+socket, the admin endpoint's included, is bound by ``open_listeners``.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
 import logging
@@ -24,6 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypedDict
 
 import trio
 from cryptography import x509
@@ -31,14 +36,15 @@ from cryptography.hazmat.primitives import hashes
 
 from proxy import __version__
 from proxy.config.materials import ListenerMaterials, load_listener_materials
-from proxy.config.schema import Config, ConfigError, TCPAddress
+from proxy.config.schema import Config, ConfigError
 from proxy.daemon.capacity import give_memory_back, open_connections
 from proxy.daemon.fdlimit import connection_capacity
 from proxy.daemon.watch import RESOURCE_ERRNOS, OutOfResources, changed, snapshot, watched_paths
-from proxy.net.accepting import CapacityEpisode, accept_with_backoff
+from proxy.net.accepting import ListenError as ListenError  # re-exported: the CLI and the workers catch it here
+from proxy.net.accepting import accept_loop, format_address, open_listeners
 from proxy.net.sockstream import SocketListener, SocketStream
 from proxy.ops.admin import admin_handler
-from proxy.ops.admin_http import serve_http
+from proxy.ops.admin_http import serve_http_on
 from proxy.ops.metrics import Metrics
 from proxy.relay.connection import ListenerRuntime, handle_connection
 from proxy.tls.context import build_server_tls
@@ -54,76 +60,16 @@ CLOSE_BATCH = 400
 CLOSE_BATCH_WAIT = 0.5  # seconds; a close that takes longer (up to CLOSE_TIMEOUT) does not hold up the next batch
 
 
-# Connections accepted back to back, without yielding to the scheduler, when they are waiting in the backlog
-# already; starting their handlers is all that happens per connection until the next checkpoint.
-ACCEPT_BATCH = 64
-
-
-def format_address(sockname) -> str:
-    return str(TCPAddress(sockname[0], sockname[1]))
-
-
-async def accept_loop(
-    listener: SocketListener,
-    rt: ListenerRuntime,
-    slots: trio.Semaphore,
-    connections: OpenConnections,
-    handler_nursery: trio.Nursery,
-) -> None:
-    episode = CapacityEpisode(f"listener {rt.config.name}", log)
-    while True:
-        # At the listener's max_connections, or when the process's descriptor budget is spent, wait here: the
-        # backlog holds new clients, and the reserve keeps the admin endpoint answering.
-        await slots.acquire()
+async def _run_handler(rt: ListenerRuntime, connections: OpenConnections, stream: SocketStream) -> None:
+    """One connection, from the accept loop (which gives its slots back after this returns)."""
+    with connections.track():
         try:
-            await connections.budget.acquire()
-            try:
-                stream = await accept_with_backoff(listener, episode)
-            except BaseException:
-                connections.budget.release()
-                raise
-        except BaseException:
-            slots.release()
-            raise
-        handler_nursery.start_soon(_run_handler, stream, rt, slots, connections)
-        for stream in _accept_ready(listener, slots, connections.budget, ACCEPT_BATCH - 1):
-            handler_nursery.start_soon(_run_handler, stream, rt, slots, connections)
-
-
-def _accept_ready(listener: SocketListener, slots: trio.Semaphore, budget: trio.Semaphore, limit: int
-                  ) -> Iterator[SocketStream]:
-    """Up to ``limit`` more connections that are waiting in the backlog already, without a checkpoint between them.
-
-    The backlog is a queue: a healthy client that connects just after a burst of 1,500 waits until all of them
-    are accepted. Accepting each one in its own turn of the scheduler drained such a burst in 120-150 ms; a batch
-    is a few microseconds per connection. Any error (no connection waiting, EMFILE, a connection that died in the
-    queue) ends the batch; the awaiting accept() handles it.
-    """
-    for _ in range(limit):
-        if slots.value == 0 or budget.value == 0:
-            return
-        stream = listener.accept_waiting()
-        if stream is None:
-            return
-        slots.acquire_nowait()
-        budget.acquire_nowait()
-        yield stream
-
-
-async def _run_handler(stream: SocketStream, rt: ListenerRuntime, slots: trio.Semaphore,
-                       connections: OpenConnections) -> None:
-    try:
-        with connections.track():
-            try:
-                await handle_connection(stream, rt)
-            except Exception:
-                # handle_connection catches its own errors; this is the last line of
-                # defence, so one connection's bug can never stop the listener.
-                log.exception("connection handler failed on listener %s", rt.config.name)
-                await trio.aclose_forcefully(stream)
-    finally:
-        connections.budget.release()
-        slots.release()
+            await handle_connection(stream, rt)
+        except Exception:
+            # handle_connection catches its own errors; this is the last line of
+            # defence, so one connection's bug can never stop the listener.
+            log.exception("connection handler failed on listener %s", rt.config.name)
+            await trio.aclose_forcefully(stream)
 
 
 class OpenConnections:
@@ -172,6 +118,14 @@ class OpenConnections:
                 await self.wait_closed(fewer_than=open_now - batch + 1)
 
 
+class LastReload(TypedDict):
+    """The outcome of the last reload (start-up counts as a success), for /status."""
+
+    result: str  # "success" | "failure"
+    time: float  # Unix time
+    error: str | None
+
+
 @dataclass
 class Bound:
     """Where the proxy ended up listening (ports may have been 0)."""
@@ -202,12 +156,13 @@ class Proxy:
         self.ready = False
         self.draining = False
         self.runtimes = [
-            ListenerRuntime(config=lc, tls=build_server_tls(lc, mat, index=i), metrics=self.metrics.for_listener(lc.name))
+            ListenerRuntime(config=lc, tls=build_server_tls(lc, mat, index=i),
+                            metrics=self.metrics.for_listener(lc.name))
             for i, (lc, mat) in enumerate(zip(config.listeners, materials, strict=True))
         ]
         for rt in self.runtimes:
             rt.metrics.publish_materials(rt.tls.materials)
-        self.last_reload = {"result": "success", "time": time.time(), "error": None}
+        self.last_reload = LastReload(result="success", time=time.time(), error=None)
         self.metrics.last_reload_success.set(self.last_reload["time"])
         self._accepting: trio.CancelScope | None = None
         self._grace: trio.CancelScope | None = None
@@ -217,7 +172,7 @@ class Proxy:
     # ---- lifecycle --------------------------------------------------------
 
     async def run(self, *, sockets: list[list[SocketListener]] | None = None,
-                  task_status=trio.TASK_STATUS_IGNORED) -> None:
+                  task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until :meth:`stop`; then drain and return.
 
         ``sockets`` are listening sockets bound already, one list per
@@ -228,38 +183,39 @@ class Proxy:
             sockets = await self._bind_all()
         bound = Bound(listeners={rt.config.name: [format_address(s.socket.getsockname()) for s in ls]
                                  for rt, ls in zip(self.runtimes, sockets, strict=False)})
+        admin: list[SocketListener] = []
         try:
+            if self.admin_enabled:
+                addr = self.config.admin.listen
+                admin = await open_listeners(addr.host, addr.port, what="admin")
             async with trio.open_nursery() as outer:
-                if self.admin_enabled:
-                    addr = self.config.admin.listen
-                    try:
-                        host, port = await outer.start(
-                            serve_http,
-                            admin_handler(self.metrics.registry, ready=lambda: self.ready, status=self.status),
-                            addr.host, addr.port,
-                        )
-                    except OSError as exc:
-                        raise ListenError(f"admin: cannot listen on {addr}: {exc.strerror or exc}") from None
-                    bound.admin = format_address((host, port))
+                if admin:
+                    handler = admin_handler(self.metrics.registry, ready=lambda: self.ready, status=self.status)
+                    bound.admin = format_address(await outer.start(serve_http_on, handler, admin))
                 if self.config.reload.watch_interval > 0:
                     outer.start_soon(self._watch_files, self.config.reload.watch_interval)
                 outer.start_soon(give_memory_back, lambda: open_connections(self.metrics))
                 await self._serve(sockets, bound, task_status)
                 outer.cancel_scope.cancel()  # the drain is over: stop the admin endpoint
         finally:
-            for ls in sockets:
-                for s in ls:
-                    await trio.aclose_forcefully(s)
+            for listener in [*admin, *itertools.chain.from_iterable(sockets)]:
+                await trio.aclose_forcefully(listener)
 
-    async def _serve(self, sockets, bound: Bound, task_status) -> None:
+    async def _serve(self, sockets: list[list[SocketListener]], bound: Bound,
+                     task_status: trio.TaskStatus[Bound]) -> None:
         connections = self.connections = OpenConnections(connection_capacity())
         async with trio.open_nursery() as handlers:
             async with trio.open_nursery() as accepting:
                 self._accepting = accepting.cancel_scope
                 for rt, ls in zip(self.runtimes, sockets, strict=False):
-                    slots = trio.Semaphore(rt.config.max_connections)
+                    # A connection holds one of its listener's slots and one of the process's descriptors.
+                    slots = (trio.Semaphore(rt.config.max_connections), connections.budget)
+                    handler = functools.partial(_run_handler, rt, connections)
                     for s in ls:
-                        accepting.start_soon(accept_loop, s, rt, slots, connections, handlers)
+                        accepting.start_soon(functools.partial(
+                            accept_loop, s, handler, handlers, slots=slots, name=f"listener {rt.config.name}",
+                            logger=log,
+                        ))
                     log.info("listener %s on %s -> %s", rt.config.name, ", ".join(bound.listeners[rt.config.name]),
                              rt.config.backend.address, extra={"fields": {"listener": rt.config.name}})
                 self.ready = True
@@ -277,11 +233,7 @@ class Proxy:
         try:
             for rt in self.runtimes:
                 addr = rt.config.listen
-                try:
-                    listeners = await trio.open_tcp_listeners(addr.port, host=addr.host)
-                    out.append([SocketListener.take_over(listener) for listener in listeners])
-                except OSError as exc:
-                    raise ListenError(f"listener {rt.config.name}: cannot listen on {addr}: {exc.strerror or exc}") from None
+                out.append(await open_listeners(addr.host, addr.port, what=f"listener {rt.config.name}"))
         except BaseException:
             for ls in out:
                 for s in ls:
@@ -343,14 +295,14 @@ class Proxy:
             for warning in tls.materials.warnings:
                 log.warning("%s", warning)
         self.metrics.reloads.labels(result="success").inc()
-        self.last_reload = {"result": "success", "time": time.time(), "error": None}
+        self.last_reload = LastReload(result="success", time=time.time(), error=None)
         self.metrics.last_reload_success.set(self.last_reload["time"])
         log.info("reloaded certificates for %d listener(s)", len(fresh))
         return True
 
     def _reload_failed(self, error: str, *, logged: bool = False) -> bool:
         self.metrics.reloads.labels(result="failure").inc()
-        self.last_reload = {"result": "failure", "time": time.time(), "error": error}
+        self.last_reload = LastReload(result="failure", time=time.time(), error=error)
         if not logged:
             log.error("reload failed, still serving the previous certificates: %s", error)
         return False
@@ -379,7 +331,7 @@ class Proxy:
                 log.info("files changed: %s; reloading", ", ".join(changed(self._files_seen, current)))
                 self.reload_certificates()
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, object]:
         return {
             "version": __version__,
             "ready": self.ready,
@@ -409,7 +361,7 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
-def _listener_status(rt: ListenerRuntime, proxy: Proxy) -> dict:
+def _listener_status(rt: ListenerRuntime, proxy: Proxy) -> dict[str, object]:
     mat = rt.tls.materials
     leaf = mat.server.leaf
     names = [ca.subject for ca in mat.advertised_ca]
@@ -450,7 +402,3 @@ def _dns_sans(cert: x509.Certificate) -> list[str]:
     except x509.ExtensionNotFound:
         return []
     return ext.value.get_values_for_type(x509.DNSName)
-
-
-class ListenError(Exception):
-    """A listener could not bind its address."""

@@ -22,7 +22,6 @@ connections from ``open_tcp_stream`` are taken over with the public ``detach()``
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import socket
 import struct
@@ -35,14 +34,6 @@ DEFAULT_RECEIVE_SIZE = 64 * 1024
 # What trio's SocketStream sets: small writes leave at once, and the kernel
 # holds at most 16 KiB not yet sent, so backpressure reaches the sender early.
 NOTSENT_LOWAT = 16 * 1024
-# A connection that failed between the kernel's accept queue and accept():
-# that client is gone, the listener is fine (the list trio's listener uses).
-_IGNORABLE_ACCEPT_ERRNOS = frozenset(
-    getattr(errno, name)
-    for name in ("EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET",
-                 "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH")
-    if hasattr(errno, name)
-)
 
 
 def detach(trio_socket: trio.socket.SocketType) -> socket.socket:
@@ -194,9 +185,10 @@ class SocketStream(trio.abc.HalfCloseableStream):
         if self._closed:
             return 0
         try:
-            return struct.unpack("i", fcntl.ioctl(self.socket, request, b"\0\0\0\0"))[0]
+            (size,) = struct.unpack("i", fcntl.ioctl(self.socket, request, b"\0\0\0\0"))
         except OSError:
             return 0  # not a socket that keeps such a queue
+        return int(size)
 
     async def aclose_lingering(self, *, seconds: float, max_bytes: int) -> None:
         """Close without making the kernel reset the connection: half-close, read what still comes, then close.
@@ -225,9 +217,10 @@ class SocketStream(trio.abc.HalfCloseableStream):
 class SocketListener(trio.abc.Listener[SocketStream]):
     """A listening socket whose ``accept()`` gives a ``SocketStream``. ``socket`` is the stdlib socket.
 
-    Like trio's ``SocketListener``: every ``accept()`` is a checkpoint, a connection that died in the accept
-    queue is skipped, other errors (``EMFILE`` and the like) are raised for the caller to handle, and
-    ``aclose()`` wakes a task blocked in ``accept()`` with ``ClosedResourceError``.
+    Like trio's ``SocketListener``, every ``accept()`` is a checkpoint and ``aclose()`` wakes a task blocked in
+    ``accept()`` with ``ClosedResourceError``. Unlike it, ``accept()`` raises every error of the socket's
+    ``accept()``: the accept loop (``proxy.net.accepting``) is the one place that tells a connection that died in
+    the accept queue (skip it) from a process out of descriptors (back off) and from a real failure.
     """
 
     def __init__(self, sock: socket.socket) -> None:
@@ -252,11 +245,9 @@ class SocketListener(trio.abc.Listener[SocketStream]):
                 waited = True
                 await trio.lowlevel.wait_readable(self.socket)
                 continue
-            except OSError as exc:
+            except OSError:
                 if self._closed:
                     raise trio.ClosedResourceError("the listener was closed") from None
-                if exc.errno in _IGNORABLE_ACCEPT_ERRNOS:
-                    continue
                 raise
             break
         stream = _wrap_accepted(sock)

@@ -29,7 +29,7 @@ def admin_handler(
     registry: prometheus_client.CollectorRegistry,
     *,
     ready: Callable[[], bool],
-    status: Callable[[], dict] | None = None,
+    status: Callable[[], dict[str, object]] | None = None,
 ) -> Handler:
     """A handler for `serve_http` that serves the admin routes.
 
@@ -69,7 +69,7 @@ def _readiness(is_ready: bool) -> Response:
     return Response(body=b"ready\n") if is_ready else Response(status=503, body=b"not ready\n")
 
 
-def _json(document: dict) -> Response:
+def _json(document: dict[str, object]) -> Response:
     body = json.dumps(document, indent=2, sort_keys=True, default=str) + "\n"
     return Response(body=body.encode("utf-8"), content_type="application/json")
 

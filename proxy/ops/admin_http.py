@@ -11,7 +11,10 @@ bounded, and whatever goes wrong with one connection ends at most that connectio
 - connections: 64 at once. At the limit we stop accepting and new clients wait in the kernel's listen backlog;
 - a malformed request -> 400 and close; a handler that raises -> 500 (logged) and the connection carries on;
 - a peer that resets -> the connection ends quietly;
-- no file descriptor left for a new connection -> accepting backs off and retries (`proxy.net.accepting`).
+- no file descriptor left for a new connection -> accepting backs off and retries.
+
+Binding and the accept loop are the proxy's own (`proxy.net.accepting`): the same errno handling, back-off,
+episode logging and accept batches as the data-plane listeners.
 
 The h11 state machine does the parsing; this module only moves bytes and enforces the limits above, in the shape
 of h11's examples/trio-server.py.
@@ -19,15 +22,17 @@ of h11's examples/trio-server.py.
 
 from __future__ import annotations
 
+import functools
 import http
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import h11
 import trio
 
-from proxy.net.accepting import CapacityEpisode, accept_with_backoff
+from proxy.net.accepting import accept_loop, format_address, open_listeners
+from proxy.net.sockstream import SocketListener, SocketStream
 
 __all__ = ["Handler", "Request", "Response", "serve_http"]
 
@@ -77,27 +82,10 @@ class _Limits:
     max_body_bytes: int
 
 
-async def serve_http(handler: Handler, host: str, port: int, **options) -> None:
-    """Serve `handler` over HTTP/1.1 on host:port until cancelled.
-
-    Args:
-      handler: called once per request; its exceptions become 500 responses.
-      host, port: passed to `trio.open_tcp_listeners`; port 0 picks a free port.
-      options: those of `serve_http_on` (name, the limits in the module docstring, task_status).
-
-    Returns only by an exception: cancellation (the normal way to stop) or a failure to bind or accept.
-    Reports `(host, port)` of the first listening socket through `task_status`, so that
-    `await nursery.start(serve_http, ...)` returns once the server accepts connections, with the real port.
-
-    Resource handling: the listeners and every connection are closed before this returns.
-    """
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    await serve_http_on(handler, listeners, **options)
-
-
-async def serve_http_on(
+async def serve_http(
     handler: Handler,
-    listeners: list[trio.SocketListener],
+    host: str,
+    port: int,
     *,
     name: str = "http",
     request_timeout: float = REQUEST_TIMEOUT,
@@ -106,60 +94,88 @@ async def serve_http_on(
     max_body_bytes: int = MAX_BODY_BYTES,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """`serve_http` on listening sockets bound already (e.g. inherited from a parent process)."""
+    """Serve `handler` over HTTP/1.1 on host:port until cancelled.
+
+    Args:
+      handler: called once per request; its exceptions become 500 responses.
+      host, port: bound with `proxy.net.accepting.open_listeners`; port 0 picks a free port.
+      name: starts this server's log lines, and the message of a failure to bind.
+      request_timeout, max_connections, max_header_bytes, max_body_bytes: the limits in the module docstring.
+
+    Returns only by an exception: cancellation (the normal way to stop), a `ListenError` (an `OSError`) when the
+    address cannot be bound, or a failure to accept. Reports `(host, port)` of the first listening socket through
+    `task_status`, so that `await nursery.start(serve_http, ...)` returns once the server accepts connections,
+    with the real port.
+
+    Resource handling: the listeners and every connection are closed before this returns.
+    """
+    listeners = await open_listeners(host, port, what=name)
+    await serve_http_on(
+        handler, listeners, name=name, request_timeout=request_timeout, max_connections=max_connections,
+        max_header_bytes=max_header_bytes, max_body_bytes=max_body_bytes, task_status=task_status,
+    )
+
+
+async def serve_http_on(
+    handler: Handler,
+    listeners: Sequence[SocketListener | trio.SocketListener],
+    *,
+    name: str = "http",
+    request_timeout: float = REQUEST_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
+    max_header_bytes: int = MAX_HEADER_BYTES,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """`serve_http` on listening sockets bound already (by the proxy, or inherited from a parent process).
+
+    A trio ``SocketListener`` is taken over (it is left detached), so every connection is the proxy's own
+    ``SocketStream`` and comes from the shared accept loop.
+    """
+    ours = [SocketListener.take_over(s) if isinstance(s, trio.SocketListener) else s for s in listeners]
     if request_timeout <= 0 or max_connections < 1 or max_header_bytes < 1 or max_body_bytes < 0:
-        for listener in listeners:
+        for listener in ours:
             await trio.aclose_forcefully(listener)
         raise ValueError("serve_http limits must be positive (max_body_bytes may be 0)")
-    server = _Server(handler, _Limits(request_timeout, max_header_bytes, max_body_bytes), name, max_connections)
-    bound = listeners[0].socket.getsockname()[:2]
-    LOGGER.info("%s: listening on %s", name, _format_address(bound))
+    limits = _Limits(request_timeout, max_header_bytes, max_body_bytes)
+    # Taken *before* accepting (by the accept loop): at the limit, new clients wait in the kernel's backlog rather
+    # than in our memory.
+    slots = (trio.Semaphore(max_connections),)
+    bound: tuple[str, int] = ours[0].socket.getsockname()[:2]
+    LOGGER.info("%s: listening on %s", name, format_address(bound))
     async with trio.open_nursery() as nursery:
-        for listener in listeners:
-            nursery.start_soon(server.accept_loop, listener, nursery)
+        for listener in ours:
+            nursery.start_soon(functools.partial(
+                _serve_listener, listener, functools.partial(_run_connection, handler, limits, name), nursery,
+                slots=slots, name=name,
+            ))
         task_status.started(bound)
 
 
-class _Server:
-    """What the accept loops of one `serve_http` share: the handler, the limits and the connection slots."""
+async def _serve_listener(listener: SocketListener, run: Callable[[SocketStream], Awaitable[None]],
+                          nursery: trio.Nursery, *, slots: tuple[trio.Semaphore], name: str) -> None:
+    async with listener:
+        await accept_loop(listener, run, nursery, slots=slots, name=name, logger=LOGGER)
 
-    def __init__(self, handler: Handler, limits: _Limits, name: str, max_connections: int) -> None:
-        self._handler = handler
-        self._limits = limits
-        self._name = name
-        self._slots = trio.Semaphore(max_connections)
 
-    async def accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
-        episode = CapacityEpisode(self._name, LOGGER)
-        async with listener:
-            while True:
-                # Take a slot *before* accepting: at the limit, new clients then wait in the kernel's backlog
-                # rather than in our memory. The connection's task gives the slot back. (If accept() raises, the
-                # whole server is stopping, so the slot does not matter any more.)
-                await self._slots.acquire()
-                # Out of descriptors: back off and retry, logging the episode once, as the proxy's listeners do.
-                stream = await accept_with_backoff(listener, episode)
-                nursery.start_soon(self._run_connection, stream)
-
-    async def _run_connection(self, stream: trio.SocketStream) -> None:
-        try:
-            await _Connection(stream, self._handler, self._limits, self._name).serve()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the peer reset or vanished: routine network noise, not an error of ours
-        except Exception:
-            # A bug in this module must cost one connection, not the server (and not the daemon around it).
-            LOGGER.error("%s: connection failed", self._name, exc_info=True)
-        finally:
-            # A plain socket has nothing graceful to do on close (no TLS close_notify), so the forceful close is
-            # the same close, and it cannot block even when we are being cancelled.
-            await trio.aclose_forcefully(stream)
-            self._slots.release()
+async def _run_connection(handler: Handler, limits: _Limits, name: str, stream: SocketStream) -> None:
+    try:
+        await _Connection(stream, handler, limits, name).serve()
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the peer reset or vanished: routine network noise, not an error of ours
+    except Exception:
+        # A bug in this module must cost one connection, not the server (and not the daemon around it).
+        LOGGER.error("%s: connection failed", name, exc_info=True)
+    finally:
+        # A plain socket has nothing graceful to do on close (no TLS close_notify), so the forceful close is
+        # the same close, and it cannot block even when we are being cancelled.
+        await trio.aclose_forcefully(stream)
 
 
 class _Connection:
     """One client connection: an h11 state machine fed from a socket, one request and response at a time."""
 
-    def __init__(self, stream: trio.SocketStream, handler: Handler, limits: _Limits, name: str) -> None:
+    def __init__(self, stream: SocketStream, handler: Handler, limits: _Limits, name: str) -> None:
         self._stream = stream
         self._handler = handler
         self._limits = limits
@@ -218,7 +234,8 @@ class _Connection:
                 # The client broke *our* protocol limit; treat it like any other malformed request.
                 raise h11.RemoteProtocolError("request body too large", error_status_hint=413)
 
-    async def _next_event(self) -> h11.Event | type[h11.PAUSED]:
+    async def _next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        """h11's next event, reading as needed: never NEED_DATA, though the type (h11's) cannot say so."""
         while (event := self._h11.next_event()) is h11.NEED_DATA:
             # b"" at EOF is exactly how h11 wants to hear about EOF.
             self._h11.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
@@ -294,14 +311,9 @@ def _reason(status: int) -> str:
         return ""  # an unregistered code: the reason phrase is optional
 
 
-def _peer_name(stream: trio.SocketStream) -> str:
+def _peer_name(stream: SocketStream) -> str:
     try:
         address = stream.socket.getpeername()
     except OSError:
         return "unknown"  # the peer is already gone
-    return _format_address(address)
-
-
-def _format_address(address: tuple[str, int] | tuple[str, int, int, int]) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_address(address)
