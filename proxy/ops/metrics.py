@@ -1,8 +1,9 @@
 """Every metric the proxy exports, defined in one place on an injected registry.
 
-The names and labels are a public contract (dashboards and alert rules use
-them; DESIGN.md section 4): extend, never rename. Tests build a fresh
-``CollectorRegistry`` each, so nothing here is global.
+The names and labels are a public contract: the Grafana dashboard and the
+alert rules in deploy/ query them, and so do operators' own. Extend, never
+rename. Tests build a fresh ``CollectorRegistry`` each, so nothing here is
+global.
 
 Per-listener children are resolved once (``ListenerMetrics``), so the hot path
 does an attribute lookup and an ``inc()``, not a label lookup. Every failure
@@ -15,6 +16,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from datetime import datetime
 
 from OpenSSL import SSL
@@ -27,8 +29,14 @@ from proxy.tls.classify import REASONS
 PREFIX = "mtls_proxy_"
 
 
+# prometheus_client's multiprocess helpers carry no annotations; these are the signatures relied on here.
+_get_value_class: Callable[[], object] = values.get_value_class
+_multiprocess_collector: Callable[[CollectorRegistry], object] = multiprocess.MultiProcessCollector
+
+
 def _openssl_version() -> str:
     return SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()
+
 
 # Handshakes take ~1 ms on loopback and up to the handshake timeout (10 s by
 # default) when a client stalls.
@@ -172,13 +180,13 @@ def enable_multiprocess(directory: str) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     # prometheus_client picks its value class when first imported; metrics
     # look it up on creation, so switching it here is enough.
-    values.ValueClass = values.get_value_class()
+    values.ValueClass = _get_value_class()
 
 
 def multiprocess_registry() -> CollectorRegistry:
     """A registry that reads every worker's files (for the admin process)."""
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
+    _multiprocess_collector(registry)
     return registry
 
 
@@ -191,7 +199,9 @@ class ListenerMetrics:
         m = metrics
         self.handshake_success = m.handshakes.labels(listener, "success")
         self.handshake_failure = m.handshakes.labels(listener, "failure")
-        self.failures = {reason: m.handshake_failures.labels(listener, reason) for reason in REASONS}
+        # Keyed by str: a Reason is a str, and its value finds the same entry.
+        self.failures: dict[str, Counter] = {reason: m.handshake_failures.labels(listener, reason)
+                                             for reason in REASONS}
         self.handshake_duration_success = m.handshake_duration.labels(listener, "success")
         self.handshake_duration_failure = m.handshake_duration.labels(listener, "failure")
         self.cert_presented = m.client_certificates.labels(listener, "true")
@@ -204,11 +214,13 @@ class ListenerMetrics:
         self.backend_failures = m.backend_connect_failures.labels(listener)
         self.backend_connect_duration = m.backend_connect_duration.labels(listener)
         self.client_certificate_remaining = m.client_certificate_remaining.labels(listener)
-        self.resumption_failures = {reason: m.resumption_failures.labels(listener, reason) for reason in REASONS}
+        self.resumption_failures: dict[str, Counter] = {
+            reason: m.resumption_failures.labels(listener, reason) for reason in REASONS
+        }
         self.recent = RecentFailures()
         self.http_requests = m.http_requests.labels(listener)
-        self._http_responses: dict[int, object] = {}
-        self._sessions: dict[tuple[str, str, bool], object] = {}
+        self._http_responses: dict[int, Counter] = {}
+        self._sessions: dict[tuple[str, str, bool], Counter] = {}
 
     def handshake_failed(self, reason: str, seconds: float) -> None:
         self.handshake_failure.inc()
