@@ -1,17 +1,27 @@
-"""Shared fixtures: a test PKI on disk, an in-process proxy, backends, clients.
+"""Shared fixtures: a test PKI on disk, an in-process proxy, backends, clients, the access log.
 
 Everything runs over real TLS on real loopback sockets. The proxy runs in the
 test's own trio loop (so its metrics registry can be read directly); clients
 that must be independent TLS stacks (stdlib ``ssl``, ``openssl s_client``,
 ``curl``) run in threads or subprocesses.
+
+Backends: ``echo_backend`` runs in the test's trio loop and counts what reaches
+it; ``threaded_echo_backend`` runs in a thread, for the tests that drive a
+daemon process and have no trio loop of their own.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import logging
 import os
 import socket
+import socketserver
 import ssl
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,7 +38,6 @@ from proxy.config.schema import parse
 from proxy.daemon.server import Proxy
 from proxy.dev import pki
 from proxy.ops.metrics import Metrics
-import contextlib
 
 LISTENER = "test"
 
@@ -170,6 +179,35 @@ async def echo_backend(nursery) -> Backend:
 
 async def start_backend(nursery, handler) -> Backend:
     return await nursery.start(_serve_backend, Backend(), handler)
+
+
+class _EchoRequestHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        self.request.settimeout(30)
+        with contextlib.suppress(OSError):
+            while data := self.request.recv(65536):
+                self.request.sendall(data)
+            self.request.shutdown(socket.SHUT_WR)
+
+
+class _ThreadingTCPServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+@pytest.fixture
+def threaded_echo_backend() -> Iterator[str]:
+    """An echo backend in threads of the test process, for tests of a daemon process (they have no trio loop to
+    run ``echo_backend`` in); its ``host:port``. On the client's EOF it half-closes back."""
+    server = _ThreadingTCPServer(("127.0.0.1", 0), _EchoRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 def free_port() -> int:
@@ -325,3 +363,53 @@ def tls_exchange(port: int, ctx: ssl.SSLContext, payload: bytes = b"ping", *, ex
 
 async def exchange(port: int, ctx: ssl.SSLContext, payload: bytes = b"ping", **kw) -> ClientResult:
     return await trio.to_thread.run_sync(lambda: tls_exchange(port, ctx, payload, **kw))
+
+
+def served_fingerprint(port: int, ctx: ssl.SSLContext, payload: bytes = b"ping", *, timeout: float = 10.0) -> str:
+    """SHA-256 (hex) of the certificate the proxy on ``port`` serves to a new connection (blocking: run it in a
+    thread from trio).
+
+    The connection must be admitted and reach an echo backend: ``payload`` goes there and back, or an assertion
+    fails (with TLS 1.3 a refused client certificate shows only once the client reads).
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(payload)
+            got = bytearray()
+            while len(got) < len(payload):
+                chunk = tls.recv(len(payload) - len(got))
+                assert chunk, "the proxy closed the connection"
+                got += chunk
+            assert got == payload
+            der = tls.getpeercert(binary_form=True)
+    assert der
+    return hashlib.sha256(der).hexdigest()
+
+
+# ---- the access log ------------------------------------------------------------
+
+
+class AccessLog:
+    """The ``proxy.access`` records caplog captured: one per finished connection, its fields in ``fields``."""
+
+    def __init__(self, caplog: pytest.LogCaptureFixture) -> None:
+        self._caplog = caplog
+
+    @property
+    def records(self) -> list[logging.LogRecord]:
+        return [r for r in self._caplog.records if r.name == "proxy.access"]
+
+    @property
+    def fields(self) -> list[dict]:
+        return [r.fields for r in self.records]
+
+    async def wait(self, count: int = 1) -> list[dict]:
+        """The fields, once ``count`` connections have completely finished (the line is their last act)."""
+        await wait_for(lambda: len(self.records) >= count)
+        return self.fields
+
+
+@pytest.fixture
+def access_log(caplog: pytest.LogCaptureFixture) -> AccessLog:
+    caplog.set_level(logging.INFO, logger="proxy.access")
+    return AccessLog(caplog)

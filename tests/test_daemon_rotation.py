@@ -3,8 +3,6 @@ the kubelet swaps a mounted Secret's `..data` symlink, and nobody sends a signal
 
 from __future__ import annotations
 
-import hashlib
-import socket
 import ssl
 import threading
 import time
@@ -13,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from proxy.dev import pki
-from tests.conftest import free_port, kubernetes_secret
-from tests.test_daemon import Daemon, echo_backend, wait_until  # noqa: F401 (echo_backend is a fixture)
+from tests.conftest import free_port, kubernetes_secret, served_fingerprint
+from tests.conftest import poll_until as wait_until
+from tests.test_daemon import Daemon
 
 pytestmark = pytest.mark.slow
 
@@ -25,22 +24,8 @@ def client(server_ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
     return ctx
 
 
-def echo(port: int, ctx: ssl.SSLContext) -> str:
-    """One full connection; returns the served certificate's fingerprint."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-            tls.sendall(b"ping")
-            got = b""
-            while len(got) < 4:
-                chunk = tls.recv(4)
-                assert chunk, "the proxy closed the connection"
-                got += chunk
-            assert got == b"ping"
-            return hashlib.sha256(tls.getpeercert(binary_form=True)).hexdigest()
-
-
 @pytest.fixture
-def secret_daemon(tmp_path, test_pki, echo_backend):  # noqa: F811
+def secret_daemon(tmp_path, test_pki, threaded_echo_backend):
     server_ca = pki.make_ca("Secret Server CA")
     (tmp_path / "server-ca.crt").write_bytes(server_ca.cert_pem())
     secret = tmp_path / "secret"
@@ -56,7 +41,7 @@ def secret_daemon(tmp_path, test_pki, echo_backend):  # noqa: F811
             "listen": f"127.0.0.1:{free_port()}",
             "tls": {"cert": str(secret / "tls.crt"), "key": str(secret / "tls.key")},
             "client_auth": {"mode": "require", "trusted_ca": str(secret / "ca.crt")},
-            "backend": {"address": echo_backend},
+            "backend": {"address": threaded_echo_backend},
         }],
     }
     daemon = Daemon(config, tmp_path).start()
@@ -70,7 +55,7 @@ def test_secret_swap_rotates_server_cert_and_ca_bundle_under_live_traffic(secret
     daemon, secret, server_ca, first = secret_daemon
     port = daemon.port()
     alice = client(tmp_path / "server-ca.crt", test_pki.alice.cert, test_pki.alice.key)
-    assert echo(port, alice) == first.sha256
+    assert served_fingerprint(port, alice) == first.sha256
 
     # A client from a CA the bundle does not hold yet.
     new_ca = pki.make_ca("Second Client CA", organization="Acme")
@@ -79,7 +64,7 @@ def test_secret_swap_rotates_server_cert_and_ca_bundle_under_live_traffic(secret
     (tmp_path / "n.key").write_bytes(newcomer.key_pem())
     newcomer_ctx = client(tmp_path / "server-ca.crt", tmp_path / "n.crt", tmp_path / "n.key")
     with pytest.raises((ssl.SSLError, OSError, AssertionError)):
-        echo(port, newcomer_ctx)
+        served_fingerprint(port, newcomer_ctx)
 
     errors: list[str] = []
     served: set[str] = set()
@@ -88,7 +73,7 @@ def test_secret_swap_rotates_server_cert_and_ca_bundle_under_live_traffic(secret
     def traffic() -> None:
         while not stop.is_set():
             try:
-                served.add(echo(port, alice))
+                served.add(served_fingerprint(port, alice))
             except Exception as exc:  # any failure a client would see
                 errors.append(repr(exc))
 
@@ -109,7 +94,7 @@ def test_secret_swap_rotates_server_cert_and_ca_bundle_under_live_traffic(secret
 
     assert errors == []  # no client saw an error across the rotation
     assert served == {first.sha256, rotated.sha256}
-    assert echo(port, newcomer_ctx) == rotated.sha256  # the new CA is trusted now
+    assert served_fingerprint(port, newcomer_ctx) == rotated.sha256  # the new CA is trusted now
     assert daemon.sample("mtls_proxy_certificate_expiry_timestamp_seconds", listener="k8s", role="trusted_ca",
                          subject="CN=Second Client CA,O=Acme") == new_ca.cert.not_valid_after_utc.timestamp()
 
@@ -123,6 +108,6 @@ def test_broken_secret_update_keeps_the_old_material_serving(secret_daemon, test
     kubernetes_secret(secret, "2026_11_28_02", mismatched, test_pki.client_ca.read_bytes())
     wait_until(lambda: daemon.sample("mtls_proxy_reloads_total", result="failure") == 1, timeout=10,
                what="the broken swap to be refused")
-    assert echo(port, alice) == first.sha256
+    assert served_fingerprint(port, alice) == first.sha256
     assert daemon.sample("mtls_proxy_reloads_total", result="success") == 0
     assert "reload failed" in daemon.stderr()

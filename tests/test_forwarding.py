@@ -10,7 +10,6 @@ over real TCP: unlike a stdlib ``ssl`` socket they can send close_notify with
 from __future__ import annotations
 
 import hashlib
-import logging
 import shutil
 import tempfile
 import time
@@ -55,17 +54,6 @@ def ctx(test_pki):
 @pytest.fixture(params=["1.2", "1.3"])
 def versioned_ctx(request, test_pki):
     return request.param, openssl_client_context(test_pki, test_pki.alice, version=request.param)
-
-
-@pytest.fixture
-def access_log(caplog):
-    """The access-log records' fields, as a list that fills in as connections close."""
-    caplog.set_level(logging.INFO, logger="proxy.access")
-
-    def lines() -> list[dict]:
-        return [r.fields for r in caplog.records if r.name == "proxy.access"]
-
-    return lines
 
 
 async def settled(p, *, connections: int, up: int | None = None, down: int | None = None) -> None:
@@ -134,10 +122,10 @@ async def test_half_close_client_first(nursery, test_pki, versioned_ctx, access_
 
     await settled(p, connections=1, up=len(request), down=len(answer))
     assert p.metric(M + "handshakes_total", result="success") == 1
-    await wait_for(lambda: access_log())
-    assert access_log()[0]["ended_by"] == "eof"
-    assert access_log()[0]["bytes_up"] == len(request)
-    assert access_log()[0]["bytes_down"] == len(answer)
+    (line,) = await access_log.wait(1)
+    assert line["ended_by"] == "eof"
+    assert line["bytes_up"] == len(request)
+    assert line["bytes_down"] == len(answer)
 
 
 async def test_half_close_backend_first(nursery, test_pki, versioned_ctx):
@@ -256,8 +244,8 @@ async def test_idle_timeout_closes_a_silent_client(nursery, test_pki, echo_backe
     assert 0.2 <= elapsed <= 2.0, f"closed after {elapsed:.2f}s with idle = 0.3s"
     await client.aclose()
     await settled(p, connections=1, up=0, down=0)
-    await wait_for(lambda: access_log())
-    assert access_log()[0]["ended_by"] == "idle_timeout"
+    (line,) = await access_log.wait(1)
+    assert line["ended_by"] == "idle_timeout"
 
 
 async def test_idle_timeout_closes_with_close_notify(nursery, test_pki, echo_backend, ctx):

@@ -15,18 +15,7 @@ import pytest
 import trio
 
 from proxy.dev import pki
-from tests.conftest import client_context, exchange, kubernetes_secret, start_proxy, wait_for
-
-
-def served_fingerprint(port: int, ctx: ssl.SSLContext) -> str:
-    """SHA-256 of the certificate the proxy serves (the handshake must succeed)."""
-    import hashlib
-
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-            tls.sendall(b"x")
-            assert tls.recv(1) == b"x"
-            return hashlib.sha256(tls.getpeercert(binary_form=True)).hexdigest()
+from tests.conftest import client_context, exchange, kubernetes_secret, served_fingerprint, start_proxy, wait_for
 
 
 def write_cred(cert_path: Path, key_path: Path, issued: pki.Issued) -> None:

@@ -1,4 +1,5 @@
-"""proxy.net.sockstream: trio's own conformance checks for the SocketStream over real sockets, and the SocketListener."""
+"""proxy.net.sockstream: trio's own conformance checks for the SocketStream over real sockets, and the
+SocketListener."""
 
 from __future__ import annotations
 

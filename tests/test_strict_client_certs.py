@@ -18,14 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from proxy.dev import pki
 from tests.conftest import Cred, _write, start_proxy
-from tests.test_handshake import (  # noqa: F401 - access_log is a fixture
-    VERSIONS,
-    access_log,
-    assert_admitted,
-    assert_rejected,
-    connect,
-    version_ctx,
-)
+from tests.test_handshake import VERSIONS, assert_admitted, assert_rejected, connect, version_ctx
 
 CA_LEAF_RULE = "client certificate is a CA certificate (basicConstraints CA:TRUE)"
 KEY_USAGE_RULE = "client certificate keyUsage lacks digitalSignature"
