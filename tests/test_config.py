@@ -684,3 +684,47 @@ def test_upgrades_other_than_the_default_need_http_mode() -> None:
     assert config.parse(with_listener(**{"backend.upgrades": ["websocket"]}))  # the default, written out
     problem = only_problem(with_listener(**{"backend.upgrades": ["echo"]}))
     assert "upgrades needs protocol: http" in problem
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Listen addresses without a host, and HTTP/2
+
+
+@pytest.mark.parametrize(("text", "host", "bind_host"), [
+    (":8443", "", None),  # every interface, as Go tools write it
+    ("[::]:8443", "::", "::"),
+    ("0.0.0.0:8443", "0.0.0.0", "0.0.0.0"),
+])
+def test_a_listen_address_may_leave_the_host_out(text: str, host: str, bind_host: str | None) -> None:
+    listener = config.parse(with_listener(listen=text)).listeners[0]
+    assert (listener.listen.host, listener.listen.port, listener.listen.bind_host) == (host, 8443, bind_host)
+    assert str(listener.listen) == text
+    admin = config.parse({**minimal(), "admin": {"listen": ":9090"}}).admin
+    assert (admin.listen.host, admin.listen.port) == ("", 9090)
+
+
+def test_a_backend_address_needs_its_host() -> None:
+    assert "expected HOST:PORT" in only_problem(with_listener(**{"backend.address": ":8080"}))
+
+
+def test_http2_settings_have_defaults_and_bounds() -> None:
+    listener = config.parse(with_listener(**{"backend.protocol": "http", "tls.alpn": ["h2", "http/1.1"]})).listeners[0]
+    assert listener.http2.max_concurrent_streams == 100
+    assert listener.backend.http_version == "1.1"
+    problem = only_problem(with_listener(**{"backend.protocol": "http", "http2.initial_window_size": 1024 * 1024}))
+    assert "connection_window_size must be at least twice initial_window_size" in problem
+
+
+@pytest.mark.parametrize(("changes", "expected"), [
+    ({"backend.http_version": "2"}, 'http_version: "2" needs protocol: http'),
+    ({"backend.protocol": "http", "backend.http_version": "2"}, 'http_version: "2" needs h2 in tls.alpn'),
+    ({"backend.protocol": "http", "tls.alpn": ["h2", "h3"]}, "tls.alpn: h3 cannot work with backend.protocol: http"),
+    ({"http2.max_concurrent_streams": 10}, "http2 needs backend.protocol: http"),
+])
+def test_http_versions_that_cannot_work_are_refused_with_the_reason(changes: dict[str, Any], expected: str) -> None:
+    assert expected in only_problem(with_listener(**changes))
+
+
+def test_h2_in_alpn_is_fine_for_a_tcp_backend_that_speaks_it() -> None:
+    # TCP mode passes the client's bytes through: an h2c backend (gRPC) can answer an h2 client itself.
+    assert config.parse(with_listener(**{"tls.alpn": ["h2"]})).listeners[0].tls.alpn == ("h2",)

@@ -50,6 +50,8 @@ __all__ = [
     "ClientAuthConfig",
     "Config",
     "ConfigError",
+    "Http2Config",
+    "ListenAddressField",
     "ListenerConfig",
     "LogConfig",
     "ReloadConfig",
@@ -98,10 +100,18 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class TCPAddress:
-    """A host (name, IPv4 or IPv6 literal without brackets) and a port. Port 0 asks for an ephemeral port."""
+    """A host (name, IPv4 or IPv6 literal without brackets) and a port. Port 0 asks for an ephemeral port.
+
+    A listen address may leave the host out (``":8443"``, as Go tools write it): every interface, IPv4 and IPv6.
+    """
 
     host: str
     port: int
+
+    @property
+    def bind_host(self) -> str | None:
+        """The host to bind: None for every interface."""
+        return self.host or None
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -123,21 +133,33 @@ _TCP_EXAMPLE = "expected HOST:PORT, e.g. 127.0.0.1:8443"
 _HOSTNAME_RE = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?$")
 
 
-def parse_tcp_address(value: object) -> TCPAddress:
-    """Parse ``"0.0.0.0:8443"``, ``"localhost:80"`` or ``"[::1]:8443"`` (or pass a TCPAddress through)."""
+def parse_tcp_address(value: object, *, any_host: bool = False) -> TCPAddress:
+    """Parse ``"0.0.0.0:8443"``, ``"localhost:80"`` or ``"[::1]:8443"`` (or pass a TCPAddress through).
+
+    With ``any_host`` (listen addresses), ``":8443"`` means every interface.
+    """
     if isinstance(value, TCPAddress):
         return value
     if not isinstance(value, str):
         raise ValueError(f"{_TCP_EXAMPLE}, got {value!r}")
     host, sep, port_text = value.rpartition(":")
+    if any_host and sep and not host and port_text:
+        host = "[]"  # checked as a port below, then stands for every interface
     if not sep or not host or not port_text:
         raise ValueError(f"{_TCP_EXAMPLE}, got {value!r}")
     if not port_text.isascii() or not port_text.isdigit() or int(port_text) > 65535:
         raise ValueError(f"{_TCP_EXAMPLE}, got {value!r} (the port must be a number from 0 to 65535)")
+    if host == "[]":
+        return TCPAddress("", int(port_text))
     hint = _host_problem(host)
     if hint:
         raise ValueError(f"{_TCP_EXAMPLE}, got {value!r} ({hint})")
     return TCPAddress(host.removeprefix("[").removesuffix("]"), int(port_text))
+
+
+def parse_listen_address(value: object) -> TCPAddress:
+    """A listen address: HOST:PORT, or :PORT for every interface."""
+    return parse_tcp_address(value, any_host=True)
 
 
 def _host_problem(host: str) -> str | None:
@@ -188,6 +210,7 @@ def _validate_backend_address(value: object, info: ValidationInfo) -> TCPAddress
 
 # Usable as pydantic field types; they serialise back to their string form.
 TCPAddressField = Annotated[TCPAddress, PlainValidator(parse_tcp_address), PlainSerializer(str)]
+ListenAddressField = Annotated[TCPAddress, PlainValidator(parse_listen_address), PlainSerializer(str)]
 BackendAddress = Annotated[
     TCPAddress | UnixAddress, PlainValidator(_validate_backend_address), PlainSerializer(str)
 ]
@@ -235,7 +258,7 @@ Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class AdminConfig(_Model):
-    listen: TCPAddressField = TCPAddress("127.0.0.1", 9090)
+    listen: ListenAddressField = TCPAddress("127.0.0.1", 9090)
 
 
 class LogConfig(_Model):
@@ -251,6 +274,8 @@ def _check_alpn_protocol(protocol: str) -> str:
 
 
 _TLS_VERSION_ORDER = {"1.2": 0, "1.3": 1}
+# The ALPN protocols HTTP mode speaks to clients.
+HTTP_ALPN = ("h2", "http/1.1")
 
 
 class TLSConfig(_Model):
@@ -438,6 +463,10 @@ class BackendConfig(_Model):
     # no HTTP requests of their own may pass; h2c never does (its streams
     # would reach the backend with headers the client wrote).
     upgrades: tuple[str, ...] = ("websocket",)
+    # http only: the HTTP version spoken to the backend. "2" is HTTP/2 over cleartext with prior knowledge (h2c),
+    # which gRPC backends need; then clients must negotiate h2 with ALPN. "1.1": HTTP/2 clients' streams are
+    # translated into HTTP/1.1 requests, each on its own backend connection.
+    http_version: Literal["1.1", "2"] = "1.1"
 
     @field_validator("upgrades")
     @classmethod
@@ -468,6 +497,28 @@ class BackendConfig(_Model):
             raise ValueError("identity_headers needs protocol: http (a tcp backend gets no headers)")
         if self.upgrades != type(self).model_fields["upgrades"].default and self.protocol != "http":
             raise ValueError("upgrades needs protocol: http (a tcp backend relays bytes, not requests)")
+        if self.http_version == "2" and self.protocol != "http":
+            raise ValueError('http_version: "2" needs protocol: http (a tcp backend gets the client\'s own bytes, '
+                             "whatever protocol it negotiated)")
+        return self
+
+
+class Http2Config(_Model):
+    """HTTP/2 toward clients (HTTP mode with h2 in tls.alpn): what bounds one connection's streams and memory."""
+
+    max_concurrent_streams: int = Field(default=100, ge=1, le=10_000)
+    # Flow-control windows (RFC 9113 6.9): how much a peer may send before we take it. A connection holds at most
+    # about twice connection_window_size in buffers.
+    initial_window_size: int = Field(default=256 * 1024, ge=65_535, le=2**31 - 1)
+    connection_window_size: int = Field(default=1024 * 1024, ge=65_535, le=2**31 - 1)
+    max_frame_size: int = Field(default=16_384, ge=16_384, le=16_777_215)
+    max_header_list_size: int = Field(default=32 * 1024, ge=1024, le=1024 * 1024)
+
+    @model_validator(mode="after")
+    def _windows(self) -> Http2Config:
+        if self.connection_window_size < 2 * self.initial_window_size:
+            raise ValueError("connection_window_size must be at least twice initial_window_size, so that one "
+                             "stream cannot take the whole connection's window")
         return self
 
 
@@ -489,13 +540,29 @@ def _check_listener_name(name: str) -> str:
 
 class ListenerConfig(_Model):
     name: Annotated[str, AfterValidator(_check_listener_name)]
-    listen: TCPAddressField
+    listen: ListenAddressField
     tls: TLSConfig
     # No default on purpose: the point of this proxy is client authentication, so the mode must be written down.
     client_auth: ClientAuthConfig
     backend: BackendConfig
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     max_connections: int = Field(default=10000, ge=1)
+    http2: Http2Config = Field(default_factory=Http2Config)
+
+    @model_validator(mode="after")
+    def _protocols_fit(self) -> ListenerConfig:
+        alpn, backend = self.tls.alpn, self.backend
+        if backend.protocol == "http":
+            unknown = [p for p in alpn if p not in HTTP_ALPN]
+            if unknown:
+                raise ValueError(f"tls.alpn: {', '.join(unknown)} cannot work with backend.protocol: http, which "
+                                 f"speaks {' and '.join(HTTP_ALPN)} (a tcp backend may speak anything)")
+            if backend.http_version == "2" and "h2" not in alpn:
+                raise ValueError('backend.http_version: "2" needs h2 in tls.alpn: the proxy relays HTTP/2 clients '
+                                 "to an HTTP/2 backend, and clients speak HTTP/2 only when ALPN says so")
+        elif self.http2 != Http2Config():
+            raise ValueError("http2 needs backend.protocol: http (in tcp mode the backend speaks for itself)")
+        return self
 
 
 class ReloadConfig(_Model):

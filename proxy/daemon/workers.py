@@ -77,8 +77,12 @@ def bind_listeners(config: Config) -> list[list[socket.socket]]:
         for listener in config.listeners:
             addr = listener.listen
             try:
-                family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
-                sock = socket.create_server((addr.host, addr.port), family=family, backlog=4096)
+                if not addr.host and socket.has_dualstack_ipv6():  # ":8443": every interface, IPv4 and IPv6
+                    sock = socket.create_server(("", addr.port), family=socket.AF_INET6, backlog=4096,
+                                                dualstack_ipv6=True)
+                else:
+                    family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+                    sock = socket.create_server((addr.host, addr.port), family=family, backlog=4096)
             except OSError as exc:
                 raise ListenError(f"listener {listener.name}: cannot listen on {addr}: {exc.strerror or exc}") from None
             sock.setblocking(False)
