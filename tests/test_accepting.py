@@ -330,6 +330,16 @@ async def test_real_listeners_serve_clients_and_a_taken_port_is_a_listen_error()
         nursery.cancel_scope.cancel()
 
 
+async def test_no_host_listens_on_every_interface():
+    listeners = await open_listeners("", 0, what="listener any")
+    try:
+        hosts = {listener.socket.getsockname()[0] for listener in listeners}
+        assert "0.0.0.0" in hosts and hosts <= {"0.0.0.0", "::"}
+    finally:
+        for listener in listeners:
+            await listener.aclose()
+
+
 def test_format_address_brackets_ipv6():
     assert format_address(("127.0.0.1", 80)) == "127.0.0.1:80"
     assert format_address(("::1", 8443, 0, 0)) == "[::1]:8443"

@@ -82,15 +82,17 @@ def format_address(sockname: tuple[str, int] | tuple[str, int, int, int]) -> str
     return str(TCPAddress(sockname[0], sockname[1]))
 
 
-async def open_listeners(host: str, port: int, *, what: str) -> list[SocketListener]:
+async def open_listeners(host: str | None, port: int, *, what: str) -> list[SocketListener]:
     """Listening sockets on ``host:port``: one per address ``host`` resolves to; port 0 picks a free port.
 
-    ``what`` starts the ``ListenError`` message ("listener api", "admin").
+    ``host`` None or "" (a listen address written ``:PORT``) means every interface, IPv4 and IPv6. ``what`` starts
+    the ``ListenError`` message ("listener api", "admin").
     """
     try:
-        bound = await trio.open_tcp_listeners(port, host=host)
+        bound = await trio.open_tcp_listeners(port, host=host or None)
     except OSError as exc:
-        raise ListenError(f"{what}: cannot listen on {TCPAddress(host, port)}: {exc.strerror or exc}") from None
+        where = TCPAddress(host or "", port)
+        raise ListenError(f"{what}: cannot listen on {where}: {exc.strerror or exc}") from None
     return [SocketListener.take_over(listener) for listener in bound]
 
 
