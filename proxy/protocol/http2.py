@@ -1,9 +1,11 @@
-"""HTTP/2 between a verified client and an h2c backend: the identity on every stream (sans-IO, on h2).
+"""HTTP/2 between a verified client and its backend, h2c or HTTP/1.1: the identity on every stream (sans-IO, on h2).
 
 Theory of operation
 -------------------
-One client connection maps to one backend connection, as in tcp mode and HTTP/1.1 mode, and they end together.
-An `Http2Relay` holds two h2 connections and moves streams between them:
+With an h2c backend (`backend_http_version="2"`, the relay's default) one client connection maps to one backend
+connection, as in tcp mode and HTTP/1.1 mode, and they end together. With an HTTP/1.1 backend each stream has a
+backend connection of its own: see "HTTP/1.1 backends". An `Http2Relay` holds two h2 connections and moves
+streams between them:
 
     client bytes --FrameGate--> h2 SERVER connection --events--> relay --calls--> h2 CLIENT connection --> backend
     client bytes <------------- h2 SERVER connection <--calls--  relay <--events-- h2 CLIENT connection <-- backend
@@ -61,6 +63,30 @@ Failures
   was not processed, the client may retry); after the head the code passes through.
 - A client RST_STREAM resets the backend stream with CANCEL; the client's close cancels every backend stream.
 
+HTTP/1.1 backends
+-----------------
+`backend_http_version="1.1"`: the client's side is as above; the backend's h2 connection is never used. Each
+request opens a connection of its own (`Http2Step.open_backends`; the client's SETTINGS_MAX_CONCURRENT_STREAMS
+bounds how many), `proxy.protocol.http2_to_http1.Http1Exchange` translates both ways, and the connection is
+closed once the response is complete (`close_backends`), or when the stream ends otherwise. No pooling: a
+connection carries one request, and says `Connection: close`. The driver reports what happened on it with the
+`backend_stream_*` methods, and the relay says what to do next in the steps:
+- writes (`stream_writes`): one at a time per stream; the client's DATA in a write is acknowledged to the client
+  once the driver reports it written (`backend_stream_written`), so the client cannot have more in flight than
+  its stream window, as with an h2c backend;
+- reads (`stream_reads`): one at a time per stream, of at most `max_frame_size` bytes, and after the response
+  head only as much as the client's window for the stream (and the connection's) takes at that moment. A client
+  that stops reading stops the reads: the response waits in the backend's socket, not here. So a stream holds at
+  most one read's worth the client has not taken (one more read may land while another stream uses up the
+  connection window), and a connection at most `max_concurrent_streams` of those.
+Each stream fails alone: an unreachable backend is a 502 on that stream, a connect timeout a 504, a malformed or
+cut-short response a 502 (or RST_STREAM INTERNAL_ERROR once the head went out), each with a `StreamError` event;
+no GOAWAY, and the other streams go on. What HTTP/1.1 cannot carry is refused on the stream (see
+`proxy.protocol.http2_to_http1`): gRPC gets a trailers-only response with `grpc-status` 12 UNIMPLEMENTED and a
+`grpc-message` that names the setting; request trailers get 501 (the backend, which never got the end of the
+body, has its connection closed); a malformed request 400; CONNECT 405. A response that is complete before the
+request is delivered, then RST_STREAM(NO_ERROR) asks the client to stop sending (RFC 9113 section 8.1).
+
 Drain and GOAWAY
 ----------------
 h2 refuses all frames after a GOAWAY, so the relay writes its GOAWAY frames itself and takes the peers' out of the
@@ -93,7 +119,7 @@ from h2.events import (
     TrailersReceived,
     WindowUpdated,
 )
-from h2.exceptions import DenialOfServiceError, ProtocolError, StreamClosedError
+from h2.exceptions import DenialOfServiceError, NoSuchStreamError, ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
 from hpack.struct import Header
 from hyperframe.frame import GoAwayFrame
@@ -103,6 +129,7 @@ from proxy.protocol.http1 import HeaderPolicy
 from proxy.protocol.http2_events import (
     ATTACKS,
     DEFAULT_WINDOW,
+    STREAM_ERRORS,
     AttackContained,
     Http2Event,
     Http2Settings,
@@ -110,13 +137,26 @@ from proxy.protocol.http2_events import (
     PeerGoAway,
     ProtocolViolation,
     StreamClosed,
+    StreamError,
     StreamOpened,
 )
 from proxy.protocol.http2_frames import Budget, Budgets, FrameGate, GoAway, Violation
+from proxy.protocol.http2_to_http1 import (
+    BadResponse,
+    Data,
+    Ended,
+    Http1Exchange,
+    Informational,
+    Refused,
+    Response,
+    ResponseEvent,
+)
 
 __all__ = [
     "ATTACKS",
+    "BACKEND_HTTP_VERSIONS",
     "CONNECTION_SPECIFIC",
+    "STREAM_ERRORS",
     "AttackContained",
     "Http2Event",
     "Http2Relay",
@@ -125,8 +165,11 @@ __all__ = [
     "PeerGoAway",
     "ProtocolViolation",
     "StreamClosed",
+    "StreamError",
     "StreamOpened",
 ]
+
+BACKEND_HTTP_VERSIONS = ("1.1", "2")  # backend.http_version
 
 # Fields that are about one connection and mean nothing on another hop (RFC 9113 section 8.2.2).
 CONNECTION_SPECIFIC = frozenset(
@@ -136,9 +179,11 @@ CONNECTION_SPECIFIC = frozenset(
 # HEADERS frames may carry padding (up to 256 bytes) and a priority block (5 bytes) besides the encoded fields.
 _HEADER_FRAME_OVERHEAD = 512
 
-# The proxy's own answers: status -> (reason, gRPC status, grpc-message).
+# The proxy's own answers: status -> (reason, gRPC status, grpc-message unless the answer brings its own).
 _ANSWERS = {
+    400: (b"Bad Request", b"13", b"malformed request"),  # 13 INTERNAL, as gRPC maps a 400
     405: (b"Method Not Allowed", b"12", b"method not allowed by the proxy"),  # 12 UNIMPLEMENTED
+    501: (b"Not Implemented", b"12", b"not implemented"),  # 12 UNIMPLEMENTED
     502: (b"Bad Gateway", b"14", b"backend unavailable"),  # 14 UNAVAILABLE
     504: (b"Gateway Timeout", b"4", b"backend connect timed out"),  # 4 DEADLINE_EXCEEDED
 }
@@ -189,15 +234,18 @@ _NONE = "none"  # never had one: answered by the proxy or refused
 class _Stream:
     __slots__ = (
         "backend",
+        "backend_open",
         "bytes_down",
         "bytes_up",
         "down",
         "down_trailers",
+        "exchange",
         "grpc",
         "grpc_status",
         "head",
         "id",
         "own_answer",
+        "reading",
         "req_in_done",
         "req_out_done",
         "request_headers",
@@ -210,6 +258,7 @@ class _Stream:
         "status",
         "up",
         "up_trailers",
+        "writing",
     )
 
     def __init__(self, stream_id: int, *, grpc: bool, head: bool) -> None:
@@ -237,6 +286,12 @@ class _Stream:
         self.reset_by: str | None = None
         self.bytes_up = 0
         self.bytes_down = 0
+        # With an HTTP/1.1 backend: the translation, and the driver's read and write in flight on the stream's
+        # backend connection (`writing`: the client's DATA bytes in that write, acknowledged once it is done).
+        self.exchange: Http1Exchange | None = None
+        self.backend_open = False  # the driver holds a connection for it: opened, not closed yet
+        self.reading = False
+        self.writing: int | None = None
 
     @property
     def finished(self) -> bool:
@@ -247,7 +302,8 @@ class _Stream:
 
 
 class Http2Relay:
-    """One HTTP/2 client connection and its h2c backend connection. See the module docstring."""
+    """One HTTP/2 client connection and its backend: one h2c connection, or an HTTP/1.1 connection per stream
+    (`backend_http_version="1.1"`). See the module docstring."""
 
     def __init__(
         self,
@@ -257,12 +313,18 @@ class Http2Relay:
         identity: PeerIdentity | None,
         leaf_der: bytes | None = None,
         settings: Http2Settings | None = None,
+        backend_http_version: str = "2",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if backend_http_version not in BACKEND_HTTP_VERSIONS:
+            raise ValueError(f'backend_http_version must be "1.1" or "2", not {backend_http_version!r}')
         self.settings = settings = settings or Http2Settings()
+        self.backend_http_version = backend_http_version
+        self._http1 = backend_http_version == "1.1"
         self._policy = policy
         added = policy.added_headers(client_ip=client_ip, identity=identity, leaf_der=leaf_der)
         self._added: list[Header] = [(name.lower(), value) for name, value in added]
+        self._added_http1 = added  # spelled as in HTTP/1.1 mode: the backend sees the same bytes from both
         self._client = _connection(settings, client_side=False)
         self._backend = _connection(settings, client_side=True)
         header_block = settings.max_header_list_size + _HEADER_FRAME_OVERHEAD
@@ -289,6 +351,10 @@ class Http2Relay:
         self._closed = False
         self._client_out: list[bytes] = []
         self._events: list[Http2Event] = []
+        # What the driver does with the streams' HTTP/1.1 backend connections, for the next step.
+        self._opens: list[int] = []
+        self._writes: list[tuple[int, bytes]] = []
+        self._closes: list[int] = []
         self.streams_total = 0  # streams the client opened
         self.end_reason: str | None = None  # why the connection ended or started ending, for the log
 
@@ -315,13 +381,13 @@ class Http2Relay:
 
     def backend_connected(self) -> Http2Step:
         """The backend connection is up: its preface, then the streams that were waiting."""
+        self._require_backend("2", "backend_connected")
         return self._run(self._on_backend_connected)
 
     def backend_failed(self, status: int = 502) -> Http2Step:
         """The backend could not be reached (502) or the connect timed out (504); see "Failures"."""
-        if status not in (502, 504):
-            raise ValueError(f"backend_failed takes 502 or 504, not {status}")
-        reason = "backend_unreachable" if status == 502 else "backend_timeout"
+        self._require_backend("2", "backend_failed")
+        reason = _failure_reason(status)
         return self._run(lambda: self._fail_backend(status, reason))
 
     def client_bytes(self, data: bytes | bytearray) -> Http2Step:
@@ -330,6 +396,7 @@ class Http2Relay:
 
     def backend_bytes(self, data: bytes | bytearray) -> Http2Step:
         """Bytes read from the backend (not b"": call backend_closed() at its EOF)."""
+        self._require_backend("2", "backend_bytes")
         return self._run(lambda: self._on_backend_bytes(data))
 
     def client_closed(self) -> Http2Step:
@@ -338,6 +405,7 @@ class Http2Relay:
 
     def backend_closed(self) -> Http2Step:
         """The backend's connection ended (EOF or error, also a failed write to it)."""
+        self._require_backend("2", "backend_closed")
         return self._run(lambda: self._fail_backend(502, "backend_closed"))
 
     def start_drain(self) -> Http2Step:
@@ -350,6 +418,41 @@ class Http2Relay:
         Its bytes need not be written; its events close the books on the streams still open.
         """
         return self._run(lambda: self._abort(reason))
+
+    # -- a backend connection per stream (backend_http_version "1.1"): see "HTTP/1.1 backends" --
+
+    def backend_stream_connected(self, stream_id: int) -> Http2Step:
+        """The stream's backend connection is up: the request goes out on it."""
+        self._require_backend("1.1", "backend_stream_connected")
+        return self._run(lambda: self._on_stream_connected(stream_id))
+
+    def backend_stream_failed(self, stream_id: int, status: int = 502, detail: str = "") -> Http2Step:
+        """The stream's backend could not be reached (502) or the connect timed out (504): the stream's answer.
+
+        `detail` (the connect error) goes to the StreamError event, not to the client.
+        """
+        self._require_backend("1.1", "backend_stream_failed")
+        reason = _failure_reason(status)
+        return self._run(lambda: self._on_stream_failed(stream_id, status, reason, detail))
+
+    def backend_stream_written(self, stream_id: int) -> Http2Step:
+        """The step's write on the stream's backend connection is done: its DATA is acknowledged to the client."""
+        self._require_backend("1.1", "backend_stream_written")
+        return self._run(lambda: self._on_stream_written(stream_id))
+
+    def backend_stream_bytes(self, stream_id: int, data: bytes | bytearray) -> Http2Step:
+        """What one read on the stream's backend connection returned (not b"": see backend_stream_closed)."""
+        self._require_backend("1.1", "backend_stream_bytes")
+        return self._run(lambda: self._on_stream_response(stream_id, bytes(data)))
+
+    def backend_stream_closed(self, stream_id: int) -> Http2Step:
+        """A read on the stream's backend connection found EOF or an error."""
+        self._require_backend("1.1", "backend_stream_closed")
+        return self._run(lambda: self._on_stream_response(stream_id, None))
+
+    def _require_backend(self, version: str, method: str) -> None:
+        if self.backend_http_version != version:
+            raise RuntimeError(f"{method}() is for a relay with backend_http_version={version!r}")
 
     def _run(self, action: Callable[[], None]) -> Http2Step:
         if self._closed:
@@ -368,17 +471,26 @@ class Http2Relay:
             for stream in self._streams.values():
                 if stream.reset is None and not stream.finished:
                     stream.reset, stream.reset_by = int(ErrorCodes.CANCEL), "connection"
+                self._close_stream_backend(stream)
                 self._events.append(_closed_event(stream))
             self._streams.clear()
+        reads = () if self._closed or not self._http1 else self._grant_reads()
         self._client_out.append(self._client.data_to_send())
         step = Http2Step(
             to_client=b"".join(self._client_out),
             to_backend=self._backend.data_to_send(),
             events=tuple(self._events),
             close=self._closed,
+            open_backends=tuple(self._opens),
+            stream_writes=tuple(self._writes),
+            stream_reads=reads,
+            close_backends=tuple(self._closes),
         )
         self._client_out.clear()
         self._events.clear()
+        self._opens.clear()
+        self._writes.clear()
+        self._closes.clear()
         return step
 
     # -- the client's side --
@@ -417,7 +529,10 @@ class Http2Relay:
         elif isinstance(event, TrailersReceived):
             stream = self._live(event.stream_id)
             if stream is not None and stream.backend in (_WAITING, _OPEN):
-                stream.up_trailers = self._stripped(event.headers)
+                if stream.exchange is not None:
+                    self._refuse_request_trailers(stream, stream.exchange)
+                else:
+                    stream.up_trailers = self._stripped(event.headers)
         elif isinstance(event, StreamEnded):
             stream = self._live(event.stream_id)
             if stream is not None:
@@ -458,6 +573,8 @@ class Http2Relay:
         elif self._failure is not None:
             self._answer(stream, self._failure)
             self._send_goaway(self.end_reason or "backend_failed")
+        elif self._http1:
+            self._open_stream_backend(stream, headers)
         else:
             stream.request_headers = self._request_headers(headers)
             stream.backend = _WAITING
@@ -646,6 +763,164 @@ class Http2Relay:
                 self._refuse(stream)
         self._send_goaway("backend_goaway")
 
+    # -- a backend connection per stream (backend_http_version "1.1") --
+
+    def _open_stream_backend(self, stream: _Stream, headers: list[Header]) -> None:
+        try:
+            exchange = Http1Exchange(headers, policy=self._policy, added=self._added_http1)
+        except Refused as refused:
+            self._stream_failed(stream, refused.reason, str(refused), refused.status, refused.message)
+            return
+        stream.exchange = exchange
+        stream.backend = _WAITING
+        stream.backend_open = True
+        self._opens.append(stream.id)
+
+    def _on_stream_connected(self, stream_id: int) -> None:
+        stream = self._live(stream_id)
+        if stream is not None and stream.exchange is not None and stream.backend == _WAITING:
+            stream.backend = _OPEN
+            self._write_request(stream, stream.exchange)
+
+    def _on_stream_failed(self, stream_id: int, status: int, reason: str, detail: str) -> None:
+        stream = self._live(stream_id)
+        if stream is not None and stream.exchange is not None and stream.backend == _WAITING:
+            self._stream_failed(stream, reason, detail, status)
+
+    def _write_request(self, stream: _Stream, exchange: Http1Exchange) -> None:
+        """What the client sent so far, as HTTP/1.1, in one write; the next waits until this one is done."""
+        if stream.writing is not None:
+            return
+        pieces: list[bytes] = []
+        taken = 0
+        try:
+            if not exchange.head_written:
+                pieces.append(exchange.request_head(complete_body=stream.up.size if stream.req_in_done else None))
+            while stream.up.size:
+                piece = stream.up.take(stream.up.size)
+                taken += len(piece)
+                pieces.append(exchange.request_data(piece))
+            if stream.req_in_done:
+                pieces.append(exchange.request_end())
+        except Refused as refused:  # a body that does not match its content-length (h2 checks that first)
+            self._ack_client(stream, taken)
+            self._stream_failed(stream, refused.reason, str(refused), refused.status, refused.message)
+            return
+        data = b"".join(pieces)
+        if data:
+            stream.writing = taken
+            self._writes.append((stream.id, data))
+        else:
+            self._ack_client(stream, taken)  # a last byte the exchange holds until END_STREAM
+        if stream.req_in_done:
+            stream.req_out_done = True
+            self._backend_progress(stream)
+
+    def _on_stream_written(self, stream_id: int) -> None:
+        stream = self._live(stream_id)
+        if stream is not None and stream.writing is not None:
+            self._ack_client(stream, stream.writing)
+            stream.writing = None
+            self._flush_up(stream)
+
+    def _on_stream_response(self, stream_id: int, data: bytes | None) -> None:
+        """A read's result on the stream's connection: bytes, or None for EOF (or an error)."""
+        stream = self._live(stream_id)
+        if stream is None or stream.exchange is None or stream.backend != _OPEN:
+            return  # closed already: what a read in flight brings is not wanted
+        stream.reading = False
+        try:
+            events = stream.exchange.response_eof() if data is None else stream.exchange.response_data(data)
+        except BadResponse as exc:
+            self._stream_failed(stream, "bad_response", str(exc), 502)
+            return
+        for event in events:
+            self._on_http1_event(stream, event)
+
+    def _on_http1_event(self, stream: _Stream, event: ResponseEvent) -> None:
+        if isinstance(event, Informational):
+            self._client.send_headers(stream.id, event.headers)
+        elif isinstance(event, Response):
+            stream.status = event.status
+            stream.resp_started = True
+            if event.ended:
+                self._response_complete(stream)
+                self._client.send_headers(stream.id, event.headers, end_stream=True)
+                self._response_sent(stream)
+            else:
+                self._client.send_headers(stream.id, event.headers)
+        elif isinstance(event, Data):
+            stream.down.push(event.data)
+            stream.bytes_down += len(event.data)
+            self._flush_down(stream)
+        elif isinstance(event, Ended):
+            stream.down_trailers = event.trailers or None
+            self._response_complete(stream)
+            self._flush_down(stream)
+
+    def _response_complete(self, stream: _Stream) -> None:
+        """The whole response has been read: its connection is done. A request still arriving goes no further:
+        once the response is out the client is told to stop with RST_STREAM(NO_ERROR) (RFC 9113 section 8.1)."""
+        stream.resp_in_done = True
+        if not stream.req_in_done:
+            stream.reset_when_sent = True
+        self._ack_client(stream, stream.up.clear())
+        self._close_stream_backend(stream)
+
+    def _refuse_request_trailers(self, stream: _Stream, exchange: Http1Exchange) -> None:
+        stream.req_in_done = True  # trailers end the request
+        try:
+            exchange.request_trailers()
+        except Refused as refused:
+            self._stream_failed(stream, refused.reason, str(refused), refused.status, refused.message)
+
+    def _stream_failed(self, stream: _Stream, reason: str, detail: str, status: int, answer: str | None = None) -> None:
+        """One stream fails and the connection goes on: the proxy's answer (`status`, with `answer` as its text)
+        if no response head went out yet, else RST_STREAM(INTERNAL_ERROR)."""
+        self._events.append(StreamError(stream.id, reason, detail))
+        if stream.resp_out_done:
+            self._drop_backend(stream)
+        elif stream.resp_started:
+            self._reset_client(stream, ErrorCodes.INTERNAL_ERROR, "proxy")
+        else:
+            self._answer(stream, status, answer)
+
+    def _close_stream_backend(self, stream: _Stream) -> None:
+        """Tell the driver to close the stream's connection; the DATA of a write in flight is acknowledged."""
+        if not stream.backend_open:
+            return
+        stream.backend_open = False
+        if stream.backend in (_WAITING, _OPEN):
+            stream.backend = _DONE
+        if stream.writing:
+            self._ack_client(stream, stream.writing)
+        stream.writing = None
+        stream.reading = False
+        self._closes.append(stream.id)
+        self._touched.add(stream.id)
+
+    def _grant_reads(self) -> tuple[tuple[int, int], ...]:
+        """A read for each stream whose response the client can take now (see "HTTP/1.1 backends")."""
+        grants: list[tuple[int, int]] = []
+        for stream in self._streams.values():
+            if stream.exchange is None or stream.backend != _OPEN or stream.reading or stream.resp_in_done:
+                continue
+            size = self._read_size(stream)
+            if size > 0:
+                stream.reading = True
+                grants.append((stream.id, size))
+        return tuple(grants)
+
+    def _read_size(self, stream: _Stream) -> int:
+        limit = self.settings.max_frame_size
+        if not stream.resp_started:
+            return limit  # a head takes no window, and the reader bounds it
+        try:
+            window = self._client.local_flow_control_window(stream.id)
+        except (StreamClosedError, NoSuchStreamError):
+            return 0
+        return min(window, limit) - stream.down.size
+
     # -- failures, drain and the end --
 
     def _fail_backend(self, status: int, reason: str) -> None:
@@ -679,12 +954,17 @@ class Http2Relay:
         if answered or self._streams:
             self._send_goaway(reason)
 
-    def _answer(self, stream: _Stream, status: int) -> None:
-        """The proxy's own response on a stream that has no response head yet (405, 502, 504)."""
+    def _answer(self, stream: _Stream, status: int, detail: str | None = None) -> None:
+        """The proxy's own response on a stream that has no response head yet (400, 405, 501, 502, 504).
+
+        `detail` says why in the body (and in `grpc-message`); without it the body is the status line's words.
+        """
         self._drop_backend(stream)
         self._ack_client(stream, stream.up.clear())
         self._touched.add(stream.id)
         reason, grpc_status, message = _ANSWERS[status]
+        if detail is not None:
+            message = detail.encode("ascii", "backslashreplace")
         stream.status, stream.own_answer, stream.resp_started, stream.resp_in_done = status, True, True, True
         if not stream.req_in_done:
             stream.reset_when_sent = True  # the client need not send the rest of its request
@@ -699,7 +979,7 @@ class Http2Relay:
             self._client.send_headers(stream.id, headers, end_stream=True)
             self._response_sent(stream)
             return
-        body = b"%d %s\n" % (status, reason)
+        body = b"%d %s\n" % (status, reason) if detail is None else b"%d %s: %s\n" % (status, reason, message)
         headers = [
             (b":status", b"%d" % status),
             (b"content-type", b"text/plain; charset=utf-8"),
@@ -732,7 +1012,7 @@ class Http2Relay:
             for stream in self._streams.values():
                 if stream.backend == _OPEN:
                     self._backend.reset_stream(stream.id, ErrorCodes.CANCEL)
-        self._closed = True
+        self._closed = True  # _run closes the streams' own backend connections
 
     def _report(self, violation: Violation, side: str) -> None:
         if violation.attack:
@@ -745,6 +1025,9 @@ class Http2Relay:
     def _flush_up(self, stream: _Stream | None) -> None:
         """Client DATA to the backend as far as its windows allow, then END_STREAM or trailers."""
         if stream is None or stream.backend != _OPEN or stream.req_out_done:
+            return
+        if stream.exchange is not None:
+            self._write_request(stream, stream.exchange)
             return
         conn = self._backend
         while stream.up.size:
@@ -818,10 +1101,14 @@ class Http2Relay:
     def _backend_progress(self, stream: _Stream) -> None:
         if stream.backend == _OPEN and stream.req_out_done and stream.resp_in_done:
             stream.backend = _DONE
+            self._close_stream_backend(stream)
 
     def _drop_backend(self, stream: _Stream) -> None:
         """The backend stream is no longer wanted: cancel it (or its place in the queue)."""
-        if stream.backend == _OPEN:
+        if stream.exchange is not None:
+            stream.down.clear()  # read from the stream's own connection: nothing to acknowledge
+            self._close_stream_backend(stream)
+        elif stream.backend == _OPEN:
             stream.backend = _DONE
             if self._failure is None:
                 self._backend.reset_stream(stream.id, ErrorCodes.CANCEL)
@@ -850,7 +1137,8 @@ class Http2Relay:
             self._client.acknowledge_received_data(size, stream.id)
 
     def _ack_backend(self, stream: _Stream, size: int) -> None:
-        if size and self._failure is None and not stream.own_answer:
+        # An HTTP/1.1 backend has no window: its connection is read only as the client's window takes the bytes.
+        if size and self._failure is None and not stream.own_answer and stream.exchange is None:
             self._backend.acknowledge_received_data(size, stream.id)
 
 
@@ -871,6 +1159,12 @@ def _connection(settings: Http2Settings, *, client_side: bool) -> H2Connection:
     conn.max_inbound_frame_size = settings.max_frame_size
     conn.decoder.max_header_list_size = settings.max_header_list_size
     return conn
+
+
+def _failure_reason(status: int) -> str:
+    if status not in (502, 504):
+        raise ValueError(f"a backend failure is 502 (unreachable) or 504 (connect timed out), not {status}")
+    return "backend_unreachable" if status == 502 else "backend_timeout"
 
 
 def _initiate(conn: H2Connection, settings: Http2Settings) -> None:

@@ -122,14 +122,55 @@ class PeerGoAway:
     last_stream_id: int
 
 
-Http2Event = StreamOpened | StreamClosed | ProtocolViolation | AttackContained | PeerGoAway
+# The closed set of StreamError.reason values.
+STREAM_ERRORS = (
+    "malformed_request",  # 400: a request head HTTP/1.1 cannot carry as it is
+    "connect_not_allowed",  # 405: CONNECT or extended CONNECT
+    "grpc_needs_http2",  # 501 (gRPC: 12 UNIMPLEMENTED): gRPC to an HTTP/1.1 backend
+    "request_trailers",  # 501: request trailers to an HTTP/1.1 backend
+    "backend_unreachable",  # 502: the stream's backend connection could not be opened
+    "backend_timeout",  # 504: its connect timed out
+    "bad_response",  # 502, or a reset once the head went out: the HTTP/1.1 response was malformed or cut short
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamError:
+    """With an HTTP/1.1 backend: why one stream got the proxy's answer or a reset (the connection goes on).
+
+    `reason` is one of STREAM_ERRORS; `detail` is free text for the log.
+    """
+
+    stream_id: int
+    reason: str
+    detail: str
+
+
+Http2Event = StreamOpened | StreamClosed | ProtocolViolation | AttackContained | PeerGoAway | StreamError
 
 
 @dataclass(frozen=True, slots=True)
 class Http2Step:
-    """What one call produced: write `to_client` and `to_backend` (either may be empty), then close if `close`."""
+    """What one call produced: write `to_client` and `to_backend` (either may be empty), then close if `close`.
+
+    With an HTTP/1.1 backend (`backend_http_version="1.1"`) there is no `to_backend`: each stream has a backend
+    connection of its own, and the step says what to do with them, in this order:
+    - `open_backends`: open one for each of these streams (the same connect, with the same timeout), then report
+      `backend_stream_connected(id)` or `backend_stream_failed(id, 502 | 504)`;
+    - `stream_writes`: write these bytes on the stream's connection, then report `backend_stream_written(id)` (a
+      failed write is not reported: the read that follows fails too);
+    - `stream_reads`: read once, at most this many bytes, and report `backend_stream_bytes(id, data)`, or
+      `backend_stream_closed(id)` at EOF or a read error;
+    - `close_backends`: close the stream's connection now, whatever is in flight on it.
+    A stream has at most one write and one read in flight; every connection opened is closed by a later step (the
+    step that says `close` lists every one still open), and nothing about a stream comes after its close.
+    """
 
     to_client: bytes = b""
     to_backend: bytes = b""
     events: tuple[Http2Event, ...] = ()
-    close: bool = False  # after writing this step's bytes, close both connections
+    close: bool = False  # after writing this step's bytes, close both connections (and every stream's backend)
+    open_backends: tuple[int, ...] = ()
+    stream_writes: tuple[tuple[int, bytes], ...] = ()
+    stream_reads: tuple[tuple[int, int], ...] = ()
+    close_backends: tuple[int, ...] = ()

@@ -1,4 +1,4 @@
-"""Drive the sans-IO HTTP/2 relay (`proxy.protocol.http2`) between a client and its h2c backend.
+"""Drive the sans-IO HTTP/2 relay (`proxy.protocol.http2`) between a client and its backend: h2c, or HTTP/1.1.
 
 Five small tasks share one `Http2Relay`: a reader per peer, a writer per peer, and the backend's connect. A reader
 feeds what it read to the relay and queues the bytes the relay returns, for each peer, on that peer's outbox; the
@@ -13,6 +13,14 @@ The backend connection is opened while the client's first frames arrive; streams
 failed connect is `backend_failed(502)`, a timed-out one `backend_failed(504)`: the relay answers the streams on
 the client's connection. When a step says close, the writers get up to `FLUSH_TIMEOUT` to send what is queued,
 then everything stops; the caller closes the client's stream, this function the backend's.
+
+With an HTTP/1.1 backend (`relay.backend_http_version == "1.1"`) there is no shared backend connection: each
+stream has its own, opened, written, read and closed as the relay's steps say (see `Http2Step`). A `_Link` holds
+one: a task connects (same `connect`, same `connect_timeout`), then a writer does the relay's writes one at a time
+and a reader does its reads, each of the size the relay granted: the relay grants a read only while the client's
+window for the stream has room, so a backend whose client does not read waits in its socket buffer, not in ours.
+Before each read the reader also waits for the client's outbox, as the backend reader does. A stream that is slow
+or stalled holds only its own link; the others go on.
 """
 
 from __future__ import annotations
@@ -67,6 +75,22 @@ class _Outbox:
             await self._room.park()
 
 
+class _Link:
+    """One stream's HTTP/1.1 backend connection in the driver: the relay's writes and reads for it, one at a time."""
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+        self.scope = trio.CancelScope()  # cancelled when the relay closes the stream's connection
+        self.writes, self._writes_out = trio.open_memory_channel[bytes](1)
+        self.reads, self._reads_out = trio.open_memory_channel[int](1)
+
+    async def next_write(self) -> bytes:
+        return await self._writes_out.receive()
+
+    async def next_read(self) -> int:
+        return await self._reads_out.receive()
+
+
 async def relay_http2(
     client: trio.abc.Stream,
     connect: Callable[[], Awaitable[trio.abc.Stream]],
@@ -81,7 +105,8 @@ async def relay_http2(
 ) -> PumpResult:
     """Serve one HTTP/2 client connection until the relay closes it, the idle timeout, or cancellation.
 
-    `connect` opens the backend connection (BackendError with `timed_out`, OSError or a timeout count as failures);
+    `connect` opens the backend connection (BackendError with `timed_out`, OSError or a timeout count as failures),
+    once per client connection for an h2c backend, once per stream for an HTTP/1.1 one;
     `drain` set means start_drain(); `on_event` gets every relay event; `on_up` / `on_down` count bytes written to
     the backend / the client. Returns the bytes each way and why it ended (the relay's `end_reason`, or
     `idle_timeout`).
@@ -90,6 +115,7 @@ async def relay_http2(
     to_client, to_backend = _Outbox(), _Outbox()
     closing = trio.Event()
     backend: trio.abc.Stream | None = None
+    links: dict[int, _Link] = {}
 
     def apply(step: Http2Step) -> None:
         if on_event is not None:
@@ -97,6 +123,20 @@ async def relay_http2(
                 on_event(event)
         to_client.put(step.to_client)
         to_backend.put(step.to_backend)
+        for stream_id in step.open_backends:
+            links[stream_id] = link = _Link(stream_id)
+            nursery.start_soon(run_link, link)
+        # The relay has at most one write and one read in flight per stream, so a channel of one never blocks.
+        for stream_id, data in step.stream_writes:
+            if stream_id in links:
+                links[stream_id].writes.send_nowait(data)
+        for stream_id, size in step.stream_reads:
+            if stream_id in links:
+                links[stream_id].reads.send_nowait(size)
+        for stream_id in step.close_backends:
+            closed = links.pop(stream_id, None)
+            if closed is not None:
+                closed.scope.cancel()
         if step.close:
             closing.set()
 
@@ -137,21 +177,68 @@ async def relay_http2(
 
     async def run_backend() -> None:
         nonlocal backend
-        try:
-            with trio.fail_after(connect_timeout):
-                backend = await connect()
-        except trio.TooSlowError:
-            apply(relay.backend_failed(504))
+        connected = await connect_backend()
+        if isinstance(connected, tuple):
+            apply(relay.backend_failed(connected[0]))
             return
-        except BackendError as exc:
-            apply(relay.backend_failed(504 if exc.timed_out else 502))
-            return
-        except OSError:
-            apply(relay.backend_failed(502))
-            return
+        backend = connected
         nursery.start_soon(write, backend, to_backend, False)
         apply(relay.backend_connected())
         await read(backend, from_client=False)
+
+    async def connect_backend() -> trio.abc.Stream | tuple[int, str]:
+        """The backend connection, or the status that says why there is none (502, or 504 for a timeout) and the
+        error's text."""
+        try:
+            with trio.fail_after(connect_timeout):
+                return await connect()
+        except trio.TooSlowError:
+            return 504, f"no connection within {connect_timeout}s"
+        except BackendError as exc:
+            return (504 if exc.timed_out else 502), str(exc)
+        except OSError as exc:
+            return 502, str(exc)
+
+    async def run_link(link: _Link) -> None:
+        with link.scope:
+            stream = await connect_backend()
+            if isinstance(stream, tuple):
+                apply(relay.backend_stream_failed(link.stream_id, *stream))
+                return
+            try:
+                apply(relay.backend_stream_connected(link.stream_id))
+                async with trio.open_nursery() as pair:
+                    pair.start_soon(write_link, link, stream)
+                    pair.start_soon(read_link, link, stream)
+            finally:
+                await trio.aclose_forcefully(stream)
+
+    async def write_link(link: _Link, stream: trio.abc.Stream) -> None:
+        while True:
+            data = await link.next_write()
+            try:
+                await stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return  # the read that follows finds the connection broken and tells the relay
+            result.bytes_up += len(data)
+            if on_up is not None:
+                on_up(len(data))
+            apply(relay.backend_stream_written(link.stream_id))
+
+    async def read_link(link: _Link, stream: trio.abc.Stream) -> None:
+        while True:
+            size = await link.next_read()
+            await to_client.wait_below(HIGH_WATER)
+            try:
+                data = await stream.receive_some(size)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            idle.touch()
+            if not data:
+                apply(relay.backend_stream_closed(link.stream_id))
+                return
+            apply(relay.backend_stream_bytes(link.stream_id, data))
+            del data
 
     async def wait_for_drain(event: trio.Event) -> None:
         await event.wait()
@@ -172,7 +259,8 @@ async def relay_http2(
                 apply(relay.start())
                 nursery.start_soon(write, client, to_client, True)
                 nursery.start_soon(read, client, True)
-                nursery.start_soon(run_backend)
+                if relay.backend_http_version == "2":
+                    nursery.start_soon(run_backend)
                 if drain is not None:
                     nursery.start_soon(wait_for_drain, drain)
     finally:
