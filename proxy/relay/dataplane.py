@@ -41,7 +41,7 @@ import trio
 
 from proxy.net.sockstream import SocketStream
 from proxy.relay.tcp_forwarder import CHUNK_SIZE, PumpResult
-from proxy.tls._socket_bio import EOF, WANT_READ, WANT_WRITE, SharedBuffer, TLSBroken
+from proxy.tls._openssl import EOF, WANT_READ, WANT_WRITE, SharedBuffer, TLSBroken
 from proxy.tls.established import EstablishedTLS
 from proxy.tls.stream import TLSStream
 
