@@ -31,14 +31,8 @@ from proxy.config.schema import parse
 from proxy.net.sockstream import SocketStream
 from proxy.ops.logs import JsonFormatter
 from proxy.ops.metrics import Metrics
-from proxy.relay.connection import (
-    Connection,
-    HTTP1Forwarder,
-    ListenerRuntime,
-    Phase,
-    PhaseError,
-    TCPForwarder,
-)
+from proxy.relay.connection import Connection, ListenerRuntime, Phase, PhaseError
+from proxy.relay.forwarders import HTTP1Forwarder, HTTP2Forwarder, HTTPForwarder, TCPForwarder
 from proxy.tls.context import build_server_tls
 from proxy.tls.stream import TLSStream
 from tests.conftest import LISTENER, Backend, echo_handler, listener_config, serve_listeners_as_backend
@@ -189,7 +183,7 @@ async def test_phases_run_only_in_their_order(test_pki):
     proxy_end, client_end = socket.socketpair()
     conn = Connection(SocketStream(proxy_end), r.rt)
     with pytest.raises(PhaseError):
-        await conn.connect()
+        await conn.connect(r.rt.forwarder.choose(conn))
     with pytest.raises(PhaseError):
         conn.identify()
     assert conn.phase is Phase.ACCEPTED
@@ -405,7 +399,9 @@ def test_the_forwarder_is_chosen_once_per_listener_from_its_backend_protocol(tes
     tcp = Runtime(test_pki, "127.0.0.1:1").rt
     http = Runtime(test_pki, "127.0.0.1:1", backend={"protocol": "http"}).rt
     assert isinstance(tcp.forwarder, TCPForwarder)
-    assert isinstance(http.forwarder, HTTP1Forwarder)
+    assert isinstance(http.forwarder, HTTPForwarder)
+    # In HTTP mode each connection gets HTTP/2 or HTTP/1.1, as ALPN decided.
+    assert isinstance(http.forwarder.http1, HTTP1Forwarder) and isinstance(http.forwarder.http2, HTTP2Forwarder)
 
 
 async def test_the_stream_tells_what_was_negotiated_and_with_whom(test_pki):

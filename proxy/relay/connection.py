@@ -9,13 +9,12 @@ rules run inside the handshake, in the verify callback of proxy.tls.context, so 
 the backend connect has its own timeout; forwarding has the idle timeout. Whatever happens, the connection ends with
 both sockets closed, the gauges back where they were, and exactly one access-log line.
 
-What moves the bytes once the backend is connected is the listener's :class:`Forwarder`, chosen once from its
-config: the TCP pump or the HTTP/1.1 relay.
+What moves the bytes is the listener's forwarding (proxy.relay.forwarders), chosen once from its config: the
+TCP data plane, or in HTTP mode the HTTP/1.1 or HTTP/2 relay, as ALPN decided for the connection.
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
 import math
@@ -23,7 +22,7 @@ import random
 from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 from cryptography.hazmat.primitives import hashes, serialization
@@ -35,10 +34,8 @@ from proxy.ops.logs import ACCESS
 from proxy.ops.metrics import ListenerMetrics
 from proxy.policy.identity import PeerIdentity, identity_from_cert
 from proxy.protocol import proxyproto
-from proxy.protocol.http1 import HeaderPolicy, HttpRelay
-from proxy.relay.dataplane import forward_tcp
-from proxy.relay.http1_forwarder import HttpCounters, relay_http
-from proxy.relay.tcp_forwarder import CHUNK_SIZE, PumpResult, pump
+from proxy.relay.forwarders import Forwarder, ListenerForwarder, forwarder_for
+from proxy.relay.tcp_forwarder import PumpResult
 from proxy.tls.classify import HandshakeFailure, Reason, classify
 from proxy.tls.context import HandshakeRecord, ServerTLS
 from proxy.tls.stream import TLSStream
@@ -110,6 +107,7 @@ class AccessLine:
     ended_by: str | None = None
     bytes_up: int = 0
     bytes_down: int = 0
+    streams: int | None = None  # HTTP/2: the streams the client opened
 
     def failed(self, outcome: Outcome, reason: Reason | Failure, detail: str) -> None:
         self.outcome, self.reason, self.detail = outcome, reason, detail
@@ -133,109 +131,12 @@ class AccessLine:
                 "bytes_up": self.bytes_up,
                 "bytes_down": self.bytes_down,
                 "ended_by": self.ended_by,
+                "streams": self.streams,
                 "handshake_ms": None if self.handshake_seconds is None else round(self.handshake_seconds * 1000, 3),
                 "duration_ms": round(elapsed * 1000, 3),
             }
         )
         return {k: v for k, v in fields.items() if v is not None}
-
-
-# ---- forwarders ----------------------------------------------------------------------------------------------------
-
-
-class Forwarder(Protocol):
-    """What moves a connection's bytes once its backend is connected: one per listener, per backend protocol.
-
-    HTTP/2 goes here too (proxy.relay.http2_forwarder, not wired in yet). A client speaks it only if the handshake
-    negotiated it (``conn.line.alpn == "h2"``), so the HTTP forwarder of a listener that offers h2 makes that choice,
-    per connection. One difference: ``relay_http2`` opens the backend itself, while the client's first frames
-    arrive, and answers a failed connect on each stream; so for it ``Connection._serve`` will hand over a callable
-    that connects (what ``Connection.connect`` does, less the answer) instead of a connected backend.
-    """
-
-    def forward(self, conn: Connection, backend: SocketStream) -> Awaitable[PumpResult]:
-        """Relay until the connection ends.
-
-        Hands back the relay's coroutine rather than being one: its frames are not nested one deeper for the
-        life of the connection.
-        """
-        ...
-
-    async def backend_unreachable(self, conn: Connection, *, timed_out: bool) -> None:
-        """Tell the client the backend could not be reached, if the protocol has a way to say so."""
-        ...
-
-
-class TCPForwarder:
-    """Bytes as they come: on the data plane (proxy.relay.dataplane), or with the two-way pump
-    (proxy.relay.tcp_forwarder) when the session cannot move onto its socket."""
-
-    def __init__(self, config: ListenerConfig, metrics: ListenerMetrics) -> None:
-        self.idle_timeout = config.timeouts.idle
-        self.metrics = metrics
-
-    async def forward(self, conn: Connection, backend: SocketStream) -> PumpResult:
-        m = self.metrics
-        result = await forward_tcp(conn.stream, backend, idle_timeout=self.idle_timeout, on_up=m.bytes_up.inc,
-                                   on_down=m.bytes_down.inc)
-        if result is None:
-            result = await pump(conn.stream, backend, idle_timeout=self.idle_timeout, on_up=m.bytes_up.inc,
-                                on_down=m.bytes_down.inc)
-        return result
-
-    async def backend_unreachable(self, conn: Connection, *, timed_out: bool) -> None:
-        """Nothing to say in TCP: the client sees its connection close."""
-
-
-class HTTP1Forwarder:
-    """The HTTP/1.1 relay (proxy.relay.http1_forwarder), which gives the backend the client's identity in headers."""
-
-    def __init__(self, config: ListenerConfig, metrics: ListenerMetrics) -> None:
-        backend = config.backend
-        self.policy = HeaderPolicy(backend.identity_headers, upgrades=backend.upgrades)
-        self.idle_timeout = config.timeouts.idle
-        self.read_timeout = config.timeouts.handshake  # for the request a backend failure answers
-        self.metrics = metrics
-        m = metrics
-        self.counters = HttpCounters(requests=m.http_requests.inc, status=m.http_response, up=m.bytes_up.inc,
-                                     down=m.bytes_down.inc)
-
-    def relay(self, conn: Connection) -> HttpRelay:
-        identity = conn.record.identity
-        leaf_der = None
-        if self.policy.needs_leaf_der and identity is not None:
-            leaf = conn.stream.peer_certificate()
-            leaf_der = leaf.public_bytes(serialization.Encoding.DER) if leaf is not None else None
-        return HttpRelay(self.policy, client_ip=conn.client_host(), identity=identity, leaf_der=leaf_der)
-
-    def forward(self, conn: Connection, backend: SocketStream) -> Awaitable[PumpResult]:
-        return relay_http(conn.stream, backend, self.relay(conn), idle_timeout=self.idle_timeout,
-                          counters=self.counters)
-
-    async def backend_unreachable(self, conn: Connection, *, timed_out: bool) -> None:
-        """Read the client's request (briefly), then answer it 502, or 504 after a timeout, as an HTTP proxy does."""
-        relay = self.relay(conn)
-        stream = conn.stream
-        with trio.move_on_after(self.read_timeout):
-            try:
-                data = await stream.receive_some(CHUNK_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-            relay.from_client(data)
-        step = relay.fail(504 if timed_out else 502)
-        for code in step.statuses:
-            self.metrics.http_response(code)
-        if step.to_client:
-            with trio.move_on_after(CLOSE_TIMEOUT):
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await stream.send_all(step.to_client)
-
-
-def forwarder_for(config: ListenerConfig, metrics: ListenerMetrics) -> Forwarder:
-    """The forwarder of a listener: the one place its backend protocol is looked at."""
-    if config.backend.protocol == "http":
-        return HTTP1Forwarder(config, metrics)
-    return TCPForwarder(config, metrics)
 
 
 @dataclass
@@ -245,7 +146,9 @@ class ListenerRuntime:
     config: ListenerConfig
     tls: ServerTLS
     metrics: ListenerMetrics
-    forwarder: Forwarder = field(init=False)
+    forwarder: ListenerForwarder = field(init=False)
+    # Set when the listener starts draining: HTTP/2 clients get a GOAWAY, so they open no new streams.
+    draining: trio.Event = field(init=False, default_factory=trio.Event)
 
     def __post_init__(self) -> None:
         self.forwarder = forwarder_for(self.config, self.metrics)
@@ -324,11 +227,19 @@ class Connection:
         if not await self.handshake():
             return
         self.identify()
-        backend = await self.connect()
+        forwarder = self.rt.forwarder.choose(self)  # HTTP mode: h2 or HTTP/1.1, as ALPN decided
+        if forwarder.opens_backends is True:
+            # HTTP/2: the relay opens its backend connections as the client's streams need them, and answers a
+            # backend that cannot be reached on each stream.
+            self._enter(Phase.CONNECT)
+            self._enter(Phase.FORWARD)
+            self.forwarded(await forwarder.relay(self, self.open_backend))
+            return
+        backend = await self.connect(forwarder)
         if backend is None:
             return
         try:
-            result = await self.forward(backend)  # not nested in a coroutine of ours: see Forwarder.forward
+            result = await self.forward(forwarder, backend)  # not nested in a coroutine of ours: see Forwarder
         finally:
             await _close_backend(backend)
         self.forwarded(result)
@@ -393,7 +304,7 @@ class Connection:
         sha256 = cert.fingerprint(hashes.SHA256()).hex()
         record.identity = self.tls.recall(sha256) or identity_from_cert(cert)
 
-    async def connect(self) -> SocketStream | None:
+    async def connect(self, forwarder: Forwarder) -> SocketStream | None:
         """The backend, with the PROXY header sent if the listener wants one; None once a failure is counted."""
         self._enter(Phase.CONNECT)
         cfg = self.rt.config.backend
@@ -410,7 +321,7 @@ class Connection:
         except BackendError as exc:
             self.rt.metrics.backend_failures.inc()
             self.line.failed(Outcome.BACKEND_FAILED, Failure.BACKEND_CONNECT, str(exc))
-            await self.rt.forwarder.backend_unreachable(self, timed_out=exc.timed_out)
+            await forwarder.backend_unreachable(self, timed_out=exc.timed_out)
             return None
         self.rt.metrics.backend_connect_duration.observe(trio.current_time() - started)
         if header:
@@ -421,13 +332,25 @@ class Connection:
                 raise
         return backend
 
-    def forward(self, backend: SocketStream) -> Awaitable[PumpResult]:
-        """The listener's forwarder, between the client and ``backend``.
+    def forward(self, forwarder: Forwarder, backend: SocketStream) -> Awaitable[PumpResult]:
+        """The forwarder, between the client and ``backend``.
 
         Hands back the forwarder's coroutine, as Forwarder.forward does: _serve() awaits it.
         """
         self._enter(Phase.FORWARD)
-        return self.rt.forwarder.forward(self, backend)
+        return forwarder.forward(self, backend)
+
+    async def open_backend(self) -> trio.abc.Stream:
+        """A backend connection for a forwarder that opens its own (HTTP/2); a failure is counted, then raised."""
+        cfg = self.rt.config.backend
+        started = trio.current_time()
+        try:
+            backend = await connect_backend(cfg.address, cfg.connect_timeout)
+        except BackendError:
+            self.rt.metrics.backend_failures.inc()
+            raise
+        self.rt.metrics.backend_connect_duration.observe(trio.current_time() - started)
+        return backend
 
     def forwarded(self, result: PumpResult) -> None:
         """Record how forwarding ended."""
