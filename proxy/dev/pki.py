@@ -129,13 +129,18 @@ def make_server_cert(
     ip_addresses: Iterable[str] = ("127.0.0.1", "::1"),
     not_before: datetime | None = None,
     not_after: datetime | None = None,
+    extended_key_usage: Iterable[x509.ObjectIdentifier] = (ExtendedKeyUsageOID.SERVER_AUTH,),
 ) -> Issued:
-    """A TLS server certificate (EKU serverAuth) for the given DNS names and IP addresses."""
+    """A TLS server certificate (EKU serverAuth by default) for the given DNS names and IP addresses.
+
+    ``extended_key_usage=(ExtendedKeyUsageOID.CLIENT_AUTH,)`` makes a certificate every TLS client refuses from a
+    server, which ``check`` must catch; ``()`` leaves the EKU extension out (any purpose).
+    """
     return _make_leaf(
         ca,
         _name(common_name=common_name),
         sans=[*_dns_sans(dns_names), *_ip_sans(ip_addresses)],
-        extended_key_usage=(ExtendedKeyUsageOID.SERVER_AUTH,),
+        extended_key_usage=tuple(extended_key_usage),
         validity=_validity(not_before, not_after, LEAF_LIFETIME),
     )
 
