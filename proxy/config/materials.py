@@ -3,13 +3,16 @@
 ``mtls-proxy check`` and ``run`` call this before serving, so that an unusable file is reported once, at
 startup, with the config field and the file path (``listeners[0].tls.cert: /etc/mp/server.crt: file not
 found``) instead of as a handshake failure seen by every client. All the problems of a listener are collected
-before raising, so one run of ``check`` lists everything to fix.
+before raising, so one run of ``check`` lists everything to fix. A server certificate that clients refuse (its
+extended key usage lacks serverAuth) is such a problem; one whose names do not cover the listen address is
+only a warning, since clients may well reach it by a name it holds.
 
 The TLS layer builds its contexts from the objects returned here; it does not re-read the files.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import re
 from collections.abc import Callable
@@ -23,6 +26,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes, PrivateKeyTypes, PublicKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from proxy.config.schema import Config, ConfigError, ListenerConfig
 
@@ -112,6 +116,10 @@ def load_listener_materials(
     client_auth = listener.client_auth
 
     server = _decoded("tls.cert", listener.tls.cert, report, lambda: _load_server_credentials(listener, report), None)
+    if server is not None:
+        leaf = server.leaf
+        _decoded("tls.cert", listener.tls.cert, report,
+                 lambda: _warn_listen_host_not_named(listener, leaf, report), None)
     trusted_ca: tuple[x509.Certificate, ...] = ()
     advertised_ca: tuple[x509.Certificate, ...] = ()
     crls: tuple[x509.CertificateRevocationList, ...] = ()
@@ -276,6 +284,7 @@ def _load_server_credentials(listener: ListenerConfig, report: _Report) -> Serve
     key = _try(lambda: _read_private_key(key_path), "tls.key", key_path, report)
     if chain is not None:
         _check_chain(chain, cert_path, report)
+        _check_server_purpose(chain[0], cert_path, report)
     if chain is None or key is None:
         return None
     public_key = _try(lambda: _public_key(chain[0]), "tls.cert", cert_path, report)
@@ -376,6 +385,88 @@ def _check_server_validity(certificate: x509.Certificate, position: int, path: P
     elif not_after - report.now < EXPIRY_WARNING:
         days = (not_after - report.now).days
         report.warn("tls.cert", path, f"{who} expires in {days} days, on {_when(not_after)}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What clients check of the server certificate besides its chain: its purpose and its names
+#
+# OpenSSL serves any certificate it is given. A client then refuses one whose extended key usage does not allow
+# TLS servers ("unsuitable certificate purpose" from curl and Python's ssl, both on OpenSSL); the proxy sees only the
+# client's alert and counts every handshake as `other` ("tls alert unsupported certificate"). So it is an error
+# here, at `check`, at start and on reload. Names are another matter: which name a client connects by is not in
+# the config, so a listen address the certificate does not hold is only a warning.
+
+_EKU_NAMES = {
+    ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
+    ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth",
+    ExtendedKeyUsageOID.CODE_SIGNING: "codeSigning",
+    ExtendedKeyUsageOID.EMAIL_PROTECTION: "emailProtection",
+    ExtendedKeyUsageOID.TIME_STAMPING: "timeStamping",
+    ExtendedKeyUsageOID.OCSP_SIGNING: "OCSPSigning",
+}
+# Either one in the extension lets a client accept the certificate from a server; no extension at all does too.
+_SERVER_PURPOSES = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE)
+
+
+def _check_server_purpose(leaf: x509.Certificate, path: Path, report: _Report) -> None:
+    try:
+        usages = list(leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        return
+    if any(usage in _SERVER_PURPOSES for usage in usages):
+        return
+    listed = ", ".join(_EKU_NAMES.get(usage, usage.dotted_string) for usage in usages) or "nothing"
+    report.error(
+        "tls.cert",
+        path,
+        f"{_chain_member(leaf, 0)} has an extended key usage of {listed}, without serverAuth: every TLS client "
+        "refuses it from a server (\"unsuitable certificate purpose\"); issue it with serverAuth in its extended "
+        "key usage",
+    )
+
+
+def _warn_listen_host_not_named(listener: ListenerConfig, leaf: x509.Certificate, report: _Report) -> None:
+    """Warn when the listen address is not among the SANs of its kind the certificate holds.
+
+    An IP address is compared with the IP SANs, a host name with the DNS SANs. A certificate that holds none of
+    that kind is meant to be reached the other way (by name, as most are), so it gets no warning; nor does the
+    wildcard address (0.0.0.0, ::), which names no address a client could use.
+    """
+    host = listener.listen.host
+    try:
+        sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        names = sans.get_values_for_type(x509.DNSName)
+        if names and not any(_dns_name_matches(pattern, host) for pattern in names):
+            report.warn("tls.cert", listener.tls.cert,
+                        _not_named(f"the listen host {host} is not matched by", "DNS", names,
+                                   f"https://{host}:{listener.listen.port}"))
+        return
+    addresses = sans.get_values_for_type(x509.IPAddress)
+    if addresses and not address.is_unspecified and address not in addresses:
+        report.warn("tls.cert", listener.tls.cert,
+                    _not_named(f"the listen address {host} is not among", "IP", [str(a) for a in addresses],
+                               f"https://{listener.listen}"))
+
+
+def _not_named(what: str, kind: str, held: list[str], url: str) -> str:
+    return (
+        f"{what} the server certificate's {kind} SANs ({', '.join(held)}): a client that connects to {url} "
+        "refuses the certificate (name mismatch); ignore this if clients use a name it holds"
+    )
+
+
+def _dns_name_matches(pattern: str, host: str) -> bool:
+    """RFC 6125 matching: case-insensitive, a wildcard only as the whole leftmost label, for exactly one label."""
+    pattern, host = pattern.lower().rstrip("."), host.lower().rstrip(".")
+    if not pattern.startswith("*."):
+        return pattern == host
+    first, _, rest = host.partition(".")
+    return bool(first) and rest == pattern[2:]
 
 
 # --------------------------------------------------------------------------------------------------------------
