@@ -12,6 +12,7 @@ import logging
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -71,8 +72,14 @@ def _listen_error(caught: BaseException) -> ListenError | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from proxy.daemon.lifecycle import run_until_signalled
+    """Serve until a signal; the last log line says the process stopped and why (daemon/lifecycle.py).
 
+    Once logging is set up, every way out logs that line: run_until_signalled after a drain, the supervisor's
+    return in workers mode, and here an error that stops the proxy.
+    """
+    from proxy.daemon.lifecycle import log_stopped, run_until_signalled
+
+    started = time.monotonic()
     # Before the proxy sizes its descriptor budget and before workers fork:
     # they inherit the raised limit.
     raise_nofile_limit()
@@ -90,18 +97,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     workers = worker_count(config)
     try:
         if workers > 1:
-            return _run_workers(config, materials, workers, args.drain_timeout)
+            return _run_workers(config, materials, workers, args.drain_timeout, started)
         if args.drain_timeout is not None:
             proxy.drain_timeout = args.drain_timeout
         _freeze_startup_objects()
         trio.run(run_until_signalled, proxy)
     except (ListenError, BaseExceptionGroup) as caught:
         listen_error = _listen_error(caught)
+        if listen_error is not None:
+            _error(str(listen_error))
+        log_stopped("error", time.monotonic() - started, level=logging.WARNING)
         if listen_error is None:
             raise
-        _error(str(listen_error))
         return EXIT_RUNTIME
     except KeyboardInterrupt:
+        # Only outside trio's signal handling, which turns SIGINT into a drain: before it starts or after it ends.
+        log_stopped("sigint", time.monotonic() - started, level=logging.WARNING)
         return EXIT_RUNTIME
     return EXIT_OK
 
@@ -118,13 +129,19 @@ def _freeze_startup_objects() -> None:
 
 
 def _run_workers(
-    config: Config, materials: tuple[ListenerMaterials, ...], workers: int, drain_timeout: float | None
+    config: Config, materials: tuple[ListenerMaterials, ...], workers: int, drain_timeout: float | None,
+    started: float,
 ) -> int:
+    from proxy.daemon.lifecycle import log_stopped
     from proxy.daemon.workers import Supervisor
 
     supervisor = Supervisor(config, materials, workers=workers, drain_timeout=drain_timeout)
     _freeze_startup_objects()
-    return supervisor.run()
+    code = supervisor.run()
+    # Each worker logged its own line, with its drain's counts. The supervisor returns only once a SIGTERM or
+    # SIGINT has drained every worker (a worker that dies otherwise is restarted); which of the two, it does not say.
+    log_stopped("signal", time.monotonic() - started, workers=workers)
+    return code
 
 
 # ---- check -------------------------------------------------------------------
