@@ -116,40 +116,9 @@ async def test_a_record_type_tls13_forbids_is_answered_with_unexpected_message(n
     await client.aclose()
 
 
-async def test_the_alert_queues_behind_a_download_in_flight(nursery, test_pki, access_log):
-    # The bad record arrives while the proxy is sending the client a large
-    # body: the alert must go out after the records already on their way,
-    # never inside one (the client would then fail to decrypt, and report
-    # its own error instead of the proxy's alert). HTTP mode, whose TLS stream
-    # keeps the records it writes in a memory BIO until the socket takes them.
-    body = bytes(range(256)) * (32 * 1024)  # 8 MiB: more than the socket buffers hold
-    head = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body)
-
-    async def download(stream: trio.SocketStream, backend) -> None:
-        await stream.receive_some(1024)
-        await stream.send_all(head + body)
-        await trio.sleep_forever()
-
-    backend = await start_backend(nursery, download)
-    p = await start_proxy(nursery, test_pki, backend.address, backend={"protocol": "http"})
-    client = await MemoryBIOClient.connect(p.port, client_context(test_pki, test_pki.alice, version="1.3"))
-    await client.handshake()
-    await client.send(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-    received = bytearray()
-    with trio.fail_after(10):
-        while len(received) < 1024 * 1024:
-            received += await client.receive()
-        error = await answer_to(client, flip_last_byte(client.seal(b"x" * 100)))
-    assert "alert bad record mac" in error.lower(), error
-    assert client.raw_received < len(body)  # it was still downloading
-    await client.aclose()
-    (fields,) = await access_log(1)
-    assert fields["ended_by"] == "client_error", fields
-
-
 async def test_on_the_data_plane_a_bad_record_during_a_blocked_download_ends_the_connection(nursery, test_pki,
                                                                                           access_log):
-    # TCP mode: OpenSSL writes on the client's socket itself (proxy.tls.established). While a record of the
+    # After the handshake OpenSSL writes on the client's socket itself (proxy.tls.established). While a record of the
     # download is half-sent (the client is not reading), OpenSSL holds the alert behind it and, the session being
     # failed, will not send either; the client then sees the connection end, with or without the alert,
     # depending on whether the socket had room. Either way the proxy counts it as the client's error and frees

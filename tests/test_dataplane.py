@@ -167,3 +167,58 @@ async def test_many_connections_at_once_each_get_their_own_bytes(nursery, test_p
     assert sorted(r.data for r in results) == sorted(f"client {i} ".encode() * 500 for i in range(60))
     await wait_for(lambda: _plane().connections == 0)
     assert _plane().registered_fds == 0
+
+
+# ---- HTTP mode ---------------------------------------------------------------------------------------------------
+
+
+async def test_http_mode_runs_on_the_data_plane_with_keep_alive_pipelining_and_the_identity(nursery, test_pki):
+    async def http_backend(stream: trio.SocketStream, backend) -> None:
+        buffered = b""
+        while True:
+            while b"\r\n\r\n" not in buffered:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buffered += data
+            head, buffered = buffered.split(b"\r\n\r\n", 1)
+            backend.received += head + b"\r\n\r\n"
+            xfcc = [line for line in head.split(b"\r\n") if line.lower().startswith(b"x-forwarded-client-cert:")]
+            body = xfcc[0].split(b":", 1)[1].strip() if xfcc else b"none"
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+
+    backend = await start_backend(nursery, http_backend)
+    p = await start_proxy(nursery, test_pki, backend.address, backend={"protocol": "http"})
+    before = _plane().relayed
+    request = b"GET / HTTP/1.1\r\nhost: x\r\nx-forwarded-client-cert: forged\r\n\r\n"
+
+    def responses(tls: ssl.SSLSocket, count: int) -> bytes:
+        """Read until ``count`` whole responses (each framed by its Content-Length) have arrived."""
+        got = b""
+        while True:
+            rest, complete = got, 0
+            while b"\r\n\r\n" in rest:
+                head, rest = rest.split(b"\r\n\r\n", 1)
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                if len(rest) < length:
+                    break
+                rest, complete = rest[length:], complete + 1
+            if complete >= count:
+                return got
+            chunk = tls.recv(65536)
+            if not chunk:
+                return got
+            got += chunk
+
+    def run() -> bytes:
+        with _connect(p.port, client_context(test_pki, test_pki.alice)) as tls:
+            tls.sendall(request * 3)  # pipelined: answered in order, one at a time
+            got = responses(tls, 3)
+            tls.sendall(request)  # and kept alive
+            return got + responses(tls, 1)
+
+    answers = await trio.to_thread.run_sync(run)
+    assert answers.count(b"HTTP/1.1 200 OK") == 4, answers
+    assert b"forged" not in answers and answers.count(b'Subject="CN=alice') == 4, answers
+    assert _plane().relayed == before + 1
+    await wait_for(lambda: _plane().connections == 0)

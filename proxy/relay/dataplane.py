@@ -40,6 +40,8 @@ from collections.abc import Callable
 import trio
 
 from proxy.net.sockstream import SocketStream
+from proxy.protocol.http1 import HttpRelay, Step, SwitchToRaw
+from proxy.relay.http1_forwarder import HttpCounters
 from proxy.relay.tcp_forwarder import CHUNK_SIZE, PumpResult
 from proxy.tls._openssl import EOF, WANT_READ, WANT_WRITE, SharedBuffer, TLSBroken
 from proxy.tls.established import EstablishedTLS
@@ -100,12 +102,17 @@ class DataPlane:
         idle_timeout: float,
         on_up: Callable[[int], None],
         on_down: Callable[[int], None],
+        http: tuple[HttpRelay, HttpCounters] | None = None,
     ) -> PumpResult:
         """Relay until both directions have ended, one side breaks, or the idle timeout; then unregister.
 
-        The caller closes both sides afterwards (``client.aclose``, the backend's stream).
+        With ``http`` the bytes go through the sans-IO HTTP/1.1 relay (``HttpPair``). The caller closes both sides
+        afterwards (``client.aclose``, the backend's stream).
         """
-        pair = _Pair(self, client, backend, idle_timeout, on_up, on_down)
+        if http is None:
+            pair = _Pair(self, client, backend, idle_timeout, on_up, on_down)
+        else:
+            pair = HttpPair(self, client, backend, idle_timeout, on_up, on_down, relay=http[0], counters=http[1])
         self._tick = min(self._tick, max(idle_timeout / 10, 0.01))
         self._pairs.add(pair)
         self.relayed += 1
@@ -224,7 +231,7 @@ class _Pair:
 
     def start(self) -> None:
         if self.client.early_plaintext:
-            self._to_backend(memoryview(self.client.early_plaintext))
+            self._client_data(memoryview(self.client.early_plaintext))
         if self.client.early_eof:
             self._client_ended()
         self._update()
@@ -320,15 +327,28 @@ class _Pair:
         if filled:
             self._touch()
             if not self.dropping:
-                self._to_backend(buffer.view[:filled])
+                self._client_data(buffer.view[:filled])
         # What came before a failure or the end is delivered first (OpenSSL would not report them again without
         # another readiness event, which may never come).
+        if self.finished:
+            return
         if failed:
-            self._broken("client_error")
+            self._client_failed()
         elif eof:
             self._client_ended()
 
+    # What to do with what each side sent: the TCP relay passes it on; HttpPair overrides these.
+
+    def _client_data(self, data: memoryview) -> None:
+        self._to_backend(data)
+
+    def _client_failed(self) -> None:
+        self._broken("client_error")
+
     def _to_backend(self, data: memoryview) -> None:
+        if self.up_waiting is not None:  # behind what waits already (HTTP: a step's output while one is queued)
+            self.up_waiting += bytes(data)
+            return
         try:
             sent = self.backend.send(data)
         except BlockingIOError:
@@ -383,17 +403,28 @@ class _Pair:
         except OSError as exc:
             if exc.errno not in _GONE:
                 raise
-            self._broken("backend_error")
+            self._backend_failed()
             return
         if not got:
             self.backend_eof = True
-            # After a failure on the backend's connection its end is not the end of its data (see the module doc).
-            self.close_notify_due = not self.result.backend_cut
-            self.down_ended = not self.close_notify_due
-            if self.close_notify_due:
-                self._flush_down()
+            self._backend_ended()
             return
         self._touch()
+        self._backend_data(got)
+
+    def _backend_failed(self) -> None:
+        self._broken("backend_error")
+
+    def _backend_ended(self) -> None:
+        # After a failure on the backend's connection its end is not the end of its data (see the module doc).
+        self.close_notify_due = not self.result.backend_cut
+        self.down_ended = not self.close_notify_due
+        if self.close_notify_due:
+            self._flush_down()
+
+    def _backend_data(self, got: int) -> None:
+        """Encrypt the backend's ``got`` bytes, in the shared buffer, onto the client's socket."""
+        buffer = self.plane.buffer
         start = 0
         while start < got:
             try:
@@ -408,6 +439,14 @@ class _Pair:
                 continue
             self.down_waiting = bytes(buffer.view[start:got])
             return
+
+    def _to_client(self, data: bytes) -> None:
+        """Encrypt ``data`` onto the client's socket, behind anything already waiting."""
+        if self.down_waiting is not None:
+            self.down_waiting += data
+            return
+        self.down_waiting = data
+        self._flush_down()
 
     def _flush_down(self) -> None:
         self.read_wants_write = False
@@ -463,5 +502,161 @@ async def forward_tcp(
     finally:
         # close_notify only after an orderly relay: not after the client broke (it could not read it), not after the
         # backend's connection failed (the client must not take a cut answer for a whole one), not when cancelled.
+        clean = result is not None and not result.backend_cut and result.ended_by != "client_error"
+        await client.aclose(close_notify=clean)
+
+
+class HttpPair(_Pair):
+    """A client and its backend through the sans-IO HTTP/1.1 relay (proxy.protocol.http1), which adds the identity
+    headers: what each side sends is fed to the relay, and what the relay returns is written, in order.
+
+    As in proxy.relay.http1_forwarder: a side is not read while what its last read produced waits to be written,
+    nor the client while a pipelined request waits for the response ahead of it (``client_paused``); a backend that
+    fails is answered like one that closed; after a ``101`` the pair goes on as a plain TCP relay.
+    """
+
+    def __init__(
+        self,
+        plane: DataPlane,
+        client: EstablishedTLS,
+        backend: socket.socket,
+        idle_timeout: float,
+        on_up: Callable[[int], None],
+        on_down: Callable[[int], None],
+        *,
+        relay: HttpRelay,
+        counters: HttpCounters,
+    ) -> None:
+        super().__init__(plane, client, backend, idle_timeout, on_up, on_down)
+        self.relay = relay
+        self.counters = counters
+        self.raw = False  # after a 101: a plain TCP relay
+        self.closing = False  # the relay ended the connection: write what waits, then finish
+        # The relay decides how the connection ends; the backend never gets the client's half-close (until a 101).
+        self.up_ended = True
+
+    def _reading_client(self) -> bool:
+        if self.raw:
+            return super()._reading_client()
+        return not (self.client_eof or self.closing or self.up_waiting is not None or self.relay.client_paused)
+
+    def _reading_backend(self) -> bool:
+        if self.raw:
+            return super()._reading_backend()
+        return not (self.backend_eof or self.closing or self.down_waiting is not None)
+
+    def _update(self) -> None:
+        if not self.raw and self.closing and self.up_waiting is None and self.down_waiting is None:
+            self.finish()
+            return
+        super()._update()
+
+    def _client_data(self, data: memoryview) -> None:
+        if self.raw:
+            super()._client_data(data)
+        else:
+            self._apply(self.relay.from_client(bytes(data)))
+
+    def _client_ended(self) -> None:
+        if self.raw:
+            super()._client_ended()
+        else:
+            self.client_eof = True
+            self._apply(self.relay.from_client(b""))
+
+    def _client_failed(self) -> None:
+        if self.result.ended_by == "eof":
+            self.result.ended_by = "client_error"
+        self.finish()
+
+    def _backend_data(self, got: int) -> None:
+        if self.raw:
+            super()._backend_data(got)
+        else:
+            self._apply(self.relay.from_backend(bytes(self.plane.buffer.view[:got])))
+
+    def _backend_ended(self) -> None:
+        if self.raw:
+            super()._backend_ended()
+        else:
+            self._apply(self.relay.from_backend(b""))
+
+    def _backend_failed(self) -> None:
+        if self.raw:
+            super()._backend_failed()
+        else:
+            self.backend_eof = True
+            self._apply(self.relay.from_backend(b""))  # answered like a backend that closed
+
+    def _backend_stopped_taking(self, exc: OSError) -> None:
+        if self.raw:
+            super()._backend_stopped_taking(exc)
+            return
+        if exc.errno not in _GONE:
+            raise exc
+        # The backend is gone mid-request: the client gets a 502 if it has no response head yet, then the end.
+        self.up_waiting = None
+        self._apply(self.relay.fail(502))
+
+    def _apply(self, step: Step) -> None:
+        """Write one step's output, in order, and act on its flags."""
+        counters, result = self.counters, self.result
+        if step.requests:
+            counters.requests(step.requests)
+        for status in step.statuses:
+            counters.status(status)
+        if step.error:
+            result.ended_by = step.error
+        if step.to_backend:
+            self._to_backend(memoryview(step.to_backend))
+        if step.to_client and not self.finished:
+            self._to_client(step.to_client)
+        if self.finished:
+            return
+        if step.switch is not None:
+            self._switch(step.switch)
+        elif step.close:
+            self.closing = True
+
+    def _switch(self, switch: SwitchToRaw) -> None:
+        """What each side sent past the 101 goes on, then the pair relays raw bytes."""
+        self.raw = True
+        self.up_ended = False
+        self.result.ended_by = "eof"
+        if switch.client_leftover:
+            self._to_backend(memoryview(switch.client_leftover))
+        if switch.backend_leftover and not self.finished:
+            self._to_client(switch.backend_leftover)
+
+    def finish(self) -> None:
+        if self.raw and not self.finished and not self.result.ended_by.startswith("upgrade:"):
+            self.result.ended_by = "upgrade:" + self.result.ended_by
+        super().finish()
+
+    def idle(self) -> None:
+        self.result.ended_by = "upgrade:idle_timeout" if self.raw else "idle_timeout"
+        _Pair.finish(self)
+
+
+async def forward_http1(
+    stream: TLSStream,
+    backend: trio.abc.HalfCloseableStream,
+    relay: HttpRelay,
+    *,
+    idle_timeout: float,
+    counters: HttpCounters,
+) -> PumpResult | None:
+    """The HTTP/1.1 relay on the data plane; None (the caller uses the task driver) if the session cannot move."""
+    if not isinstance(backend, SocketStream):
+        return None
+    client = await EstablishedTLS.take_over(stream)
+    if client is None:
+        return None
+    result: PumpResult | None = None
+    try:
+        result = await DataPlane.current().relay(client, backend.socket, idle_timeout=idle_timeout,
+                                                 on_up=counters.up, on_down=counters.down, http=(relay, counters))
+        return result
+    finally:
         clean = result is not None and not result.backend_cut and result.ended_by != "client_error"
         await client.aclose(close_notify=clean)

@@ -34,7 +34,7 @@ from proxy.protocol.http2 import (
     StreamOpened,
 )
 from proxy.protocol.identity_headers import HeaderPolicy
-from proxy.relay.dataplane import forward_tcp
+from proxy.relay.dataplane import forward_http1, forward_tcp
 from proxy.relay.http1_forwarder import HttpCounters, relay_http
 from proxy.relay.http2_forwarder import relay_http2
 from proxy.relay.tcp_forwarder import CHUNK_SIZE, PumpResult, pump
@@ -131,9 +131,14 @@ class HTTP1Forwarder:
             leaf_der = leaf.public_bytes(serialization.Encoding.DER) if leaf is not None else None
         return HttpRelay(self.policy, client_ip=conn.client_host(), identity=identity, leaf_der=leaf_der)
 
-    def forward(self, conn: Connection, backend: SocketStream) -> Awaitable[PumpResult]:
-        return relay_http(conn.stream, backend, self.relay(conn), idle_timeout=self.idle_timeout,
-                          counters=self.counters)
+    async def forward(self, conn: Connection, backend: SocketStream) -> PumpResult:
+        relay = self.relay(conn)
+        result = await forward_http1(conn.stream, backend, relay, idle_timeout=self.idle_timeout,
+                                     counters=self.counters)
+        if result is None:  # the session could not move onto its socket: the task driver
+            result = await relay_http(conn.stream, backend, relay, idle_timeout=self.idle_timeout,
+                                      counters=self.counters)
+        return result
 
     async def backend_unreachable(self, conn: Connection, *, timed_out: bool) -> None:
         """Read the client's request (briefly), then answer it 502, or 504 after a timeout, as an HTTP proxy does."""
