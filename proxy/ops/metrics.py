@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime
+from typing import NamedTuple
 
 from OpenSSL import SSL
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
@@ -153,7 +154,8 @@ class Metrics:
             self.reloads.labels(result=result)
         self.last_reload_success = Gauge(
             PREFIX + "last_reload_success_timestamp_seconds",
-            "When the certificates were last loaded successfully (start-up counts), as a Unix timestamp.",
+            "When the configuration and its certificates were last loaded successfully (start-up counts), as a Unix "
+            "timestamp.",
             registry=r,
             multiprocess_mode="mostrecent",
         )
@@ -212,6 +214,8 @@ class ListenerMetrics:
         self.bytes_up = m.bytes.labels(listener, "client_to_backend")
         self.bytes_down = m.bytes.labels(listener, "backend_to_client")
         self.backend_failures = m.backend_connect_failures.labels(listener)
+        # For /status: the counter says how often, this says what the last failure was and when.
+        self.last_backend_failure: BackendFailure | None = None
         self.backend_connect_duration = m.backend_connect_duration.labels(listener)
         self.client_certificate_remaining = m.client_certificate_remaining.labels(listener)
         self.resumption_failures: dict[str, Counter] = {
@@ -243,6 +247,11 @@ class ListenerMetrics:
         child.inc()
         (self.cert_presented if presented else self.cert_absent).inc()
 
+    def backend_failed(self, detail: str) -> None:
+        """A backend connect failed or timed out; ``detail`` says how (it becomes /status's last error)."""
+        self.backend_failures.inc()
+        self.last_backend_failure = BackendFailure(time.time(), detail)
+
     def http_response(self, status: int) -> None:
         child = self._http_responses.get(status)
         if child is None:
@@ -262,6 +271,22 @@ class ListenerMetrics:
         for crl in materials.crls:
             if crl.next_update_utc is not None:
                 next_update.labels(self.listener, crl.issuer.rfc4514_string()).set(_ts(crl.next_update_utc))
+
+    def withdraw_materials(self) -> None:
+        """The listener is gone (a reload removed it): its certificates and CRLs no longer expire anywhere.
+
+        Only in this process's registry: in worker mode the supervisor drops a retired worker's gauge files
+        instead (proxy.daemon.workers), since a multiprocess gauge forgets nothing it wrote.
+        """
+        _remove_listener_children(self.family.certificate_expiry, self.listener)
+        _remove_listener_children(self.family.crl_next_update, self.listener)
+
+
+class BackendFailure(NamedTuple):
+    """The last failed backend connect of a listener: when (Unix time) and what the connect said."""
+
+    time: float
+    error: str
 
 
 class RecentFailures:

@@ -319,7 +319,7 @@ class Connection:
         try:
             backend = await connect_backend(cfg.address, cfg.connect_timeout)
         except BackendError as exc:
-            self.rt.metrics.backend_failures.inc()
+            self.rt.metrics.backend_failed(str(exc))
             self.line.failed(Outcome.BACKEND_FAILED, Failure.BACKEND_CONNECT, str(exc))
             await forwarder.backend_unreachable(self, timed_out=exc.timed_out)
             return None
@@ -346,8 +346,8 @@ class Connection:
         started = trio.current_time()
         try:
             backend = await connect_backend(cfg.address, cfg.connect_timeout)
-        except BackendError:
-            self.rt.metrics.backend_failures.inc()
+        except BackendError as exc:
+            self.rt.metrics.backend_failed(str(exc))
             raise
         self.rt.metrics.backend_connect_duration.observe(trio.current_time() - started)
         return backend
