@@ -13,7 +13,6 @@ next write meets the reset never reads the alert.
 
 from __future__ import annotations
 
-import logging
 import socket
 import ssl
 from pathlib import Path
@@ -24,28 +23,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
-from tests.conftest import client_context, start_backend, start_proxy, wait_for
+from tests.conftest import client_context, start_backend, start_proxy
 from tests.memclient import MemoryBIOClient
 
 # The proxy's TLS 1.2 CBC suite for the listener that allows one; the stdlib client offers only it.
 CBC_SUITE = "ECDHE-ECDSA-AES128-SHA256"
 HEADER_SIZE = 5
 APPLICATION_DATA = 0x17
-
-
-@pytest.fixture
-def access_log(caplog):
-    caplog.set_level(logging.INFO, logger="proxy.access")
-
-    async def wait(count: int = 1) -> list[dict]:
-        await wait_for(lambda: len(_records(caplog)) >= count)
-        return [r.fields for r in _records(caplog)]
-
-    return wait
-
-
-def _records(caplog) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "proxy.access"]
 
 
 def tls12_cbc_client(test_pki) -> ssl.SSLContext:
@@ -100,7 +84,7 @@ async def test_a_record_with_a_bad_mac_is_answered_with_bad_record_mac(nursery, 
     error = await answer_to(client, flip_last_byte(client.seal(b"x" * 100)))
     assert "alert bad record mac" in error.lower(), error
     await client.aclose()
-    (fields,) = await access_log(1)
+    (fields,) = await access_log.wait(1)
     assert fields["ended_by"] == "client_error", fields
 
 
@@ -142,7 +126,7 @@ async def test_on_the_data_plane_a_bad_record_during_a_blocked_download_ends_the
         error = await answer_to(client, flip_last_byte(client.seal(b"x" * 100)))
     assert "bad record mac" in error.lower() or "eof" in error.lower() or "reset" in error.lower(), error
     await client.aclose()
-    (fields,) = await access_log(1)
+    (fields,) = await access_log.wait(1)
     assert fields["ended_by"] == "client_error", fields
 
 
@@ -235,5 +219,5 @@ async def test_a_client_without_a_certificate_reads_certificate_required_every_t
     errors = [await trio.to_thread.run_sync(no_certificate_attempt, p.port, ctx) for _ in range(20)]
     told = [e for e in errors if "certificate required" in e.lower()]
     assert len(told) == 20, errors
-    fields = await access_log(20)
+    fields = await access_log.wait(20)
     assert {f["reason"] for f in fields} == {"no_client_cert"}

@@ -7,7 +7,6 @@ Every process is bounded by a timeout and killed in a ``finally``; every wait po
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import http.server
 import json
 import os
@@ -34,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.dev import pki
 from tests.conftest import TestPKI as PKIFiles  # aliased: pytest would try to collect Test*
-from tests.conftest import free_port
+from tests.conftest import free_port, served_fingerprint
 from tests.conftest import poll_until as wait_until
 
 pytestmark = pytest.mark.slow
@@ -69,22 +68,6 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-class _EchoHandler(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        self.request.settimeout(30)
-        try:
-            while data := self.request.recv(65536):
-                self.request.sendall(data)
-            self.request.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-
-class _ThreadingTCPServer(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
 @contextlib.contextmanager
 def _serving(server: socketserver.BaseServer) -> Iterator[str]:
     """Run a socketserver in a thread; yield its host:port; stop and close it after."""
@@ -103,12 +86,6 @@ def http_backend() -> Iterator[str]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HTTPHandler)
     server.daemon_threads = True
     with _serving(server) as address:
-        yield address
-
-
-@pytest.fixture
-def echo_backend() -> Iterator[str]:
-    with _serving(_ThreadingTCPServer(("127.0.0.1", 0), _EchoHandler)) as address:
         yield address
 
 
@@ -286,14 +263,6 @@ def recv_exactly(sock: ssl.SSLSocket, n: int) -> bytes:
 def echo_roundtrip(sock: ssl.SSLSocket, payload: bytes) -> None:
     sock.sendall(payload)
     assert recv_exactly(sock, len(payload)) == payload
-
-
-def served_fingerprint(port: int, ctx: ssl.SSLContext) -> str:
-    """SHA-256 of the certificate the proxy serves on ``port`` now (a new connection)."""
-    with connect(port, ctx) as tls:
-        der = tls.getpeercert(binary_form=True)
-    assert der
-    return hashlib.sha256(der).hexdigest()
 
 
 def run_tool(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -548,8 +517,8 @@ def refused(port: int) -> bool:
     return False
 
 
-def test_sigterm_drains_in_flight_connection_then_exits_0(daemon_factory, test_pki, echo_backend):
-    daemon = daemon_factory([listener("api", test_pki, echo_backend)], "--drain-timeout", "10")
+def test_sigterm_drains_in_flight_connection_then_exits_0(daemon_factory, test_pki, threaded_echo_backend):
+    daemon = daemon_factory([listener("api", test_pki, threaded_echo_backend)], "--drain-timeout", "10")
     port = daemon.port()
     ctx = client_context(test_pki.server_ca, test_pki.alice.cert, test_pki.alice.key)
     chunk = os.urandom(32 * 1024)
@@ -584,8 +553,8 @@ def test_sigterm_drains_in_flight_connection_then_exits_0(daemon_factory, test_p
     assert record["bytes_up"] == sent and record["bytes_down"] == sent
 
 
-def test_sigterm_drain_timeout_cuts_stuck_connections(daemon_factory, test_pki, echo_backend):
-    daemon = daemon_factory([listener("api", test_pki, echo_backend)], "--drain-timeout", "0.5")
+def test_sigterm_drain_timeout_cuts_stuck_connections(daemon_factory, test_pki, threaded_echo_backend):
+    daemon = daemon_factory([listener("api", test_pki, threaded_echo_backend)], "--drain-timeout", "0.5")
     ctx = client_context(test_pki.server_ca, test_pki.alice.cert, test_pki.alice.key)
     with connect(daemon.port(), ctx) as tls:
         echo_roundtrip(tls, b"still here")
@@ -599,8 +568,8 @@ def test_sigterm_drain_timeout_cuts_stuck_connections(daemon_factory, test_pki, 
     assert "Traceback" not in daemon.stderr()
 
 
-def test_second_sigterm_stops_at_once(daemon_factory, test_pki, echo_backend):
-    daemon = daemon_factory([listener("api", test_pki, echo_backend)], "--drain-timeout", "60")
+def test_second_sigterm_stops_at_once(daemon_factory, test_pki, threaded_echo_backend):
+    daemon = daemon_factory([listener("api", test_pki, threaded_echo_backend)], "--drain-timeout", "60")
     ctx = client_context(test_pki.server_ca, test_pki.alice.cert, test_pki.alice.key)
     with connect(daemon.port(), ctx) as tls:
         echo_roundtrip(tls, b"still here")
@@ -614,7 +583,7 @@ def test_second_sigterm_stops_at_once(daemon_factory, test_pki, echo_backend):
 # ---- SIGHUP: certificate reload ---------------------------------------------------------------------------------
 
 
-def test_sighup_reload_keeps_old_cert_on_failure_then_swaps(daemon_factory, test_pki, echo_backend, tmp_path):
+def test_sighup_reload_keeps_old_cert_on_failure_then_swaps(daemon_factory, test_pki, threaded_echo_backend, tmp_path):
     ca = pki.make_ca("Reload Server CA", organization="Acme")
     (tmp_path / "reload-ca.crt").write_bytes(ca.cert_pem())
     first, second = pki.make_server_cert(ca), pki.make_server_cert(ca)
@@ -622,7 +591,8 @@ def test_sighup_reload_keeps_old_cert_on_failure_then_swaps(daemon_factory, test
     cert.write_bytes(first.chain_pem())
     key.write_bytes(first.key_pem())
 
-    daemon = daemon_factory([listener("api", test_pki, echo_backend, tls={"cert": str(cert), "key": str(key)})])
+    tls = {"cert": str(cert), "key": str(key)}
+    daemon = daemon_factory([listener("api", test_pki, threaded_echo_backend, tls=tls)])
     port = daemon.port()
     ctx = client_context(tmp_path / "reload-ca.crt", test_pki.alice.cert, test_pki.alice.key)
     assert served_fingerprint(port, ctx) == first.sha256

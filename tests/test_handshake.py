@@ -22,7 +22,7 @@ from OpenSSL import SSL
 
 from proxy.dev import pki
 from proxy.tls.classify import REASONS
-from tests.conftest import Cred, RunningProxy, client_context, exchange, start_proxy, wait_for
+from tests.conftest import AccessLog, Cred, RunningProxy, client_context, exchange, start_proxy, wait_for
 
 VERSIONS = ("1.2", "1.3")
 OPENSSL_VERSION_NAME = {"1.2": "TLSv1.2", "1.3": "TLSv1.3"}
@@ -118,32 +118,6 @@ def _x509name_to_rfc4514(name) -> str:
     """RFC 4514 text of an OpenSSL.crypto.X509Name (most specific attribute first)."""
     parts = [f"{k.decode()}={v.decode()}" for k, v in name.get_components()]
     return ",".join(reversed(parts))
-
-
-class AccessLog:
-    """The ``proxy.access`` records captured by caplog."""
-
-    def __init__(self, caplog: pytest.LogCaptureFixture) -> None:
-        self._caplog = caplog
-
-    @property
-    def records(self) -> list[logging.LogRecord]:
-        return [r for r in self._caplog.records if r.name == "proxy.access"]
-
-    @property
-    def fields(self) -> list[dict]:
-        return [r.fields for r in self.records]
-
-    async def wait(self, count: int) -> list[dict]:
-        """Wait until ``count`` connections have completely finished."""
-        await wait_for(lambda: len(self.records) >= count)
-        return self.fields
-
-
-@pytest.fixture
-def access_log(caplog) -> AccessLog:
-    caplog.set_level(logging.INFO, logger="proxy.access")
-    return AccessLog(caplog)
 
 
 def failure_total(p: RunningProxy) -> float:
