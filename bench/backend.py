@@ -19,7 +19,9 @@ The first bytes of a connection choose what it does:
     one JSON line of counters: connections accepted, connections closed before sending a byte
     (``silent_connections``), HTTP requests, and how many of those carried identity
     headers: ``identity_requests`` (``X-Forwarded-Client-Cert`` or ``X-Forwarded-For``), ``verify_requests``
-    (``X-Client-Verify``), ``xfcc_requests`` (``X-Forwarded-Client-Cert``), for the HTTP identity-mode row.
+    (``X-Client-Verify``), ``xfcc_requests`` (``X-Forwarded-Client-Cert``), for the HTTP identity-mode row, and
+    ``cert_requests``: those that carried a verified client's certificate header, XFCC or Traefik's
+    ``X-Forwarded-Tls-Client-Cert-Info``, for the HTTP/2 row (whose client presents a certificate).
 
 Why this is not the bottleneck: the byte paths are ``recv_into``/``sendall`` on 1 MiB buffers (one system call
 per MiB, the GIL released in each), and an HTTP request costs one ``recv`` and one ``send`` of a prebuilt
@@ -51,9 +53,10 @@ RESPONSE_10 = (
 ) + BODY
 HTTP_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ")
 IDENTITY_HEADERS = (b"x-forwarded-client-cert:", b"x-forwarded-for:")
+CERT_HEADERS = (b"\nx-forwarded-client-cert:", b"\nx-forwarded-tls-client-cert-info:")
 
 stats = {"connections": 0, "silent_connections": 0, "http_requests": 0, "identity_requests": 0,
-         "verify_requests": 0, "xfcc_requests": 0, "bytes_in": 0, "bytes_out": 0}
+         "verify_requests": 0, "xfcc_requests": 0, "cert_requests": 0, "bytes_in": 0, "bytes_out": 0}
 _zeros = memoryview(bytes(BUFFER))
 
 
@@ -120,6 +123,8 @@ class HttpLoop:
                 stats["verify_requests"] += 1
             if b"\nx-forwarded-client-cert:" in head:
                 stats["xfcc_requests"] += 1
+            if any(h in head for h in CERT_HEADERS):
+                stats["cert_requests"] += 1
             request_line = head.split(b"\r\n", 1)[0]
             http11 = request_line.endswith(b"http/1.1")
             keep = b"connection: close" not in head if http11 else b"connection: keep-alive" in head

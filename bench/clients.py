@@ -12,7 +12,8 @@ As a program (each run is its own process, pinned with the harness to the load c
 As a module, :func:`probe` makes one connection with or without a client certificate and says what happened:
 the harness uses it to check that every peer refuses a client without a certificate before measuring it.
 :func:`http_probe` does the same for an HTTP identity-mode listener, and returns the request head the backend
-received (``GET /echo``), so the harness can check which identity headers the proxy added.
+received (``GET /echo``), so the harness can check which identity headers the proxy added. :func:`h2_probe`
+asks the same over HTTP/2, with ``nghttp`` (from nghttp2-client, like h2load, but with ``--cert``/``--key``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import resource
 import select
 import socket
 import ssl
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -113,12 +115,43 @@ def http_probe(port: int, pki: Path, cert: str | None, forged: dict[str, str] | 
     if not body.upper().startswith(b"GET /ECHO "):
         title = body[body.find(b"<title>") + 7: body.find(b"</title>")] if b"<title>" in body else body[:60]
         return False, f"{status or 'closed without an answer'} {title.decode(errors='replace')}".strip(), {}
+    return True, status, echoed_headers(body)
+
+
+def echoed_headers(body: bytes) -> dict[str, list[str]]:
+    """The headers of the request head the backend echoed (``GET /echo``), lowercased name -> values."""
     headers: dict[str, list[str]] = {}
     for line in body.decode("latin-1").split("\r\n")[1:]:
         name, colon, value = line.partition(":")
         if colon:
             headers.setdefault(name.strip().lower(), []).append(value.strip())
-    return True, status, headers
+    return headers
+
+
+def h2_probe(port: int, pki: Path, cert: str | None, forged: dict[str, str] | None = None,
+             timeout: float = 10.0) -> tuple[bool, str, dict[str, list[str]]]:
+    """:func:`http_probe` over HTTP/2: ``nghttp`` sends ``GET /echo`` with the ``forged`` headers (lowercase, as
+    HTTP/2 wants them). nghttp speaks nothing but h2, so an answer also proves that ALPN chose HTTP/2. The URL names
+    ``localhost``, as h2load's does (see loads.h2load); the peers listen on 127.0.0.1 only, and nghttp tries the
+    addresses ``localhost`` resolves to in turn."""
+    cmd = ["nghttp", "--timeout", str(int(timeout))]
+    if cert is not None:
+        cmd += ["--cert", str(pki / f"{cert}.crt"), "--key", str(pki / f"{cert}.key")]
+    for name, value in (forged or {}).items():
+        cmd += ["-H", f"{name.lower()}: {value}"]
+    cmd.append(f"https://localhost:{port}/echo")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, timeout=timeout + 5, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, f"nghttp: {exc}", {}
+    body = proc.stdout.replace(b"\n", b"\r\n") if b"\r\n" not in proc.stdout else proc.stdout
+    if proc.returncode != 0 or not body.upper().startswith(b"GET /ECHO "):
+        if b"<title>" in body:  # the peer answered itself (nginx's 400 page)
+            return False, body[body.find(b"<title>") + 7: body.find(b"</title>")].decode(errors="replace"), {}
+        # nghttp says no more than this when the server ends the connection (a TLS alert or a close).
+        said = [line for line in proc.stderr.decode(errors="replace").splitlines() if "WARNING" not in line]
+        return False, f"no response: {' '.join(said)[-120:] or f'exit {proc.returncode}'}", {}
+    return True, "HTTP/2 200", echoed_headers(body)
 
 
 def first_response(port: int, pki: Path, count: int, nodelay: bool) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Load generators: parallel ``openssl s_time``, ``wrk``, and the bulk and idle clients of ``clients.py``.
+"""Load generators: parallel ``openssl s_time``, ``wrk``, ``h2load``, and the bulk and idle clients of ``clients.py``.
 
 Each function starts its processes, waits for them (every one bounded by a timeout: a stuck client is killed and
 reported, never waited on forever), and parses what they print. The caller wraps the call in a
@@ -8,7 +8,9 @@ reported, never waited on forever), and parses what they print. The caller wraps
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -22,8 +24,9 @@ class LoadError(RuntimeError):
     """A load generator failed: the run has no valid numbers."""
 
 
-def _run_all(cmds: list[list[str]], timeout: float) -> list[str]:
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+def _run_all(cmds: list[list[str]], timeout: float, env: dict[str, str] | None = None) -> list[str]:
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                              env=env)
              for cmd in cmds]
     outs = []
     failed = []
@@ -131,6 +134,85 @@ def wrk(url: str, *, connections: int, seconds: int) -> WrkResult:
     seconds_taken = _micros(total.group(2) + total.group(3)) / 1e6
     return WrkResult(int(total.group(1)), seconds_taken, _micros(p50.group(1)), _micros(p99.group(1)),
                      "; ".join(errors))
+
+
+# ---- h2load ------------------------------------------------------------------------------------------------------
+
+PRELOAD_SOURCE = HERE / "h2load_cert.c"
+
+
+def h2load_preload(directory: Path) -> Path:
+    """Build ``h2load_cert.c`` (the LD_PRELOAD library that gives h2load the client certificate) into
+    ``directory``, once, and return the library's path. h2load has no option for a client certificate; the source
+    says why this is the way."""
+    library = directory / "h2load_cert.so"
+    if library.exists():
+        return library
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise LoadError(f"no C compiler (cc) to build {PRELOAD_SOURCE.name}, which gives h2load the client "
+                        "certificate (apt-get install gcc libc6-dev)")
+    directory.mkdir(parents=True, exist_ok=True)
+    cmd = [compiler, "-shared", "-fPIC", "-O2", "-o", str(library), str(PRELOAD_SOURCE), "-ldl"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise LoadError(f"cannot build {PRELOAD_SOURCE.name}: {(proc.stdout + proc.stderr)[-600:]}")
+    return library
+
+
+@dataclass
+class H2loadResult:
+    requests: int  # the ones that succeeded (2xx); the CPU figure is per succeeded request
+    seconds: float
+    mean_us: float  # mean time from a request's HEADERS to the end of its response
+    max_us: float
+    protocol: str  # what ALPN chose: must be h2
+    errors: str
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+_H2_FINISHED_RE = re.compile(r"^finished in ([\d.]+)(us|ms|s|m), ", re.M)
+_H2_REQUESTS_RE = re.compile(r"^requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+                             r"(\d+) errored, (\d+) timeout", re.M)
+_H2_TIME_RE = re.compile(r"^time for request:\s+(\S+)\s+(\S+)\s+(\S+)", re.M)
+
+
+def h2load(port: int, pki: Path, preload: Path | None, *, connections: int, streams: int, seconds: int = 0,
+           requests: int = 0) -> H2loadResult:
+    """``h2load -c connections -m streams`` over TLS 1.3, ALPN h2 only, for ``seconds`` (``-D``) or for
+    ``requests`` in all (``-n``), with the client certificate when ``preload`` (see :func:`h2load_preload`) is
+    given.
+
+    The URL names ``localhost``, the checks' server name, and ``--connect-to`` sends the connections to
+    127.0.0.1: h2load sends no SNI for an IP address, and Traefik answers 421 (Misdirected Request) when the SNI
+    chose other TLS options than the router's. In a timed run the requests still open when the time is up are
+    not counted, as wrk does not count them.
+    """
+    url = f"https://localhost:{port}/"
+    bound = ["-D", str(seconds)] if seconds else ["-n", str(requests)]
+    cmd = ["h2load", "-t", "1", "-c", str(connections), "-m", str(streams), *bound, "--npn-list=h2",
+           f"--connect-to=127.0.0.1:{port}", url]
+    env = None
+    if preload is not None:
+        env = {**os.environ, "LD_PRELOAD": str(preload), "H2LOAD_CLIENT_CERT": str(pki / "client.crt"),
+               "H2LOAD_CLIENT_KEY": str(pki / "client.key")}
+    (out,) = _run_all([cmd], timeout=(seconds or 10) + GRACE, env=env)
+    finished, counts, times = _H2_FINISHED_RE.search(out), _H2_REQUESTS_RE.search(out), _H2_TIME_RE.search(out)
+    if not (finished and counts and times):
+        raise LoadError(f"h2load printed no result: {out[-600:]}")
+    protocol = re.search(r"^Application protocol: (\S+)", out, re.M)
+    chosen = protocol.group(1) if protocol else "none"
+    if chosen != "h2":
+        raise LoadError(f"h2load did not speak HTTP/2 (ALPN: {chosen}): {out[-400:]}")
+    _total, _started, _done, succeeded, failed, errored, timed_out = (int(v) for v in counts.groups())
+    if not succeeded:
+        raise LoadError(f"no h2load request succeeded: {counts.group(0)}")
+    errors = f"{failed} failed, {errored} errored, {timed_out} timed out" if failed or errored or timed_out else ""
+    return H2loadResult(succeeded, _micros(finished.group(1) + finished.group(2)) / 1e6,
+                        _micros(times.group(3)), _micros(times.group(2)), chosen, errors)
 
 
 # ---- clients.py -------------------------------------------------------------------------------------------------

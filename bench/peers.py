@@ -19,6 +19,13 @@ mtls-proxy's ``backend.protocol: http`` with ``identity_headers``) get a second 
 mtls-proxy keeps one backend connection per client connection; nginx and Traefik keep a pool of kept-alive
 upstream connections.
 
+The same three get one more listener, ``h2``, for the HTTP/2 row: the HTTP identity mode again, client certificate
+required, HTTP/2 negotiated by ALPN in front and HTTP/1.1 behind (the benchmark's backend speaks no h2c).
+nginx: ``listen ... ssl http2`` (nginx 1.22's form of ``http2 on``) with the same ``proxy_set_header`` lines and
+upstream pool; Traefik: one more HTTP router with ``passTLSClientCert``, which serves HTTP/2 on any TLS entry point;
+mtls-proxy: ``tls.alpn: [h2, http/1.1]`` with ``backend.http_version: "1.1"``, where every stream is an HTTP/1.1
+request on a backend connection of its own (no pool, by design of its HTTP/2 relay).
+
 TLS 1.2 and 1.3 are enabled on all (the clients ask for 1.3), session tickets are left at each program's
 default (on), and no peer writes a line per successful connection: nginx's stream module has no access log unless
 one is configured, HAProxy logs nothing without a ``log`` line, stunnel runs at ``debug = 4`` (warnings) instead of
@@ -29,8 +36,8 @@ the peer spec logs every connection, e.g. ``mtls-proxy:log=info``).
 A peer spec is ``name[:key=value[:key=value...]]``. Keys: ``cpus`` (a taskset list, default: the proxy core;
 Traefik's GOMAXPROCS is the number of CPUs in it), ``workers`` (nginx ``worker_processes``, HAProxy ``nbthread``,
 mtls-proxy ``workers:``; stunnel and Traefik have none) and ``log`` (mtls-proxy only), ``http`` (``off`` leaves
-out the HTTP identity-mode listeners of nginx, Traefik and mtls-proxy) and ``tests`` (the runs this row takes
-part in, ``+``-separated, e.g. ``tests=full+resumed``; default: all of them).
+out the HTTP identity-mode listeners of nginx, Traefik and mtls-proxy, the HTTP/2 one too) and ``tests`` (the runs
+this row takes part in, ``+``-separated, e.g. ``tests=full+resumed``; default: all of them).
 A ``--workers N`` variant of mtls-proxy is one more spec: ``mtls-proxy:workers=2:cpus=0-1:tests=full+resumed``.
 """
 
@@ -56,10 +63,14 @@ NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 START_TIMEOUT = 20.0
 MAX_CONNECTIONS = 8000  # per listener; 2 fds each (client + backend) stays under a 20000 fd limit
 # Every run a peer can take part in; ``idle`` is the memory-per-idle-connection test.
-ALL_TESTS = ("full", "resumed", "bulk_up", "bulk_down", "wrk", "wrk_http", "idle")
+ALL_TESTS = ("full", "resumed", "bulk_up", "bulk_down", "wrk", "wrk_http", "h2", "idle")
 # The identity headers of the HTTP identity mode: mtls-proxy's identity_headers (header -> variable), and the same
 # headers in nginx (proxy_set_header, see Nginx.http_block). XFCC, X-Forwarded-For and -Proto come on top.
 HTTP_IDENTITY_HEADERS = {"X-Client-Subject": "subject", "X-Client-Verify": "verify"}
+# Idle upstream connections nginx and Traefik keep: above the most requests any row has in flight (the HTTP/2 row's
+# h2load sends 8 connections × 32 streams = 256), so that neither closes upstream connections a moment before it
+# needs them again. nginx's own default is no pool at all; Traefik's is 200 per host.
+UPSTREAM_POOL = 512
 
 
 class PeerError(RuntimeError):
@@ -84,6 +95,7 @@ class Peer:
     optional_port: int = field(default_factory=free_port)
     http_require_port: int = field(default_factory=free_port)
     http_optional_port: int = field(default_factory=free_port)
+    h2_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
 
     name: ClassVar[str] = "?"
@@ -92,6 +104,8 @@ class Peer:
     pip_packages: ClassVar[tuple[str, ...]] = ()
     allowed_options: ClassVar[frozenset[str]] = frozenset({"cpus", "tests"})
     http_capable: ClassVar[bool] = False  # can be configured as an HTTP identity-mode proxy too
+    # Serves the HTTP identity mode over HTTP/2 too (the ``h2`` listener, for the h2load row).
+    h2_capable: ClassVar[bool] = False
     # HTTP identity mode: the header that carries a verified client's certificate, and whether the peer also sends
     # HTTP_IDENTITY_HEADERS (X-Client-Subject, X-Client-Verify). XFF and X-Forwarded-Proto come from every peer.
     cert_header: ClassVar[str] = "X-Forwarded-Client-Cert"
@@ -117,9 +131,15 @@ class Peer:
         """Whether this peer also serves the HTTP identity-mode listeners."""
         return self.http_capable and self.options.get("http", "on") == "on"
 
+    @property
+    def h2(self) -> bool:
+        """Whether this peer also serves the HTTP/2 identity-mode listener (it comes with the HTTP ones)."""
+        return self.h2_capable and self.http
+
     def runs(self, test: str) -> bool:
-        """Whether this row takes part in a run (``tests=`` option, and wrk_http only with the HTTP listeners)."""
-        if test == "wrk_http" and not self.http:
+        """Whether this row takes part in a run (``tests=`` option; wrk_http only with the HTTP listeners, h2 only
+        with the HTTP/2 one)."""
+        if (test == "wrk_http" and not self.http) or (test == "h2" and not self.h2):
             return False
         chosen = self.options.get("tests")
         return chosen is None or test in chosen.split("+")
@@ -127,7 +147,8 @@ class Peer:
     @property
     def ports(self) -> list[int]:
         return [self.require_port, self.optional_port] + (
-            [self.http_require_port, self.http_optional_port] if self.http else [])
+            [self.http_require_port, self.http_optional_port] if self.http else []) + (
+            [self.h2_port] if self.h2 else [])
 
     # ---- what each peer defines ----
 
@@ -245,6 +266,7 @@ class Nginx(Peer):
     apt_packages = ("nginx-light", "libnginx-mod-stream")
     allowed_options = frozenset({"cpus", "workers", "tests", "http"})
     http_capable = True
+    h2_capable = True
 
     @classmethod
     def missing(cls) -> list[str]:
@@ -305,6 +327,10 @@ stream {{
           backend connection per client connection instead), and ``keepalive_requests`` raised on both sides so
           that nginx does not close a client or upstream connection after its default 1,000 requests (that would
           put handshakes into the per-request figure). No access log.
+        - HTTP/2 on the ``h2`` port: ``listen ... ssl http2``, which is how nginx 1.22 says ``http2 on`` (the
+          directive came in 1.25.1), the same ``location``. ``keepalive_requests`` also bounds the requests of an
+          HTTP/2 connection (it replaced ``http2_max_requests``), so no GOAWAY cuts the run. The upstream pool keeps
+          up to ``UPSTREAM_POOL`` idle connections, more than the HTTP/2 row has requests in flight.
         """
         p = self.pki
         tls = f"""
@@ -333,7 +359,7 @@ stream {{
     }}
     upstream backend_http {{
         server 127.0.0.1:{self.backend_port};
-        keepalive 64;
+        keepalive {UPSTREAM_POOL};
         keepalive_requests 1000000;
         keepalive_timeout 300s;
     }}
@@ -344,6 +370,10 @@ stream {{
     server {{
         listen 127.0.0.1:{self.http_optional_port} ssl backlog=4096;
         ssl_verify_client optional;{tls}
+    }}
+    server {{
+        listen 127.0.0.1:{self.h2_port} ssl http2 backlog=4096;
+        ssl_verify_client on;{tls}
     }}
 }}
 """
@@ -471,6 +501,11 @@ class Traefik(Peer):
     TLS handshake finishes on the first read of the pump: a client refused for its certificate leaves a backend
     connection that closes without a byte. The checks allow that (``dials_before_handshake``), not data.
 
+    HTTP/2: one more entry point, ``h2``, with a router like ``http_require``. Traefik offers h2 by ALPN on every TLS
+    entry point, so nothing else is needed; the service's ``http://`` URL keeps the upstream HTTP/1.1 (``h2c://``
+    would speak h2c). ``serversTransport.maxIdleConnsPerHost`` is raised to ``UPSTREAM_POOL`` (from 200), above the
+    requests the HTTP/2 row keeps in flight.
+
     GOMAXPROCS is the number of CPUs the peer is pinned to (1 for the one-core rows): the Go runtime would read the
     affinity mask too, but this says it. No access log; the log level is ERROR. The API (no dashboard) listens on
     one more loopback port, only for the readiness check: the entry points accept connections before the dynamic
@@ -485,6 +520,7 @@ class Traefik(Peer):
     cert_header = "X-Forwarded-Tls-Client-Cert-Info"
     verify_headers = False
     dials_before_handshake = True
+    h2_capable = True
     HTTP_HOSTS = ("localhost", "127.0.0.1")
 
     @classmethod
@@ -521,7 +557,8 @@ class Traefik(Peer):
             "optional": {"address": f"127.0.0.1:{self.optional_port}", "transport": transport},
         }
         if self.http:
-            for name, port in (("http_require", self.http_require_port), ("http_optional", self.http_optional_port)):
+            ports = [("http_require", self.http_require_port), ("http_optional", self.http_optional_port)]
+            for name, port in ports + ([("h2", self.h2_port)] if self.h2 else []):
                 entry_points[name] = {"address": f"127.0.0.1:{port}", "transport": transport,
                                       "http": {"aliasHeadersStrategy": "delete"}}
         static = {
@@ -530,6 +567,7 @@ class Traefik(Peer):
             "api": {"insecure": True, "dashboard": False},
             "entryPoints": entry_points,
             "providers": {"file": {"filename": str(d / "dynamic.yml"), "watch": False}},
+            "serversTransport": {"maxIdleConnsPerHost": UPSTREAM_POOL},
         }
 
         def client_auth(kind: str) -> dict:
@@ -555,10 +593,11 @@ class Traefik(Peer):
             rule = " || ".join(f"Host(`{host}`)" for host in self.HTTP_HOSTS)
             subject = dict.fromkeys(("country", "province", "locality", "organization", "organizationalUnit",
                                      "commonName", "serialNumber", "domainComponent"), True)
+            routes = [(f"http_{kind}", kind) for kind in ("require", "optional")] + (
+                [("h2", "require")] if self.h2 else [])
             dynamic["http"] = {
-                "routers": {f"http_{kind}": {"entryPoints": [f"http_{kind}"], "rule": rule, "service": "backend",
-                                             "middlewares": ["identity"], "tls": {"options": kind}}
-                            for kind in ("require", "optional")},
+                "routers": {name: {"entryPoints": [name], "rule": rule, "service": "backend",
+                                   "middlewares": ["identity"], "tls": {"options": kind}} for name, kind in routes},
                 "middlewares": {"identity": {"passTLSClientCert": {"info": {"subject": subject, "sans": True}}}},
                 "services": {"backend": {"loadBalancer": {"servers": [
                     {"url": f"http://127.0.0.1:{self.backend_port}"}]}}},
@@ -570,7 +609,8 @@ class Traefik(Peer):
     def routers(self) -> list[str]:
         """The routers the dynamic configuration defines, as the API names them."""
         names = ["require@file", "optional@file"]
-        return names + (["http_require@file", "http_optional@file"] if self.http else [])
+        return (names + (["http_require@file", "http_optional@file"] if self.http else [])
+                + (["h2@file"] if self.h2 else []))
 
     def wait_ready(self, deadline: float) -> None:
         url = f"http://127.0.0.1:{self.api_port}/api/rawdata"
@@ -596,6 +636,7 @@ class MtlsProxy(Peer):
     binary = "python"
     allowed_options = frozenset({"cpus", "workers", "log", "tests", "http"})
     http_capable = True
+    h2_capable = True
 
     @classmethod
     def missing(cls) -> list[str]:
@@ -617,14 +658,19 @@ class MtlsProxy(Peer):
         p, d = self.pki, self.workdir
         self.admin_port = free_port()
 
-        def listener(name: str, port: int, mode: str, http: bool = False) -> dict:
+        def listener(name: str, port: int, mode: str, http: bool = False, h2: bool = False) -> dict:
             backend: dict = {"address": f"127.0.0.1:{self.backend_port}"}
+            tls: dict = {"cert": str(p / "server.crt"), "key": str(p / "server.key")}
             if http:
                 backend.update(protocol="http", identity_headers=dict(HTTP_IDENTITY_HEADERS))
+            if h2:
+                # HTTP/2 in front, HTTP/1.1 behind: each stream an HTTP/1.1 request on a backend connection of its own.
+                tls["alpn"] = ["h2", "http/1.1"]
+                backend["http_version"] = "1.1"
             return {
                 "name": name,
                 "listen": f"127.0.0.1:{port}",
-                "tls": {"cert": str(p / "server.crt"), "key": str(p / "server.key")},
+                "tls": tls,
                 "client_auth": {"mode": mode, "trusted_ca": str(p / "ca.crt")},
                 "backend": backend,
                 "timeouts": {"handshake": 10, "idle": 300},
@@ -636,6 +682,8 @@ class MtlsProxy(Peer):
         if self.http:
             listeners += [listener("http_require", self.http_require_port, "require", http=True),
                           listener("http_optional", self.http_optional_port, "optional", http=True)]
+        if self.h2:
+            listeners.append(listener("h2", self.h2_port, "require", http=True, h2=True))
         config: dict = {
             "admin": {"listen": f"127.0.0.1:{self.admin_port}"},
             "log": {"level": self.options.get("log", "warning"), "format": "json"},

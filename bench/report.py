@@ -1,5 +1,6 @@
-"""Turn the collected numbers into Markdown tables: CPU per unit (the headline), rates, the HTTP identity mode,
-worker processes, memory, the checks, the measurement conditions, the issue-5 targets, and the profiles."""
+"""Turn the collected numbers into Markdown tables: CPU per unit (the headline), rates, the HTTP identity mode over
+HTTP/1.1 and HTTP/2, worker processes, memory, the checks, the measurement conditions, the issue-5 targets, and the
+profiles."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ CPU_UNITS = [
     ("bulk_down", "bulk down, per GB", "s", "{:.3f}"),
     ("wrk", "kept-alive request (wrk)", "µs", "{:.1f}"),
     ("wrk_http", "kept-alive request, HTTP identity mode (wrk)", "µs", "{:.1f}"),
+    ("h2", "kept-alive request, HTTP/2 identity mode (h2load, client certificate)", "µs", "{:.1f}"),
 ]
 
 # Issue 5: (key, what, limit as a ratio to nginx).
@@ -296,13 +298,17 @@ def http_table(data: dict[str, Any]) -> str:
 def http_headers_table(data: dict[str, Any]) -> str:
     rows = []
     for spec, peer in data["peers"].items():
-        h = peer.get("checks", {}).get("http")
+        checks = peer.get("checks", {})
+        h = checks.get("http")
         if not h:
             continue
         cert_header = h.get("cert_header", "X-Forwarded-Client-Cert")
         prefix = "" if cert_header == "X-Forwarded-Client-Cert" else f"{cert_header}: "
-        for label, key in (("good client certificate", "good"), ("no certificate, forged headers", "optional_no_cert")):
-            headers = h[key].get("headers", {})
+        requests = [("good client certificate", h["good"]), ("no certificate, forged headers", h["optional_no_cert"])]
+        if checks.get("h2", {}).get("good", {}).get("reached"):
+            requests.append(("good client certificate, HTTP/2", checks["h2"]["good"]))
+        for label, result in requests:
+            headers = result.get("headers", {})
             cells = ["<br>".join(f"`{v}`" for v in headers.get(name, [])) or "(none)"
                      for name in (cert_header.lower(), "x-client-subject", "x-client-verify", "x-forwarded-for",
                                   "x-forwarded-proto")]
@@ -314,20 +320,90 @@ def http_headers_table(data: dict[str, Any]) -> str:
                  align="lllllll")
 
 
+def http2_table(data: dict[str, Any]) -> str:
+    """The HTTP/2 row: h2load's rate and mean request time, CPU per request, the same peer's HTTP/1.1
+    identity-mode figure and the ratio of the two, and what the backend received."""
+    rows = []
+    base = data["peers"].get(BASE, {}).get("summary", {})
+    for spec, peer in data["peers"].items():
+        s = peer.get("summary", {})
+        kept = [r for r in peer.get("runs", {}).get("h2", []) if r.get("kept") and r.get("ok")]
+        if not kept:
+            continue
+        share = min(r["identity_share"] for r in kept)
+        header = kept[0].get("identity_header", "X-Forwarded-Client-Cert")
+        conns = median([r["backend_connections"] for r in kept])
+        h2, h1 = s.get("h2_cpu"), s.get("wrk_http_cpu")
+        rows.append([
+            f"**{spec}**" if spec.startswith("mtls-proxy") else spec,
+            _cell(s.get("h2_rate"), "{:.0f}") + _ratio(s.get("h2_rate"), base.get("h2_rate")),
+            _cell(s.get("h2_mean") / 1e3 if s.get("h2_mean") else None, "{:.1f}", "ms"),
+            _cell(h2, "{:.1f}", "µs") + _ratio(h2, base.get("h2_cpu")) + (" †" if disturbed(peer, "h2") else ""),
+            _cell(s.get("h2_cpu_si"), "{:.1f}", "µs") + _ratio(s.get("h2_cpu_si"), base.get("h2_cpu_si")),
+            _cell(h1, "{:.1f}", "µs"),
+            f"{h2 / h1:.2f}×" if h2 and h1 else "–",
+            f"{share:.1%} ({header})",
+            f"{conns:.0f}" if conns is not None else "–",
+        ])
+    if not rows:
+        return ""
+    return table(["peer", "requests/s", "mean request time", "CPU per request", "CPU per request + softirq",
+                  "same peer, HTTP/1.1 identity mode (wrk)", "HTTP/2 ÷ HTTP/1.1", "backend requests with the "
+                  "certificate header", "backend connections opened"], rows)
+
+
+def http2_goal(data: dict[str, Any]) -> str:
+    """Issue 14's goal for every single-worker mtls-proxy row: HTTP/2 CPU per request no worse than the HTTP/1.1
+    identity mode's, and the ratios to nginx (and Traefik) over HTTP/2."""
+    lines = []
+    peers = data["peers"]
+    base, go = peers.get(BASE, {}).get("summary", {}), peers.get(GO_PEER, {}).get("summary", {})
+    for spec, peer in peers.items():
+        s = peer.get("summary", {})
+        h2, h1 = s.get("h2_cpu"), s.get("wrk_http_cpu")
+        if not spec.startswith("mtls-proxy") or not single_worker(peer) or h2 is None:
+            continue
+        if h1:
+            verdict = "met" if h2 <= h1 else f"missed by {h2 / h1 - 1:.0%}"
+            against_h1 = (f"against {h1:.1f} µs per HTTP/1.1 identity-mode request (wrk, same run): "
+                          f"{h2 / h1:.2f}×, goal ≤ 1.00×: {verdict}")
+        else:
+            against_h1 = "(the HTTP/1.1 identity mode was not measured in this run)"
+        others = [f"{h2 / ref['h2_cpu']:.2f}× {name}'s {ref['h2_cpu']:.1f} µs" for name, ref in
+                  ((BASE, base), (GO_PEER, go)) if ref.get("h2_cpu")]
+        lines.append(f"- **{spec}**: {h2:.1f} CPU-µs per HTTP/2 request {against_h1}"
+                     + (f"; over HTTP/2, {' and '.join(others)}" if others else "") + ".")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def http2_checks_table(data: dict[str, Any]) -> str:
+    rows = []
+    for spec, peer in data["peers"].items():
+        h = peer.get("checks", {}).get("h2")
+        if not h:
+            continue
+        rows.append([spec, _refusal(h["no_cert"]), _refusal(h["other_ca"]), str(h["backend_requests_from_refused"]),
+                     h["h2load"][:120], "ok" if h["ok"] else "**" + "; ".join(h["problems"])[:300] + "**"])
+    if not rows:
+        return ""
+    return table(["peer", "no client cert", "cert from another CA", "requests of refused clients at the backend",
+                  "h2load with the certificate (one request)", "identity headers"], rows, align="lllrll")
+
+
+def _refusal(r: dict[str, Any]) -> str:
+    if r["reached"]:
+        return "**ADMITTED**"
+    alert = re.search(r"\[SSL: ([A-Z0-9_]+)\]", r["detail"])
+    return f"refused: {alert.group(1).lower() if alert else r['detail'][:70]}"
+
+
 def http_checks_table(data: dict[str, Any]) -> str:
     rows = []
     for spec, peer in data["peers"].items():
         h = peer.get("checks", {}).get("http")
         if not h:
             continue
-
-        def refused(r: dict[str, Any]) -> str:
-            if r["reached"]:
-                return "**ADMITTED**"
-            alert = re.search(r"\[SSL: ([A-Z0-9_]+)\]", r["detail"])
-            return f"refused: {alert.group(1).lower() if alert else r['detail'][:70]}"
-
-        rows.append([spec, refused(h["no_cert"]), refused(h["other_ca"]), refused(h["other_ca_optional_port"]),
+        rows.append([spec, _refusal(h["no_cert"]), _refusal(h["other_ca"]), _refusal(h["other_ca_optional_port"]),
                      str(h["backend_requests_from_refused"]),
                      "ok" if h["ok"] else "**" + "; ".join(h["problems"])[:300] + "**"])
     if not rows:
@@ -479,6 +555,38 @@ def label(spec: str) -> str:
     return ":".join(part for part in spec.split(":") if not part.startswith("tests="))
 
 
+def http2_section(data: dict[str, Any]) -> str:
+    s = data["settings"]
+    rows = http2_table(data)
+    if not rows:
+        why = data.get("h2_unavailable") or "no peer with the HTTP/2 listener took part"
+        return f"not measured: {why}\n"
+    c, m = s.get("h2_connections", 8), s.get("h2_streams", 32)
+    return "\n".join([
+        f"`h2load -c{c} -m{m}` ({c} connections, {m} concurrent streams on each, {c * m} requests in flight), "
+        f"{s['wrk_seconds']} s, on each peer's HTTP/2 port, which requires a client certificate; ALPN chooses h2 "
+        "(h2load offers nothing else). **h2load has no option for a client certificate**, so "
+        "`bench/h2load_cert.c`, loaded into it with `LD_PRELOAD`, gives every TLS context h2load makes the "
+        "client's certificate and key; nothing else of h2load changes, and the checks below prove it presents "
+        "them. HTTP/2 in front and HTTP/1.1 behind for every peer (the benchmark's backend speaks no h2c): nginx "
+        "`listen ... ssl http2` (nginx 1.22's form of `http2 on`) with the same `proxy_set_header` lines and "
+        "upstream `keepalive` pool as the HTTP/1.1 row; Traefik the same HTTP router with `passTLSClientCert` and "
+        "its pool of upstream connections (both pools raised above the requests in flight); mtls-proxy "
+        "`tls.alpn: [h2, http/1.1]` with `backend.http_version: \"1.1\"`, where every stream is an HTTP/1.1 "
+        "request on a backend connection of its own (no pool; the last column counts the connections). Every "
+        "request carries a verified identity, so the backend counts the requests that arrive with the peer's "
+        "certificate header (XFCC; Traefik's `X-Forwarded-Tls-Client-Cert-Info`); a run in which one lacks it "
+        "fails. The mean request time is h2load's (from a stream's request to the end of its response; h2load "
+        "gives no percentiles); with this many requests in flight it is mostly queueing. The HTTP/1.1 column is "
+        "the same peer's wrk row above, whose requests are anonymous (no certificate header to build): "
+        "for mtls-proxy it is the smaller job.\n",
+        rows,
+        "\nIssue 14's goal: HTTP/2 CPU per request no worse than the HTTP/1.1 identity mode's, and the ratio to "
+        "nginx.\n",
+        http2_goal(data) or "no single-worker mtls-proxy row measured HTTP/2\n",
+    ])
+
+
 def render(data: dict[str, Any], *, with_profiles: bool = True) -> str:
     s = data["settings"]
     data = {**data, "peers": {label(spec): peer for spec, peer in data["peers"].items()}}
@@ -490,7 +598,9 @@ def render(data: dict[str, Any], *, with_profiles: bool = True) -> str:
         f"{s['bulk_bytes'] / 2**20:.0f} MiB each way. wrk = {s['wrk_connections']} kept-alive connections on the "
         "optional-client-auth port (wrk cannot present a client certificate, so these connections carry none). "
         "HTTP identity mode = the same wrk load through the peer as an HTTP reverse proxy that adds the client's "
-        "identity headers to every request (nginx's `http {}` module; see the section below). A multi-worker row "
+        "identity headers to every request (nginx's `http {}` module; see the section below). HTTP/2 identity "
+        f"mode = the same job with HTTP/2 in front: `h2load -c{s.get('h2_connections', 8)} "
+        f"-m{s.get('h2_streams', 32)}` with the client certificate (see its section). A multi-worker row "
         "spans both cores (see \"Worker processes\"); its ratios are CPU per unit too.\n",
         cpu_table(data),
         "\nThe same, plus the kernel's softirq time on the proxy's core (loopback TCP work the proxy's sends cause, "
@@ -527,6 +637,8 @@ def render(data: dict[str, Any], *, with_profiles: bool = True) -> str:
         "`X-Forwarded-Client-Cert: Hash=forged;Subject=\"CN=forged\"`, `x-forwarded-for: 192.0.2.66`; to Traefik "
         "the same value in `X-Forwarded-Tls-Client-Cert-Info` instead of the first three):\n",
         http_headers_table(data),
+        "\n## HTTP/2 identity mode (h2load with the client certificate, kept-alive, many streams per connection)\n",
+        http2_section(data),
         "\n## Worker processes\n",
         workers_section(data) or "no multi-worker row in this run\n",
         "\n## One connection at a time (median of "
@@ -549,6 +661,10 @@ def render(data: dict[str, Any], *, with_profiles: bool = True) -> str:
         "\nThe HTTP identity-mode listeners (`GET /echo`; a refusal is a TLS alert or, from nginx, its own "
         "400 page; either way no request may reach the backend):\n" if http_checks_table(data) else "",
         http_checks_table(data),
+        "\nThe HTTP/2 listeners (`nghttp`, from the same package as h2load, speaks only h2 and sends `GET /echo` "
+        "with and without a certificate; then h2load itself sends one request with the certificate):\n"
+        if http2_checks_table(data) else "",
+        http2_checks_table(data),
         "\n## Conditions of the kept runs\n",
         "Proxy CPU is the peer's CPU time over the run's wall time (1.0 = one core busy). The softirq column is "
         "network work the kernel did on the proxy's core outside any process's CPU time (not in the headline), "

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark of mtls-proxy against nginx, HAProxy, stunnel and Traefik as mTLS-terminating TCP proxies
-(and against nginx and Traefik as HTTP identity-mode reverse proxies).
+(and against nginx and Traefik as HTTP identity-mode reverse proxies, over HTTP/1.1 and HTTP/2).
 
-    python bench/run.py                 # full run (about 17 minutes on a quiet machine), prints the tables
+    python bench/run.py                 # full run (about 19 minutes on a quiet machine), prints the tables
     python bench/run.py --quick         # smoke run (30 to 45 seconds), what the test suite runs
     python bench/run.py --results bench/RESULTS.md --json /tmp/bench.json
 
@@ -47,7 +47,7 @@ from peers import KINDS, START_TIMEOUT, Peer, PeerError, parse_spec  # noqa: E40
 # "Worker processes" section of the report).
 WORKERS_ROW = "mtls-proxy:workers=2:cpus=0-1:tests=full+resumed"
 DEFAULT_PEERS = f"nginx,haproxy,stunnel,traefik,mtls-proxy,{WORKERS_ROW}"
-TESTS = ("full", "resumed", "bulk_up", "bulk_down", "wrk", "wrk_http")
+TESTS = ("full", "resumed", "bulk_up", "bulk_down", "wrk", "wrk_http", "h2")
 # What an anonymous client forges in the HTTP identity-mode checks: every identity header the peer sets (see
 # forged_headers), each of which the peer must replace or remove.
 FORGED_XFF = {"x-forwarded-for": "192.0.2.66"}
@@ -65,8 +65,10 @@ class Settings:
     hs_seconds: int
     hs_clients: int
     bulk_bytes: int
-    wrk_seconds: int
+    wrk_seconds: int  # also the length of the h2load run
     wrk_connections: int
+    h2_connections: int  # h2load -c
+    h2_streams: int  # h2load -m: concurrent streams on each connection
     idle_conns: int
     memprof_conns: int  # idle connections for the memory breakdown (tracemalloc); 0 = no breakdown
     retries: int
@@ -83,8 +85,9 @@ class Settings:
 
 FULL = Settings(
     reps=3, hs_seconds=10, hs_clients=4, bulk_bytes=1024 * 2**20, wrk_seconds=10, wrk_connections=32,
-    idle_conns=5000, memprof_conns=2000, retries=2, foreign_limit=0.05, quiet_wait=30.0, patience=1200.0,
-    profile_seconds=10, settle=1.0, latency_conns=21, backend_ceiling=True, proxy_cpu=1, load_cpu=0,
+    h2_connections=8, h2_streams=32, idle_conns=5000, memprof_conns=2000, retries=2, foreign_limit=0.05,
+    quiet_wait=30.0, patience=1200.0, profile_seconds=10, settle=1.0, latency_conns=21, backend_ceiling=True,
+    proxy_cpu=1, load_cpu=0,
 )
 QUICK = replace(
     FULL, reps=1, hs_seconds=1, bulk_bytes=8 * 2**20, wrk_seconds=1, wrk_connections=16, idle_conns=16,
@@ -106,13 +109,49 @@ def forged_headers(peer: Peer) -> dict[str, str]:
     return {**FORGED_VERIFY, **forged} if peer.verify_headers else forged
 
 
+def expect_header(problems: list[str], label: str, headers: dict[str, list[str]], name: str,
+                  test: Callable[[list[str]], bool], want: str) -> None:
+    """Add a problem unless the backend received header ``name`` with values that pass ``test``."""
+    got = headers.get(name.lower())
+    if got is None or not test(got):
+        problems.append(f"{label}: {name} should be {want}, the backend got {got}")
+
+
+def verified_headers(peer: Peer, label: str, headers: dict[str, list[str]], problems: list[str]) -> None:
+    """What the backend must receive for a client with the good certificate that forged every identity header:
+    one copy of each header the peer sets, naming the client (the forged ones replaced)."""
+    marker, shape = CERT_HEADER_SHAPE[peer.cert_header]
+
+    def names_the_client(values: list[str]) -> bool:
+        # One copy (the forged one replaced), naming the client; Traefik's value is URL-encoded.
+        return len(values) == 1 and any(marker in text and "CN=bench-client" in text
+                                        for text in (values[0], urllib.parse.unquote_plus(values[0])))
+
+    if peer.verify_headers:
+        expect_header(problems, label, headers, "X-Client-Verify", lambda v: v == ["SUCCESS"], "SUCCESS")
+        expect_header(problems, label, headers, "X-Client-Subject",
+                      lambda v: len(v) == 1 and "CN=bench-client" in v[0], "the client's subject")
+    expect_header(problems, label, headers, peer.cert_header, names_the_client, shape)
+    expect_header(problems, label, headers, "X-Forwarded-For", lambda v: v == ["127.0.0.1"], "127.0.0.1")
+    expect_header(problems, label, headers, "X-Forwarded-Proto", lambda v: v == ["https"], "https")
+
+
 def needs(kind: type[Peer]) -> list[str]:
     """What a peer still needs installed: its apt packages, then its PyPI packages."""
     return kind.missing() + kind.missing_pip()
 
 
-def install_missing(kinds: list[type[Peer]], need_wrk: bool, allowed: bool) -> list[str]:
-    """apt-get install (as root) and pip install what the chosen peers need; return what is still missing."""
+def h2_tools_missing() -> list[str]:
+    """The Debian packages the HTTP/2 row still needs: h2load and nghttp (nghttp2-client), and a C compiler for the
+    library that gives h2load the client certificate (bench/h2load_cert.c)."""
+    need = [] if shutil.which("h2load") and shutil.which("nghttp") else ["nghttp2-client"]
+    return need + ([] if shutil.which("cc") or shutil.which("gcc") else ["gcc", "libc6-dev"])
+
+
+def install_missing(kinds: list[type[Peer]], need_wrk: bool, allowed: bool, need_h2: bool = False) -> list[str]:
+    """apt-get install (as root) and pip install what the chosen peers need; return what is still missing. The
+    HTTP/2 row's tools are installed too when ``need_h2``, but not returned: without them that row is left out
+    (see ``Bench.setup``), the rest of the run goes on."""
     wheels = sorted({pkg for kind in kinds for pkg in kind.missing_pip()})
     if wheels and allowed:
         log(f"installing {' '.join(wheels)} with pip")
@@ -120,7 +159,8 @@ def install_missing(kinds: list[type[Peer]], need_wrk: bool, allowed: bool) -> l
         subprocess.run(cmd, stdout=subprocess.DEVNULL, timeout=900)
     packages = sorted({pkg for kind in kinds for pkg in kind.missing()}
                       | ({"wrk"} if need_wrk and not shutil.which("wrk") else set())
-                      | ({"openssl"} if not shutil.which("openssl") else set()))
+                      | ({"openssl"} if not shutil.which("openssl") else set())
+                      | (set(h2_tools_missing()) if need_h2 else set()))
     if packages and allowed:
         if os.geteuid() != 0:
             log(f"not root, cannot install {' '.join(packages)}")
@@ -199,11 +239,14 @@ class Backend:
 
 
 class Bench:
-    def __init__(self, settings: Settings, specs: list[str], workdir: Path, *, use_wrk: bool, profile: bool) -> None:
+    def __init__(self, settings: Settings, specs: list[str], workdir: Path, *, use_wrk: bool, profile: bool,
+                 use_h2: bool = False) -> None:
         self.s = settings
         self.specs = specs
         self.workdir = workdir
         self.use_wrk = use_wrk
+        self.use_h2 = use_h2
+        self.h2_preload: Path | None = None  # the library that gives h2load the client certificate
         self.profile = profile
         self.peers: dict[str, Peer] = {}
         self.waited = 0.0  # seconds spent waiting for quiet and on repeated attempts
@@ -213,6 +256,13 @@ class Bench:
 
     def setup(self) -> None:
         self.pki = write_pki(self.workdir / "pki")
+        if self.use_h2:
+            try:
+                self.h2_preload = loads.h2load_preload(self.workdir)
+            except loads.LoadError as exc:
+                self.use_h2 = False
+                self.data["h2_unavailable"] = str(exc)
+                log(f"no HTTP/2 row: {exc}")
         self.backend = Backend(self.s.load_cpu)
         log(f"backend on port {self.backend.port} (pid {self.backend.pid}, CPU {self.s.load_cpu})")
         launched = []
@@ -249,7 +299,8 @@ class Bench:
             log(f"{peer.spec}: {self.data['peers'][peer.spec]['version']}, pid {peer.pid}, ports "
                 f"{peer.require_port} (require) {peer.optional_port} (optional)"
                 + (f" {peer.http_require_port} (HTTP, require) {peer.http_optional_port} (HTTP, optional)"
-                   if peer.http else "") + f", CPUs {peer.cpus}")
+                   if peer.http else "") + (f" {peer.h2_port} (HTTP/2, require)" if peer.h2 else "")
+                + f", CPUs {peer.cpus}")
 
     def teardown(self) -> None:
         for peer in self.peers.values():
@@ -288,6 +339,9 @@ class Bench:
         if peer.http:
             checks["http"] = self.check_http(peer)
             checks["ok"] = checks["ok"] and checks["http"]["ok"]
+        if peer.h2 and self.use_h2:
+            checks["h2"] = self.check_h2(peer)
+            checks["ok"] = checks["ok"] and checks["h2"]["ok"]
         self.data["peers"][peer.spec]["checks"] = checks
         if checks["ok"]:
             count = self.s.latency_conns
@@ -308,6 +362,13 @@ class Bench:
                 f"{h['no_cert']['detail']}; other CA -> {h['other_ca']['detail']}; requests from refused clients at "
                 f"the backend: {h['backend_requests_from_refused']}; good cert -> {h['good']['headers']}; "
                 f"optional/no cert, forged headers -> {h['optional_no_cert']['headers']}"
+                + (f"; problems: {'; '.join(h['problems'])}" if h["problems"] else ""))
+        if "h2" in checks:
+            h = checks["h2"]
+            log(f"{peer.spec}: HTTP/2 checks {'ok' if h['ok'] else 'FAILED'}: no cert -> {h['no_cert']['detail']}; "
+                f"other CA -> {h['other_ca']['detail']}; requests from refused clients at the backend: "
+                f"{h['backend_requests_from_refused']}; good cert, forged headers -> {h['good']['headers']}; "
+                f"h2load with the certificate -> {h['h2load']}"
                 + (f"; problems: {'; '.join(h['problems'])}" if h["problems"] else ""))
         return checks["ok"]
 
@@ -349,37 +410,18 @@ class Bench:
         if leaked:
             problems.append(f"{leaked} request(s) of refused clients reached the backend")
 
-        def expect(label: str, headers: dict[str, list[str]], name: str, test: Callable[[list[str]], bool],
-                   want: str) -> None:
-            got = headers.get(name.lower())
-            if got is None or not test(got):
-                problems.append(f"{label}: {name} should be {want}, the backend got {got}")
-
-        marker, shape = CERT_HEADER_SHAPE[peer.cert_header]
-
-        def names_the_client(values: list[str]) -> bool:
-            # One copy (the forged one replaced), naming the client; Traefik's value is URL-encoded.
-            return len(values) == 1 and any(marker in text and "CN=bench-client" in text
-                                            for text in (values[0], urllib.parse.unquote_plus(values[0])))
-
         g, a = good[2], anon[2]
         if not good[0]:
             problems.append(f"good cert: {good[1]}")
         else:
-            if peer.verify_headers:
-                expect("good cert", g, "X-Client-Verify", lambda v: v == ["SUCCESS"], "SUCCESS")
-                expect("good cert", g, "X-Client-Subject", lambda v: len(v) == 1 and "CN=bench-client" in v[0],
-                       "the client's subject")
-            expect("good cert", g, peer.cert_header, names_the_client, shape)
-            expect("good cert", g, "X-Forwarded-For", lambda v: v == ["127.0.0.1"], "127.0.0.1")
-            expect("good cert", g, "X-Forwarded-Proto", lambda v: v == ["https"], "https")
+            verified_headers(peer, "good cert", g, problems)
         if not anon[0]:
             problems.append(f"optional port, no cert: {anon[1]}")
         else:
             if peer.verify_headers:
-                expect("no cert", a, "X-Client-Verify", lambda v: v == ["NONE"], "NONE")
-            expect("no cert", a, "X-Forwarded-For", lambda v: v == ["127.0.0.1"], "127.0.0.1")
-            expect("no cert", a, "X-Forwarded-Proto", lambda v: v == ["https"], "https")
+                expect_header(problems, "no cert", a, "X-Client-Verify", lambda v: v == ["NONE"], "NONE")
+            expect_header(problems, "no cert", a, "X-Forwarded-For", lambda v: v == ["127.0.0.1"], "127.0.0.1")
+            expect_header(problems, "no cert", a, "X-Forwarded-Proto", lambda v: v == ["https"], "https")
             absent = [peer.cert_header.lower()] + (["x-client-subject"] if peer.verify_headers else [])
             for name in absent:
                 if name in a:
@@ -396,6 +438,49 @@ class Bench:
             "good": {**res(good), "headers": {k: v for k, v in g.items() if k in identity}},
             "optional_no_cert": {**res(anon), "headers": {k: v for k, v in a.items() if k in identity}},
             "problems": problems, "ok": not problems, "cert_header": peer.cert_header,
+        }
+
+    def check_h2(self, peer: Peer) -> dict[str, Any]:
+        """The HTTP/2 listener (client certificate required), with nghttp, which speaks only h2: no certificate and
+        a foreign CA are refused and none of their requests reaches the backend; the good certificate's request,
+        with every identity header forged, arrives with the peer's own (as in :meth:`check_http`). Then h2load
+        itself: one request without the library that gives it the certificate must fail, one with it must get
+        through. So the measured h2load presents the certificate, and nothing else lets it in."""
+        pki = self.pki
+        before = self.backend.stats()["http_requests"]
+        no_cert = clients.h2_probe(peer.h2_port, pki, None)
+        other = clients.h2_probe(peer.h2_port, pki, "other")
+        leaked = self.backend.stats()["http_requests"] - before
+        good = clients.h2_probe(peer.h2_port, pki, "client", forged_headers(peer))
+        problems = [f"{label}: admitted" for label, result in (("no cert", no_cert), ("other CA", other))
+                    if result[0]]
+        if leaked:
+            problems.append(f"{leaked} request(s) of refused clients reached the backend")
+        if good[0]:
+            verified_headers(peer, "good cert", good[2], problems)
+        else:
+            problems.append(f"good cert: {good[1]}")
+        try:
+            loads.h2load(peer.h2_port, pki, None, connections=1, streams=1, requests=1)
+            problems.append("h2load without the client certificate: admitted")
+        except loads.LoadError:
+            pass  # refused, as it must be
+        try:
+            result = loads.h2load(peer.h2_port, pki, self.h2_preload, connections=1, streams=1, requests=1)
+            h2load = f"{result.requests} request succeeded over {result.protocol} (refused without the certificate)"
+        except loads.LoadError as exc:
+            h2load = f"failed: {exc}"
+            problems.append(f"h2load with the client certificate: {exc}")
+        identity = (peer.cert_header.lower(), "x-client-subject", "x-client-verify", "x-forwarded-for",
+                    "x-forwarded-proto")
+
+        def res(r: tuple[bool, str, dict[str, list[str]]]) -> dict[str, Any]:
+            return {"reached": r[0], "detail": r[1]}
+
+        return {
+            "no_cert": res(no_cert), "other_ca": res(other), "backend_requests_from_refused": leaked,
+            "good": {**res(good), "headers": {k: v for k, v in good[2].items() if k in identity}},
+            "h2load": h2load, "problems": problems, "ok": not problems, "cert_header": peer.cert_header,
         }
 
     # ---- measuring ----
@@ -439,7 +524,7 @@ class Bench:
                 break
             self.wait_quiet()
             attempt_started = time.monotonic()
-            stats0 = self.backend.stats() if test == "wrk_http" else None
+            stats0 = self.backend.stats() if test in ("wrk_http", "h2") else None
             w = self.window(peer).start()
             try:
                 result = self.load(peer, test)
@@ -452,7 +537,7 @@ class Bench:
                 self.waited += time.monotonic() - attempt_started
             run = self.units(test, result, acct)
             if stats0 is not None:
-                self.identity_delivery(run, stats0, self.backend.stats(), verify_headers=peer.verify_headers)
+                self.identity_delivery(run, stats0, self.backend.stats(), *self.identity_counter(peer, test))
                 if not run["ok"]:
                     log(f"{peer.spec} {test}: FAILED: {run['error']}")
                     return {**run, "attempts": attempts}
@@ -478,19 +563,30 @@ class Bench:
         if test in ("wrk", "wrk_http"):
             port = peer.optional_port if test == "wrk" else peer.http_optional_port
             return loads.wrk(f"https://127.0.0.1:{port}/", connections=s.wrk_connections, seconds=s.wrk_seconds)
+        if test == "h2":
+            return loads.h2load(peer.h2_port, self.pki, self.h2_preload, connections=s.h2_connections,
+                                streams=s.h2_streams, seconds=s.wrk_seconds)
         raise ValueError(test)
 
     @staticmethod
-    def identity_delivery(run: dict[str, Any], before: dict[str, int], after: dict[str, int], *,
-                          verify_headers: bool) -> None:
-        """After an HTTP identity-mode wrk run: did every request reach the backend with the identity headers
-        (wrk has no certificate, so X-Client-Verify: NONE, X-Forwarded-For, no XFCC), and how many backend
-        connections did the proxy open for them (nginx and Traefik pool them; mtls-proxy opens one per client
-        connection)? A peer without X-Client-Verify (Traefik) is held to X-Forwarded-For: an anonymous request
-        gets no other identity header from it."""
-        requests = after["http_requests"] - before["http_requests"]
-        counter, header = ("verify_requests", "X-Client-Verify") if verify_headers else (
+    def identity_counter(peer: Peer, test: str) -> tuple[str, str]:
+        """(the backend's counter, the header it counts) that every request of an HTTP identity-mode run must reach:
+        for wrk, which has no certificate, X-Client-Verify (NONE), or X-Forwarded-For from a peer without it
+        (Traefik gives an anonymous request no other identity header); for h2load, which presents the client
+        certificate, the peer's certificate header (XFCC, or Traefik's X-Forwarded-Tls-Client-Cert-Info)."""
+        if test == "h2":
+            return "cert_requests", peer.cert_header
+        return ("verify_requests", "X-Client-Verify") if peer.verify_headers else (
             "identity_requests", "X-Forwarded-For")
+
+    @staticmethod
+    def identity_delivery(run: dict[str, Any], before: dict[str, int], after: dict[str, int], counter: str,
+                          header: str) -> None:
+        """After an HTTP identity-mode run: did every request reach the backend with the identity header that
+        ``counter`` counts (see identity_counter), and how many backend connections did the proxy open for them
+        (nginx and Traefik pool them; mtls-proxy opens one per client connection over HTTP/1.1, one per stream
+        over HTTP/2)?"""
+        requests = after["http_requests"] - before["http_requests"]
         with_verify = after[counter] - before[counter]
         run.update(backend_requests=requests, backend_requests_with_identity=with_verify, identity_header=header,
                    backend_xfcc_requests=after["xfcc_requests"] - before["xfcc_requests"],
@@ -499,8 +595,9 @@ class Bench:
                    identity_share=with_verify / requests if requests else 0.0)
         if requests < 0.99 * run["count"] or run["identity_share"] < 0.999:
             run["ok"] = False
-            run["error"] = (f"wrk counted {run['count']} requests; {requests} reached the backend, {with_verify} of "
-                            f"them with {header}: the identity headers were not added to every request")
+            run["error"] = (f"the client counted {run['count']} requests; {requests} reached the backend, "
+                            f"{with_verify} of them with {header}: the identity headers were not added to every "
+                            "request")
 
     def units(self, test: str, result: Any, acct: dict[str, Any]) -> dict[str, Any]:
         proxy_cpu = acct["cpu"]["proxy"]
@@ -526,6 +623,10 @@ class Bench:
             run["reused"] = result.reused / result.connections
         elif test.startswith("bulk"):
             count, per_unit, rate = result["bytes"], result["bytes"] / 1e9, result["mb_per_s"]
+        elif test == "h2":
+            count, per_unit, rate = result.requests, result.requests / 1e6, result.rate
+            run.update(mean=result.mean_us, max=result.max_us, errors=result.errors, protocol=result.protocol,
+                       connections=self.s.h2_connections, streams=self.s.h2_streams)
         else:
             count, per_unit, rate = result.requests, result.requests / 1e6, result.rate
             run.update(p50=result.p50_us, p99=result.p99_us, errors=result.errors)
@@ -536,6 +637,9 @@ class Bench:
                               + (f", {run['reused']:.0%} reused" if test == "resumed" else ""))
         elif test.startswith("bulk"):
             run["summary"] = f"{rate:.0f} MB/s, {run['cpu']:.3f} CPU-s/GB"
+        elif test == "h2":
+            run["summary"] = (f"{rate:.0f} req/s, mean {result.mean_us:.0f} µs per request, {run['cpu']:.1f} CPU-µs/req"
+                              + (f", {result.errors}" if result.errors else ""))
         else:  # wrk, wrk_http
             run["summary"] = (f"{rate:.0f} req/s, p50 {result.p50_us:.0f} µs, p99 {result.p99_us:.0f} µs, "
                               f"{run['cpu']:.1f} CPU-µs/req" + (f", {result.errors}" if result.errors else ""))
@@ -638,10 +742,19 @@ class Bench:
                     "kept-alive requests, HTTP identity mode",
                     f"`wrk -c{self.s.wrk_connections}` on the HTTP identity-mode optional port, {seconds} s",
                     wrk(target.http_optional_port)))
+        if self.use_h2 and target.h2:
+            def h2() -> None:
+                loads.h2load(target.h2_port, self.pki, self.h2_preload, connections=self.s.h2_connections,
+                             streams=self.s.h2_streams, seconds=seconds)
+
+            loads_to_profile.append((
+                "kept-alive requests, HTTP/2 identity mode",
+                f"`h2load -c{self.s.h2_connections} -m{self.s.h2_streams}` with the client certificate on the "
+                f"HTTP/2 port, {seconds} s", h2))
         for name, description, action in loads_to_profile:
             self.wait_quiet()
             log(f"profiling {target.spec}: {name}")
-            slug = name.replace(" ", "-").replace(",", "")
+            slug = name.replace(" ", "-").replace(",", "").replace("/", "")
             profiles[name] = pyspy.record(target.pid, action, self.workdir / f"profile-{slug}",
                                           description=description, cpu=self.s.load_cpu)
         self.data["profiles"] = profiles
@@ -654,7 +767,7 @@ class Bench:
         time.sleep(self.s.settle)
         for peer in self.peers.values():
             self.data["peers"][peer.spec]["memory"]["idle_rss_kb"] = procfs.tree_kb(peer.pid, "VmRSS")
-        tests = [t for t in TESTS if not t.startswith("wrk") or self.use_wrk]
+        tests = [t for t in TESTS if (not t.startswith("wrk") or self.use_wrk) and (t != "h2" or self.use_h2)]
         if self.use_wrk and self.s.backend_ceiling:
             self.backend_ceiling()
         for rep in range(self.s.reps):
@@ -682,6 +795,8 @@ class Bench:
                 if test in ("wrk", "wrk_http"):
                     summary[f"{test}_p50"] = report.summarize(runs, "p50")
                     summary[f"{test}_p99"] = report.summarize(runs, "p99")
+                if test == "h2":
+                    summary["h2_mean"] = report.summarize(runs, "mean")
         if self.profile:
             self.run_profiles()
         self.data["waited_s"] = self.waited
@@ -705,9 +820,12 @@ def machine() -> dict[str, str]:
     except OSError:
         pass
     openssl = subprocess.run(["openssl", "version"], capture_output=True, text=True).stdout.strip()
+    h2load = "-"
+    if shutil.which("h2load"):
+        h2load = subprocess.run(["h2load", "--version"], capture_output=True, text=True).stdout.strip() or "h2load"
     return {"cpu": model, "cpus": str(os.cpu_count()), "memory": f"{mem_gib:.0f} GiB", "os": os_name,
             "kernel": platform.release(), "python": platform.python_version(), "openssl_cli": openssl,
-            "wrk": "wrk 4.1.0" if shutil.which("wrk") else "-"}
+            "wrk": "wrk 4.1.0" if shutil.which("wrk") else "-", "h2load": h2load}
 
 
 def code_version() -> str:
@@ -739,7 +857,8 @@ any, are at the end.
 - code: {data.get('code', '?')}
 - machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory']}, {m['os']}, kernel {m['kernel']}
 - pinning: proxy on CPU {pinning['proxy_cpu']}; clients, backend and harness on CPU {pinning['load_cpu']}
-- clients: {m['openssl_cli']} (`s_time`), Python {m['python']} `ssl` (bulk, checks, idle connections), {m['wrk']}
+- clients: {m['openssl_cli']} (`s_time`), Python {m['python']} `ssl` (bulk, checks, idle connections), {m['wrk']}, \
+{m.get('h2load', '-')} (HTTP/2; nghttp from the same package for its checks)
 
 | peer | version |
 |---|---|
@@ -771,6 +890,7 @@ def main() -> int:
     parser.add_argument("--proxy-cpu", type=int)
     parser.add_argument("--load-cpu", type=int)
     parser.add_argument("--no-wrk", action="store_true", help="skip the wrk runs")
+    parser.add_argument("--no-h2", action="store_true", help="skip the HTTP/2 (h2load) runs")
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
     parser.add_argument("--no-install", action="store_true", help="never apt-get or pip install missing peers")
     parser.add_argument("--skip-missing", action="store_true", help="drop peers that are not installed")
@@ -805,7 +925,8 @@ def main() -> int:
         kinds = [parse_spec(spec)[0] for spec in specs]
     except PeerError as exc:
         parser.error(str(exc))
-    missing = install_missing(kinds, need_wrk=not args.no_wrk, allowed=not args.no_install)
+    need_h2 = not args.no_h2 and any(kind.h2_capable for kind in kinds)
+    missing = install_missing(kinds, need_wrk=not args.no_wrk, allowed=not args.no_install, need_h2=need_h2)
     if missing:
         still = [spec for spec, kind in zip(specs, kinds, strict=False) if needs(kind)]
         if not args.skip_missing:
@@ -815,6 +936,7 @@ def main() -> int:
         log(f"skipping {', '.join(still) or 'nothing'}; missing packages: {' '.join(missing)}")
         specs = [spec for spec, kind in zip(specs, kinds, strict=False) if not needs(kind)]
     use_wrk = not args.no_wrk and shutil.which("wrk") is not None
+    h2_missing = h2_tools_missing() if need_h2 else []
 
     # The harness, the backend and the clients share the load core; each peer gets the proxy core.
     os.sched_setaffinity(0, {settings.load_cpu})
@@ -824,7 +946,11 @@ def main() -> int:
 
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="mtls-bench-"))
-    bench = Bench(settings, specs, workdir, use_wrk=use_wrk, profile=not args.quick and not args.no_profile)
+    bench = Bench(settings, specs, workdir, use_wrk=use_wrk, profile=not args.quick and not args.no_profile,
+                  use_h2=need_h2 and not h2_missing)
+    if h2_missing:
+        bench.data["h2_unavailable"] = f"not installed: {' '.join(h2_missing)}"
+        log(f"no HTTP/2 row: {bench.data['h2_unavailable']}")
     bench.data.update(started=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), machine=machine(),
                       command="python bench/run.py " + shlex.join(sys.argv[1:]), workdir=str(workdir),
                       code=code_version(),

@@ -3,11 +3,13 @@
 The full benchmark (bench/README.md) is not part of the test suite; this keeps it from rotting. It fails when the
 harness breaks: a peer that does not start, a peer that admits a client without a certificate (or with one from
 another CA), a row without numbers, an HTTP identity-mode listener whose requests reach the backend without the
-identity headers (or with forged ones), or a two-worker row whose work does not reach both workers. It asserts
+identity headers (or with forged ones), an HTTP/2 listener whose h2load requests do not carry the client
+certificate's identity to the backend, or a two-worker row whose work does not reach both workers. It asserts
 nothing about speed: the quick loads last a second each.
 
 The peers come from Debian packages (.ci/run installs them). Outside CI a peer that is not installed is left out
-(mtls-proxy is always there); in CI (``CI`` set) every peer and wrk must be installed.
+(mtls-proxy is always there), and so is the HTTP/2 row without h2load and nghttp (nghttp2-client) and a C compiler
+(for bench/h2load_cert.c); in CI (``CI`` set) every peer, wrk and the HTTP/2 tools must be installed.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ def _installed(peer: str) -> bool:
     return True
 
 
+def h2_tools() -> bool:
+    """What the benchmark's HTTP/2 row needs: h2load and nghttp, and a C compiler for bench/h2load_cert.c."""
+    return all(shutil.which(tool) for tool in ("h2load", "nghttp")) and bool(shutil.which("cc") or shutil.which("gcc"))
+
+
 @pytest.mark.timeout(120)
 def test_quick_benchmark_measures_every_peer(tmp_path: Path) -> None:
     if (os.cpu_count() or 1) < 2:
@@ -48,8 +55,10 @@ def test_quick_benchmark_measures_every_peer(tmp_path: Path) -> None:
     workers_row = "mtls-proxy:workers=2:cpus=0-1:tests=full"
     absent = [p for p in ("nginx", "haproxy", "stunnel") if p not in peers]
     has_wrk = shutil.which("wrk") is not None
+    has_h2 = h2_tools()
     if os.environ.get("CI"):
         assert not absent and has_wrk, f"not installed: {absent + ([] if has_wrk else ['wrk'])} (.ci/run installs them)"
+        assert has_h2, "h2load, nghttp (nghttp2-client) or cc is not installed (.ci/run installs them)"
 
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "bench/run.py", "--quick", "--no-install", "--peers", ",".join([*peers, workers_row]),
@@ -113,6 +122,25 @@ def test_quick_benchmark_measures_every_peer(tmp_path: Path) -> None:
     for spec in ("haproxy", "stunnel"):
         if spec in peers:
             assert "wrk_http" not in data["peers"][spec]["runs"]
+            assert "h2" not in data["peers"][spec]["runs"] and "h2" not in data["peers"][spec]["checks"]
+
+    # HTTP/2: h2load with the client certificate on each HTTP peer's h2 port, refused without it, and every request
+    # at the backend with the verified client's XFCC.
+    for spec in http_peers if has_h2 else []:
+        entry = data["peers"][spec]
+        h2 = entry["checks"]["h2"]
+        assert h2["ok"], f"{spec}: {h2['problems']}"
+        assert not h2["no_cert"]["reached"] and not h2["other_ca"]["reached"]
+        assert h2["backend_requests_from_refused"] == 0
+        assert h2["h2load"].startswith("1 request succeeded over h2"), h2["h2load"]
+        assert h2["good"]["headers"]["x-client-verify"] == ["SUCCESS"]
+        (xfcc,) = h2["good"]["headers"]["x-forwarded-client-cert"]
+        assert "CN=bench-client" in xfcc and "forged" not in xfcc
+        (run,) = entry["runs"]["h2"]
+        assert run["ok"], f"{spec} h2: {run.get('error')}"
+        assert run["protocol"] == "h2" and run["streams"] == 32 and run["connections"] == 8
+        assert run["rate"] > 0 and run["cpu"] is not None
+        assert run["identity_header"] == "X-Forwarded-Client-Cert" and run["identity_share"] == 1.0, run
 
     # Two workers: both take handshakes, and the row has a CPU per handshake.
     entry = data["peers"][workers_row]
@@ -129,6 +157,9 @@ def test_quick_benchmark_measures_every_peer(tmp_path: Path) -> None:
     for spec in peers:
         assert f"| {spec} |" in report or f"| **{spec}** |" in report
     assert "| **mtls-proxy:workers=2:cpus=0-1** |" in report and "## Worker processes" in report
+    if has_h2:
+        assert "## HTTP/2 identity mode" in report and "| **mtls-proxy** |" in report.split("## HTTP/2")[1]
+        assert "Issue 14's goal" in report and "- **mtls-proxy**: " in report
     if has_wrk and "mtls-proxy" in http_peers:
         assert "## HTTP identity mode" in report
         unmeasured = "small requests on kept-alive connections, HTTP identity mode | ≤ 3.0× nginx | not measured"

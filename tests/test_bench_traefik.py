@@ -45,6 +45,11 @@ def _traefik(tmp_path: Path, options: dict[str, str], pki: Path | None = None, b
                          backend_port=backend_port, proxy_cpus="1")
 
 
+def _h2_tools() -> bool:
+    """What the benchmark's HTTP/2 row needs: h2load and nghttp, and a C compiler for bench/h2load_cert.c."""
+    return all(shutil.which(tool) for tool in ("h2load", "nghttp")) and bool(shutil.which("cc") or shutil.which("gcc"))
+
+
 def _require_traefik() -> None:
     if peers.Traefik.missing_pip():
         if os.environ.get("CI"):
@@ -80,6 +85,16 @@ def test_the_config_is_a_tcp_router_with_mtls_and_an_http_router_with_pass_tls_c
     info = dynamic["http"]["middlewares"]["identity"]["passTLSClientCert"]["info"]
     assert info["subject"]["commonName"] and info["sans"]
 
+    # HTTP/2: its own entry point and router, client certificate required, the same identity middleware and backend.
+    router = dynamic["http"]["routers"]["h2"]
+    assert router["entryPoints"] == ["h2"] and router["tls"] == {"options": "require"}
+    assert router["middlewares"] == ["identity"] and router["service"] == "backend"
+    static = yaml.safe_load((peer.workdir / "traefik.yml").read_text())
+    assert static["entryPoints"]["h2"]["address"] == f"127.0.0.1:{peer.h2_port}"
+    assert "h2@file" in peer.routers() and peer.h2_port in peer.ports
+    # The upstream pool outgrows the HTTP/2 row's requests in flight (Traefik's default is 200 per host).
+    assert static["serversTransport"]["maxIdleConnsPerHost"] == peers.UPSTREAM_POOL >= 8 * 32
+
 
 def test_without_http_there_is_no_http_router(tmp_path: Path) -> None:
     peer = _traefik(tmp_path, {"http": "off"})
@@ -88,6 +103,7 @@ def test_without_http_there_is_no_http_router(tmp_path: Path) -> None:
     static = yaml.safe_load((peer.workdir / "traefik.yml").read_text())
     assert "http" not in dynamic
     assert set(static["entryPoints"]) == {"traefik", "require", "optional"}
+    assert not peer.h2 and not peer.runs("h2") and peer.h2_port not in peer.ports
 
 
 @pytest.mark.slow
@@ -130,8 +146,10 @@ def test_quick_benchmark_measures_traefik(tmp_path: Path) -> None:
     if (os.cpu_count() or 1) < 2:
         pytest.skip("the benchmark pins the proxy and the load generator to two different CPUs")
     has_wrk = shutil.which("wrk") is not None
+    has_h2 = _h2_tools()
     if os.environ.get("CI"):
         assert has_wrk, "wrk is not installed (.ci/run installs it)"
+        assert has_h2, "h2load, nghttp (nghttp2-client) or cc is not installed (.ci/run installs them)"
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "bench/run.py", "--quick", "--no-install", "--peers", "traefik", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=80, stdin=subprocess.DEVNULL)
@@ -156,7 +174,8 @@ def test_quick_benchmark_measures_traefik(tmp_path: Path) -> None:
     assert "x-forwarded-tls-client-cert-info" not in http["optional_no_cert"]["headers"], "a forged header got through"
     assert http["optional_no_cert"]["headers"]["x-forwarded-for"] == ["127.0.0.1"]
 
-    tests = ["full", "resumed", "bulk_up", "bulk_down"] + (["wrk", "wrk_http"] if has_wrk else [])
+    tests = (["full", "resumed", "bulk_up", "bulk_down"] + (["wrk", "wrk_http"] if has_wrk else [])
+             + (["h2"] if has_h2 else []))
     assert set(entry["runs"]) == set(tests)
     for test in tests:
         (run,) = entry["runs"][test]
@@ -167,5 +186,17 @@ def test_quick_benchmark_measures_traefik(tmp_path: Path) -> None:
     if has_wrk:
         run = entry["runs"]["wrk_http"][0]
         assert run["identity_header"] == "X-Forwarded-For" and run["identity_share"] == 1.0
+    if has_h2:
+        # HTTP/2 with the client certificate: refused without it, and every request at the backend with
+        # Traefik's certificate header naming the client.
+        h2 = checks["h2"]
+        assert h2["ok"], h2["problems"]
+        assert not h2["no_cert"]["reached"] and not h2["other_ca"]["reached"]
+        assert h2["h2load"].startswith("1 request succeeded over h2"), h2["h2load"]
+        (info,) = h2["good"]["headers"]["x-forwarded-tls-client-cert-info"]
+        assert 'Subject="O=bench,CN=bench-client"' in urllib.parse.unquote_plus(info)
+        run = entry["runs"]["h2"][0]
+        assert run["protocol"] == "h2"
+        assert run["identity_header"] == "X-Forwarded-Tls-Client-Cert-Info" and run["identity_share"] == 1.0
     assert entry["memory"]["idle"]["count"] > 0 and entry["memory"]["idle_rss_kb"] > 1000
     assert "| traefik |" in proc.stdout
