@@ -31,6 +31,7 @@ from pathlib import Path
 import trio
 
 from proxy.config.schema import Config
+from proxy.daemon.fdlimit import fd_capacity_warnings
 from proxy.daemon.workers import worker_count
 from proxy.ops.metrics import Metrics
 
@@ -145,6 +146,14 @@ def memory_warnings(config: Config, cgroup_root: Path = Path("/sys/fs/cgroup")) 
     """Warnings for ``check`` and start-up: the listeners' connection limits against the cgroup memory limit."""
     fit = check_fit(config, cgroup_memory_limit(cgroup_root), worker_count(config))
     return [] if fit is None else [describe(fit, config)]
+
+
+def capacity_warnings(config: Config, fd_limit: int | None = None) -> list[str]:
+    """Where max_connections cannot fit this box: descriptors per process, memory of the cgroup.
+
+    What start-up logs, and a reload too: a reload may raise max_connections or add listeners.
+    """
+    return fd_capacity_warnings(config, limit=fd_limit) + memory_warnings(config)
 
 
 # ---- giving memory back -------------------------------------------------------------------------------------------

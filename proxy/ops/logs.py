@@ -44,11 +44,33 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class _Handler(logging.StreamHandler[TextIO]):
+    """The handler setup_logging installs: the one whose format a reload may change."""
+
+
+def _formatter(fmt: str) -> logging.Formatter:
+    return JsonFormatter() if fmt == "json" else TextFormatter()
+
+
 def setup_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler = _Handler(stream or sys.stderr)
+    handler.setFormatter(_formatter(fmt))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+def reconfigure_logging(level: str, fmt: str) -> None:
+    """A reload's new ``log`` settings: the level, and the format of the handler ``setup_logging`` installed.
+
+    The handler itself stays (same stream, nothing lost or reordered); handlers someone else added (a test's log
+    capture, say) keep their own format. ``setLevel`` also clears every logger's cached ``isEnabledFor``, which
+    the access log consults before building its line.
+    """
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if isinstance(handler, _Handler):
+            handler.setFormatter(_formatter(fmt))
     root.setLevel(level.upper())
