@@ -455,3 +455,29 @@ async def test_a_resumed_session_keeps_the_peer_certificate_but_not_the_chain(te
     assert server.resumed
     assert server.peer_certificate() == test_pki.alice.issued.cert
     assert server.peer_certificate_chain() == []
+
+
+async def test_a_connection_cut_while_forwarding_is_logged_as_cancelled(test_pki, caplog, sock_dir):
+    # The drain deadline (or a second signal) cancels connections that are still relaying: the line says so.
+    cut = trio.CancelScope()
+
+    async def connection(conn: Connection) -> None:
+        with cut:
+            await conn.run()
+
+    async with trio.open_nursery() as nursery:
+        await unix_backend(nursery, sock_dir / "b.sock", echo_handler)
+        r = Runtime(test_pki, f"unix:{sock_dir}/b.sock")
+        proxy_end, client_end = socket.socketpair()
+        nursery.start_soon(connection, Connection(SocketStream(proxy_end), r.rt))
+        client = tls_client(SocketStream(client_end), test_pki)
+        await client.do_handshake()
+        await client.send_all(b"ping")
+        assert await client.receive_some() == b"ping"
+        cut.cancel()
+        with trio.fail_after(5):
+            while not [rec for rec in caplog.records if rec.name == "proxy.access"]:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    line = access_line(caplog)
+    assert (line["outcome"], line["ended_by"]) == ("ok", "cancelled"), line

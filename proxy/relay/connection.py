@@ -50,6 +50,8 @@ CLOSE_TIMEOUT = 1.0
 # otherwise time out together, and their closes (~140 us each) run in one turn of the scheduler: 1,500 of them
 # stalled every other connection for 60-330 ms (bench/burst.py).
 HANDSHAKE_JITTER = 0.1
+# ended_by of a connection cut while forwarding: the drain deadline passed, or the process is stopping.
+CANCELLED = "cancelled"
 
 
 class Phase(enum.StrEnum):
@@ -233,13 +235,20 @@ class Connection:
             # backend that cannot be reached on each stream.
             self._enter(Phase.CONNECT)
             self._enter(Phase.FORWARD)
-            self.forwarded(await forwarder.relay(self, self.open_backend))
+            try:
+                self.forwarded(await forwarder.relay(self, self.open_backend))
+            except trio.Cancelled:
+                self.line.ended_by = CANCELLED
+                raise
             return
         backend = await self.connect(forwarder)
         if backend is None:
             return
         try:
             result = await self.forward(forwarder, backend)  # not nested in a coroutine of ours: see Forwarder
+        except trio.Cancelled:
+            self.line.ended_by = CANCELLED  # the drain deadline passed, or the process is stopping
+            raise
         finally:
             await _close_backend(backend)
         self.forwarded(result)
