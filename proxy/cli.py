@@ -23,6 +23,7 @@ from proxy import __version__
 from proxy.config import schema as cfg
 from proxy.config.materials import ListenerMaterials, load_all
 from proxy.config.schema import Config, ConfigError
+from proxy.daemon import control as reload_command
 from proxy.daemon.capacity import memory_warnings
 from proxy.daemon.fdlimit import fd_capacity_warnings, raise_nofile_limit
 from proxy.daemon.server import ListenError, Proxy
@@ -276,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mtls-proxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="serve until SIGTERM/SIGINT (SIGHUP reloads certificates)")
+    run = sub.add_parser("run", help="serve until SIGTERM/SIGINT (SIGHUP reloads the config and every file it names)")
     run.add_argument("--config", required=True, metavar="FILE")
     run.add_argument("--drain-timeout", type=float, default=None, metavar="SECONDS",
                      help="how long open connections may finish after SIGTERM (overrides drain_timeout in the config)")
@@ -293,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="keep the demo PKI in this folder instead of a temporary one: a new or empty folder gets "
                            "a new PKI, one holding a complete demo PKI is reused as it is, anything else is refused")
     demo.set_defaults(func=cmd_demo)
+
+    reload = sub.add_parser("reload", help="reload the whole config of the running proxy, after checking the file "
+                                           "as `check` does")
+    reload_command.add_arguments(reload)
+    reload.set_defaults(func=reload_command.main)
 
     probe = sub.add_parser("probe", help="connect as a TLS client and say why a client certificate is admitted or "
                                          "refused (works against any TLS server)")
