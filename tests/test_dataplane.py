@@ -6,15 +6,19 @@ process's one DataPlane: that the connection was relayed there, and that nothing
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import socket
 import ssl
 
 import trio
 
+from proxy.net.sockstream import SocketStream
 from proxy.relay.dataplane import DataPlane
+from proxy.tls.established import EstablishedTLS
 from tests.conftest import client_context, exchange, start_backend, start_proxy, wait_for
 from tests.memclient import MemoryBIOClient
+from tests.tlskit import openssl_client_context, server_tls, tls_pair
 
 
 def _plane() -> DataPlane:
@@ -222,3 +226,44 @@ async def test_http_mode_runs_on_the_data_plane_with_keep_alive_pipelining_and_t
     assert b"forged" not in answers and answers.count(b'Subject="CN=alice') == 4, answers
     assert _plane().relayed == before + 1
     await wait_for(lambda: _plane().connections == 0)
+
+
+async def test_a_record_that_straddles_the_end_of_a_read_is_delivered(test_pki):
+    # All the records wait in the socket before the data plane reads, and the last one starts 100 bytes before its
+    # 256 KiB read buffer is full. Reading that record into those 100 bytes would leave the rest decrypted inside
+    # OpenSSL, with no readiness event ever asking for it: the upload's tail would wait for the idle timeout.
+    sizes = [16 * 1024] * 15 + [16 * 1024 - 100, 1000]
+    server_sock, client_sock = socket.socketpair()
+    backend_sock, backend_peer = socket.socketpair()
+    for sock in (server_sock, client_sock):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    server, client = await tls_pair(lambda: (SocketStream(server_sock), SocketStream(client_sock)),
+                                    server_tls(test_pki), openssl_client_context(test_pki, test_pki.alice))
+    established = await EstablishedTLS.take_over(server)
+    assert established is not None
+    for n in sizes:
+        await client.send_all(b"u" * n)
+    await trio.sleep(0.05)  # every record is in the server's socket now
+    backend_sock.setblocking(False)
+    received = 0
+
+    async def backend_reads() -> None:
+        nonlocal received
+        peer = SocketStream(backend_peer)
+        while received < sum(sizes):
+            received += len(await peer.receive_some(1 << 20))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(backend_reads)
+            nursery.start_soon(functools.partial(_plane().relay, established, backend_sock, idle_timeout=60,
+                                                 on_up=lambda n: None, on_down=lambda n: None))
+            while received < sum(sizes):
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert received == sum(sizes)
+    await established.aclose(close_notify=False)
+    backend_sock.close()
+    backend_peer.close()
+    await client.aclose()

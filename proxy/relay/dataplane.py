@@ -52,6 +52,8 @@ log = logging.getLogger("proxy.relay.dataplane")
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
 _TROUBLE = select.EPOLLERR | select.EPOLLHUP
+# The most plaintext one TLS record carries (RFC 8446 5.1).
+MAX_RECORD_PLAINTEXT = 16 * 1024
 # Events taken from the kernel per wake; more wait for the next one, after other trio tasks had their turn.
 MAX_EVENTS_PER_WAKE = 256
 # The finest the idle timers are checked; a listener's own timeout / 10 when that is smaller.
@@ -310,7 +312,9 @@ class _Pair:
         filled = 0
         eof = failed = False
         self.read_wants_write = False
-        while filled < buffer.size:
+        # Only while a whole record fits: SSL_read into less room would leave the rest of a record decrypted inside
+        # OpenSSL, where no readiness event would ever call for it (the socket has nothing more to say).
+        while buffer.size - filled >= MAX_RECORD_PLAINTEXT:
             try:
                 got = self.session.read_into(buffer, filled)
             except TLSBroken:
