@@ -23,6 +23,10 @@ setup() {
     command -v haproxy >/dev/null || missing+=(haproxy)
     command -v stunnel4 >/dev/null || missing+=(stunnel4)
     command -v wrk >/dev/null || missing+=(wrk)
+    # The benchmark's HTTP/2 row: h2load and nghttp, and a C compiler for the small library that gives h2load the
+    # client certificate (bench/h2load_cert.c).
+    { command -v h2load >/dev/null && command -v nghttp >/dev/null; } || missing+=(nghttp2-client)
+    command -v cc >/dev/null || missing+=(gcc libc6-dev)
     if [ ${#missing[@]} -gt 0 ]; then
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq

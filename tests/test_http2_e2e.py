@@ -220,3 +220,16 @@ async def test_an_http11_client_on_an_h2_only_backend_listener_is_told_so(nurser
 
     answer = await in_thread(http11)
     assert answer.startswith(b"HTTP/1.1 505 "), answer
+
+
+async def test_drain_sends_goaway_to_an_http2_client_and_the_connection_ends_drained(nursery, test_pki,
+                                                                                    http11_backend,
+                                                                                    access_log: AccessLog):
+    p = await start_proxy(nursery, test_pki, f"127.0.0.1:{http11_backend}", **H2, backend={"protocol": "http"},
+                          top={"drain_timeout": 10})
+    async with httpx.AsyncClient(http2=True, verify=client_context(test_pki, test_pki.alice)) as client:
+        first = await client.get(f"https://localhost:{p.port}/before")
+        assert (first.http_version, first.status_code) == ("HTTP/2", 200)
+        p.proxy.stop()  # as SIGTERM does
+        (fields,) = await access_log.wait(1)  # the idle HTTP/2 connection is told GOAWAY and closed at once
+    assert fields["ended_by"] == "drained" and fields["streams"] == 1, fields

@@ -580,6 +580,8 @@ class Proxy:
             gc.freeze()
         self.ready = False
         self.draining = True
+        for rt in self.runtimes:
+            rt.draining.set()  # HTTP/2 clients get GOAWAY: the streams under way finish, no new ones open
         self._stopped.set()
         if self._accepting is not None:
             self._accepting.cancel()
@@ -788,6 +790,7 @@ class Proxy:
         """A listener a reload removed: its connections get ``drain_timeout`` to finish, as in a SIGTERM drain,
         then what is still open is closed."""
         open_at_start = len(gone.connections)
+        gone.runtime.draining.set()
         with trio.move_on_after(self.drain_timeout):
             await gone.connections.wait_closed()
         forced = len(gone.connections)
