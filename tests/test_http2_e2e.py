@@ -104,7 +104,8 @@ async def test_grpc_through_mtls_carries_the_proxys_identity_on_every_call(nurse
     assert code is grpc.StatusCode.PERMISSION_DENIED  # the backend's status and trailers arrive
     (fields,) = await access_log.wait(1)
     assert fields["alpn"] == "h2" and fields["streams"] == 4 and fields["outcome"] == "ok", fields
-    assert p.metric("mtls_proxy_http_requests_total") == 4
+    assert p.metric("mtls_proxy_http_requests_total", protocol="h2") == 4
+    assert p.metric("mtls_proxy_http2_active_streams") == 0
 
 
 async def test_grpc_to_a_backend_that_is_down_gets_unavailable_and_the_connection_lives_on(nursery, test_pki):

@@ -74,7 +74,7 @@ async def test_identity_headers_reach_the_backend_and_forged_ones_never_do(nurse
         assert "x-client-verify: SUCCESS" in lines
         assert "forged" not in body and "6.6.6.6" not in body and "CN=admin" not in body
         assert sum(line.startswith("x-forwarded-client-cert:") for line in lines) == 1
-    await wait_for(lambda: p.metric("mtls_proxy_http_requests_total") == 3)
+    await wait_for(lambda: p.metric("mtls_proxy_http_requests_total", protocol="http/1.1") == 3)
     assert p.metric("mtls_proxy_http_responses_total", code="200") == 3
 
 
@@ -332,4 +332,4 @@ async def test_ambiguous_http1_framing_is_400_and_closed(nursery, test_pki, requ
     assert got.startswith(b"HTTP/1.1 400 ") and b"\r\nConnection: close\r\n" in got
     assert seen == [b""] or seen == []  # the backend got a connection at most, never a byte
     await wait_for(lambda: p.metric("mtls_proxy_http_responses_total", code="400") == 1)
-    assert p.metric("mtls_proxy_http_requests_total") == 0
+    assert p.metric("mtls_proxy_http_requests_total", protocol="http/1.1") == 0

@@ -39,7 +39,8 @@ CONTRACT: dict[str, tuple[str, set[str]]] = {
     "certificate_expiry_timestamp_seconds": ("gauge", {L, "role", "subject"}),
     "crl_next_update_timestamp_seconds": ("gauge", {L, "issuer"}),
     "client_certificate_remaining_seconds": ("histogram", {L}),
-    "http_requests": ("counter", {L}),
+    "http_requests": ("counter", {L, "protocol"}),
+    "http2_active_streams": ("gauge", {L}),
     "http_responses": ("counter", {L, "code"}),
     "reloads": ("counter", {"result"}),
     "last_reload_success_timestamp_seconds": ("gauge", set()),
@@ -136,8 +137,10 @@ def test_a_listeners_series_exist_at_zero_before_anything_happens():
         assert sample(r, "bytes_total", listener="api", direction=direction) == 0
     for presented in ("true", "false"):
         assert sample(r, "client_certificates_total", listener="api", presented=presented) == 0
-    for name in ("connections_total", "backend_connect_failures_total", "http_requests_total"):
+    for name in ("connections_total", "backend_connect_failures_total", "http2_active_streams"):
         assert sample(r, name, listener="api") == 0, name
+    for protocol in ("http/1.1", "h2"):
+        assert sample(r, "http_requests_total", listener="api", protocol=protocol) == 0
     assert sample(r, "active_connections", listener="api") == 0
 
 

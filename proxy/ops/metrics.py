@@ -141,7 +141,18 @@ class Metrics:
             registry=r,
         )
         self.http_requests = Counter(
-            PREFIX + "http_requests", "HTTP requests forwarded to the backend (protocol: http).", L, registry=r
+            PREFIX + "http_requests",
+            "HTTP requests forwarded to the backend (backend protocol: http), by the client's HTTP version: http/1.1 "
+            "or h2 (one per stream).",
+            (*L, "protocol"),
+            registry=r,
+        )
+        self.http2_active_streams = Gauge(
+            PREFIX + "http2_active_streams",
+            "HTTP/2 streams open now, over all the HTTP/2 connections of a listener.",
+            L,
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.http_responses = Counter(
             PREFIX + "http_responses",
@@ -222,7 +233,9 @@ class ListenerMetrics:
             reason: m.resumption_failures.labels(listener, reason) for reason in REASONS
         }
         self.recent = RecentFailures()
-        self.http_requests = m.http_requests.labels(listener)
+        self.http_requests = m.http_requests.labels(listener, "http/1.1")
+        self.http2_requests = m.http_requests.labels(listener, "h2")
+        self.http2_active_streams = m.http2_active_streams.labels(listener)
         self._http_responses: dict[int, Counter] = {}
         self._sessions: dict[tuple[str, str, bool], Counter] = {}
 

@@ -207,9 +207,11 @@ class _Http2Events:
     def on_event(self, event: Http2Event) -> None:
         m = self.metrics
         if isinstance(event, StreamOpened):
-            m.http_requests.inc()
+            m.http2_requests.inc()
+            m.http2_active_streams.inc()
             self.conn.line.streams = (self.conn.line.streams or 0) + 1
         elif isinstance(event, StreamClosed):
+            m.http2_active_streams.dec()  # every StreamOpened gets exactly one StreamClosed
             if event.status is not None:
                 m.http_response(event.status)
         elif isinstance(event, AttackContained):
