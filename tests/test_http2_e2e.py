@@ -234,3 +234,39 @@ async def test_drain_sends_goaway_to_an_http2_client_and_the_connection_ends_dra
         p.proxy.stop()  # as SIGTERM does
         (fields,) = await access_log.wait(1)  # the idle HTTP/2 connection is told GOAWAY and closed at once
     assert fields["ended_by"] == "drained" and fields["streams"] == 1, fields
+
+
+async def test_a_rapid_reset_attack_is_contained_counted_and_others_are_still_served(nursery, test_pki,
+                                                                                   http11_backend):
+    import socket
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    p = await start_proxy(nursery, test_pki, f"127.0.0.1:{http11_backend}", **H2, backend={"protocol": "http"})
+
+    def attack() -> bool:
+        """Open streams and reset each at once (CVE-2023-44487); True once the proxy answers with GOAWAY."""
+        ctx = client_context(test_pki, test_pki.alice)
+        ctx.set_alpn_protocols(["h2"])
+        with socket.create_connection(("127.0.0.1", p.port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+                conn.initiate_connection()
+                headers = [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "localhost")]
+                for _ in range(1000):
+                    stream_id = conn.get_next_available_stream_id()
+                    conn.send_headers(stream_id, headers)
+                    conn.reset_stream(stream_id)
+                tls.sendall(conn.data_to_send())
+                while data := tls.recv(65536):
+                    if any(isinstance(e, h2.events.ConnectionTerminated) for e in conn.receive_data(data)):
+                        return True
+                return False
+
+    assert await in_thread(attack)
+    assert p.metric("mtls_proxy_http2_contained_total", attack="rapid_reset") == 1
+    async with httpx.AsyncClient(http2=True, verify=client_context(test_pki, test_pki.alice)) as client:
+        r = await client.get(f"https://localhost:{p.port}/after")
+    assert (r.http_version, r.status_code) == ("HTTP/2", 200)

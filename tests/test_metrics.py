@@ -41,6 +41,7 @@ CONTRACT: dict[str, tuple[str, set[str]]] = {
     "client_certificate_remaining_seconds": ("histogram", {L}),
     "http_requests": ("counter", {L, "protocol"}),
     "http2_active_streams": ("gauge", {L}),
+    "http2_contained": ("counter", {L, "attack"}),
     "http_responses": ("counter", {L, "code"}),
     "reloads": ("counter", {"result"}),
     "last_reload_success_timestamp_seconds": ("gauge", set()),

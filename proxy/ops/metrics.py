@@ -147,6 +147,13 @@ class Metrics:
             (*L, "protocol"),
             registry=r,
         )
+        self.http2_contained = Counter(
+            PREFIX + "http2_contained",
+            "HTTP/2 connections ended with GOAWAY because the client attacked: rapid_reset (CVE-2023-44487), "
+            "continuation_flood (CVE-2024-27316), header_list_too_large, settings_flood, ping_flood.",
+            (*L, "attack"),
+            registry=r,
+        )
         self.http2_active_streams = Gauge(
             PREFIX + "http2_active_streams",
             "HTTP/2 streams open now, over all the HTTP/2 connections of a listener.",
@@ -236,6 +243,7 @@ class ListenerMetrics:
         self.http_requests = m.http_requests.labels(listener, "http/1.1")
         self.http2_requests = m.http_requests.labels(listener, "h2")
         self.http2_active_streams = m.http2_active_streams.labels(listener)
+        self._http2_contained: dict[str, Counter] = {}
         self._http_responses: dict[int, Counter] = {}
         self._sessions: dict[tuple[str, str, bool], Counter] = {}
 
@@ -264,6 +272,12 @@ class ListenerMetrics:
         """A backend connect failed or timed out; ``detail`` says how (it becomes /status's last error)."""
         self.backend_failures.inc()
         self.last_backend_failure = BackendFailure(time.time(), detail)
+
+    def http2_attack_contained(self, attack: str) -> None:
+        child = self._http2_contained.get(attack)
+        if child is None:
+            child = self._http2_contained[attack] = self.family.http2_contained.labels(self.listener, attack)
+        child.inc()
 
     def http_response(self, status: int) -> None:
         child = self._http_responses.get(status)

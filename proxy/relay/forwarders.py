@@ -215,6 +215,7 @@ class _Http2Events:
             if event.status is not None:
                 m.http_response(event.status)
         elif isinstance(event, AttackContained):
+            m.http2_attack_contained(event.reason)
             log.warning("listener %s: HTTP/2 %s from %s contained: %s", self.listener, event.reason,
                         self.conn.client, event.detail)
         elif isinstance(event, ProtocolViolation):
