@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -78,6 +80,33 @@ def test_the_plan_binds_every_new_listener_on_port_0(test_pki):
     new = listeners(test_pki, ("a", "127.0.0.1:0"), ("b", "127.0.0.1:0"))
     plan = plan_listeners(old, new)
     assert dict(plan.same) == {0: 0} and plan.bind == (1,) and not plan.takes_over
+
+
+async def test_a_drain_reaches_the_runtimes_of_earlier_generations(nursery, test_pki, tmp_path):
+    # An HTTP/2 client's connection keeps the runtime it was accepted with; a drain must send it GOAWAY too.
+    from proxy.config.materials import load_all
+    from proxy.config.schema import load
+    from proxy.daemon.server import Proxy
+
+    path = tmp_path / "proxy.yaml"
+    config = {"reload": {"watch_interval": 0},
+              "listeners": [listener_config(test_pki, "127.0.0.1:1"), listener_config(test_pki, "127.0.0.1:1",
+                                                                                      name="gone")]}
+    path.write_text(yaml.safe_dump(config))
+    loaded = load(path)
+    proxy = Proxy(loaded, load_all(loaded), admin=False, config_path=path)
+    await nursery.start(proxy.run)
+    first, gone = proxy.runtimes
+    config["listeners"] = [listener_config(test_pki, "127.0.0.1:2")]
+    path.write_text(yaml.safe_dump(config))
+    assert await proxy.reload()
+    [second] = proxy.runtimes
+    assert second is not first and second.config.backend.address != first.config.backend.address
+    await trio.testing.wait_all_tasks_blocked()
+    assert gone.draining.is_set()  # removed: its listener drains now
+    assert not first.draining.is_set() and not second.draining.is_set()
+    proxy.stop()
+    assert first.draining.is_set() and second.draining.is_set()
 
 
 # ---- backends ------------------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ import itertools
 import logging
 import os
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -189,10 +190,16 @@ class ServedListener:
     semaphore the accept loops hold, which cannot be resized, so a reload that changes it restarts the loops with
     a new one; the connections accepted before keep the old one's slots, so until they end the listener may hold
     the old limit and the new together.
+
+    ``generations`` are the runtimes its connections may still hold (weakly: a runtime no connection holds goes),
+    so that a drain reaches every one of them (``drain_streams``), not only the current one.
     """
 
     def __init__(self, runtime: ListenerRuntime, sockets: list[SocketListener]) -> None:
         self.runtime = runtime
+        # Keyed by id() (a runtime is a dataclass, equal by value, so not hashable); an entry goes with its runtime.
+        self.generations: weakref.WeakValueDictionary[int, ListenerRuntime] = weakref.WeakValueDictionary()
+        self.generations[id(runtime)] = runtime
         self.sockets = sockets
         self.addresses = [format_address(s.socket.getsockname()) for s in sockets]
         self.connections = ConnectionGroup()
@@ -225,6 +232,16 @@ class ServedListener:
                         ))
         finally:
             done.set()
+
+    def use(self, runtime: ListenerRuntime) -> None:
+        """New connections take ``runtime`` from now on; those accepted before keep theirs."""
+        self.runtime = runtime
+        self.generations[id(runtime)] = runtime
+
+    def drain_streams(self) -> None:
+        """The listener drains: HTTP/2 clients of every generation get GOAWAY (their streams under way finish)."""
+        for runtime in list(self.generations.values()):
+            runtime.draining.set()
 
     async def stop_accepting(self) -> None:
         """Cancel the accept loops and wait until they are gone: after this nothing waits on the sockets."""
@@ -582,6 +599,8 @@ class Proxy:
         self.draining = True
         for rt in self.runtimes:
             rt.draining.set()  # HTTP/2 clients get GOAWAY: the streams under way finish, no new ones open
+        for served in [*self._served, *self._retiring]:
+            served.drain_streams()  # and so do those of a generation before a reload
         self._stopped.set()
         if self._accepting is not None:
             self._accepting.cancel()
@@ -757,7 +776,7 @@ class Proxy:
         for j, rt in enumerate(runtimes):
             if j in plan.same:
                 listener = old[plan.same[j]]
-                listener.runtime = rt
+                listener.use(rt)
                 if j in restart:
                     listener.start(accepting, handlers, connections)
             else:
@@ -790,7 +809,7 @@ class Proxy:
         """A listener a reload removed: its connections get ``drain_timeout`` to finish, as in a SIGTERM drain,
         then what is still open is closed."""
         open_at_start = len(gone.connections)
-        gone.runtime.draining.set()
+        gone.drain_streams()
         with trio.move_on_after(self.drain_timeout):
             await gone.connections.wait_closed()
         forced = len(gone.connections)
