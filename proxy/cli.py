@@ -47,7 +47,7 @@ def _load_checked(path: str) -> tuple[Config, tuple[ListenerMaterials, ...], Pro
     # Building the proxy builds every TLS context, so settings OpenSSL
     # refuses (a cipher string, say) are caught here too, before binding.
     try:
-        proxy = Proxy(config, materials)
+        proxy = Proxy(config, materials, config_path=path)  # the file SIGHUP and the file watch re-read
     except ConfigError as exc:
         raise ConfigError(path, exc.problems) from None
     return config, materials, proxy
@@ -98,7 +98,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     workers = worker_count(config)
     try:
         if workers > 1:
-            return _run_workers(config, materials, workers, args.drain_timeout, started)
+            return _run_workers(config, materials, workers, args.drain_timeout, started, args.config)
         if args.drain_timeout is not None:
             proxy.drain_timeout = args.drain_timeout
         _freeze_startup_objects()
@@ -131,12 +131,12 @@ def _freeze_startup_objects() -> None:
 
 def _run_workers(
     config: Config, materials: tuple[ListenerMaterials, ...], workers: int, drain_timeout: float | None,
-    started: float,
+    started: float, config_path: str,
 ) -> int:
     from proxy.daemon.lifecycle import log_stopped
     from proxy.daemon.workers import Supervisor
 
-    supervisor = Supervisor(config, materials, workers=workers, drain_timeout=drain_timeout)
+    supervisor = Supervisor(config, materials, workers=workers, drain_timeout=drain_timeout, config_path=config_path)
     _freeze_startup_objects()
     code = supervisor.run()
     # Each worker logged its own line, with its drain's counts. The supervisor returns only once a SIGTERM or

@@ -591,7 +591,7 @@ def test_a_moved_admin_endpoint_answers_at_its_new_address(daemon_factory, test_
 
 
 def reload_command(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "proxy.daemon.control", "--config", str(daemon.config_path), *args],
+    return subprocess.run([sys.executable, "-m", "proxy", "reload", "--config", str(daemon.config_path), *args],
                           capture_output=True, text=True, timeout=90, cwd=REPO)
 
 
@@ -647,7 +647,7 @@ def test_the_reload_command_refuses_a_file_the_process_does_not_run(daemon_facto
     daemon = daemon_factory([listener("api", test_pki, first.address)])
     other = tmp_path / "other.yaml"
     other.write_text(daemon.config_path.read_text())
-    result = subprocess.run([sys.executable, "-m", "proxy.daemon.control", "--config", str(other)],
+    result = subprocess.run([sys.executable, "-m", "proxy", "reload", "--config", str(other)],
                             capture_output=True, text=True, timeout=60, cwd=REPO)
     assert result.returncode == 2
     assert f"runs {daemon.config_path}, not {other}" in result.stderr

@@ -161,8 +161,8 @@ async def _handle_signals(proxy: Proxy, signals: AsyncIterator[int], watchdog: D
             if proxy.draining:
                 log.info("%s ignored: draining", name)
             else:
-                log.info("%s: reloading certificates", name)
-                proxy.reload_certificates()
+                log.info("%s: reloading", name)
+                proxy.request_reload()
         elif proxy.draining:
             log.warning("%s during drain: closing every connection now", name)
             drain.cut()
