@@ -65,6 +65,7 @@ def exercised(test_pki) -> Metrics:
     m.handshake_failed("expired", 0.02)
     m.resumption_failed("expired")
     m.http_response(200)
+    m.http2_attack_contained("rapid_reset")
     m.client_certificate_remaining.observe(86400)
     metrics.crl_next_update.labels("api", "CN=Test Client CA,O=Acme").set(1)
     return metrics
