@@ -1,13 +1,10 @@
 #!/usr/bin/env bash
-# The test command: install what the suite needs, then lint, type-check and run the tests. README.md ("Run the
-# tests") gives it, and .ci/run runs exactly this. Arguments go to pytest:
+# Install what the test suite needs; README.md ("Run the tests") gives the command, and .ci/run runs exactly it:
 #
-#   bash scripts/test.sh                          # everything
-#   bash scripts/test.sh tests/test_policy.py -x  # some tests (after the same setup and checks)
-#   SKIP_SETUP=1 bash scripts/test.sh ...         # the machine is set up already: skip the installs
+#   bash scripts/setup-tests.sh && python -m pytest
 #
-# Run as root on Debian 12 (apt-get). Any ruff or mypy finding fails it before the tests run; a tool the tests
-# need and cannot find fails its test instead of skipping it (CI=true).
+# Run as root on Debian 12 (apt-get). Idempotent and fast when everything is there. ruff and mypy run inside the
+# suite (tests/test_lint.py), so any pytest run also fails on a lint or type finding.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,12 +38,4 @@ setup() {
     python -m pip install -q --disable-pip-version-check -e '.[test]'
 }
 
-if [ "${SKIP_SETUP:-}" != 1 ]; then
-    setup
-fi
-
-# Lint and types: the rule set and the strict mypy settings are in pyproject.toml.
-python -m ruff check proxy tests bench
-python -m mypy
-
-CI=${CI:-true} exec python -m pytest "$@"
+setup
