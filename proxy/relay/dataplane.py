@@ -479,18 +479,20 @@ class _Pair:
             self.down_ended = True
 
 
-async def forward_tcp(
+async def forward_on_plane(
     stream: TLSStream,
     backend: trio.abc.HalfCloseableStream,
     *,
     idle_timeout: float,
     on_up: Callable[[int], None],
     on_down: Callable[[int], None],
+    http: tuple[HttpRelay, HttpCounters] | None = None,
 ) -> PumpResult | None:
-    """Relay a handshaken client and its backend on the data plane, then close the client's side.
+    """Relay a handshaken client and its backend on the data plane (through ``http``'s relay if given), then close
+    the client's side.
 
     None when the session cannot be handed over (a transport that is not a socket, a stream already in use): the
-    caller then pumps with tasks (``proxy.relay.tcp_forwarder.pump``), as before.
+    caller then uses its task driver (``tcp_forwarder.pump`` or ``http1_forwarder.relay_http``), as before.
     """
     if not isinstance(backend, SocketStream):
         return None
@@ -500,7 +502,7 @@ async def forward_tcp(
     result: PumpResult | None = None
     try:
         result = await DataPlane.current().relay(
-            client, backend.socket, idle_timeout=idle_timeout, on_up=on_up, on_down=on_down
+            client, backend.socket, idle_timeout=idle_timeout, on_up=on_up, on_down=on_down, http=http
         )
         return result
     finally:
@@ -640,27 +642,3 @@ class HttpPair(_Pair):
     def idle(self) -> None:
         self.result.ended_by = "upgrade:idle_timeout" if self.raw else "idle_timeout"
         _Pair.finish(self)
-
-
-async def forward_http1(
-    stream: TLSStream,
-    backend: trio.abc.HalfCloseableStream,
-    relay: HttpRelay,
-    *,
-    idle_timeout: float,
-    counters: HttpCounters,
-) -> PumpResult | None:
-    """The HTTP/1.1 relay on the data plane; None (the caller uses the task driver) if the session cannot move."""
-    if not isinstance(backend, SocketStream):
-        return None
-    client = await EstablishedTLS.take_over(stream)
-    if client is None:
-        return None
-    result: PumpResult | None = None
-    try:
-        result = await DataPlane.current().relay(client, backend.socket, idle_timeout=idle_timeout,
-                                                 on_up=counters.up, on_down=counters.down, http=(relay, counters))
-        return result
-    finally:
-        clean = result is not None and not result.backend_cut and result.ended_by != "client_error"
-        await client.aclose(close_notify=clean)

@@ -34,7 +34,7 @@ from proxy.protocol.http2 import (
     StreamOpened,
 )
 from proxy.protocol.identity_headers import HeaderPolicy
-from proxy.relay.dataplane import forward_http1, forward_tcp
+from proxy.relay.dataplane import forward_on_plane
 from proxy.relay.http1_forwarder import HttpCounters, relay_http
 from proxy.relay.http2_forwarder import relay_http2
 from proxy.relay.tcp_forwarder import CHUNK_SIZE, PumpResult, pump
@@ -97,8 +97,8 @@ class TCPForwarder:
 
     async def forward(self, conn: Connection, backend: SocketStream) -> PumpResult:
         m = self.metrics
-        result = await forward_tcp(conn.stream, backend, idle_timeout=self.idle_timeout, on_up=m.bytes_up.inc,
-                                   on_down=m.bytes_down.inc)
+        result = await forward_on_plane(conn.stream, backend, idle_timeout=self.idle_timeout, on_up=m.bytes_up.inc,
+                                        on_down=m.bytes_down.inc)
         if result is None:
             result = await pump(conn.stream, backend, idle_timeout=self.idle_timeout, on_up=m.bytes_up.inc,
                                 on_down=m.bytes_down.inc)
@@ -124,17 +124,14 @@ class HTTP1Forwarder:
                                      down=m.bytes_down.inc)
 
     def relay(self, conn: Connection) -> HttpRelay:
-        identity = conn.record.identity
-        leaf_der = None
-        if self.policy.needs_leaf_der and identity is not None:
-            leaf = conn.stream.peer_certificate()
-            leaf_der = leaf.public_bytes(serialization.Encoding.DER) if leaf is not None else None
-        return HttpRelay(self.policy, client_ip=conn.client_host(), identity=identity, leaf_der=leaf_der)
+        return HttpRelay(self.policy, client_ip=conn.client_host(), identity=conn.record.identity,
+                         leaf_der=_leaf_der(self.policy, conn))
 
     async def forward(self, conn: Connection, backend: SocketStream) -> PumpResult:
         relay = self.relay(conn)
-        result = await forward_http1(conn.stream, backend, relay, idle_timeout=self.idle_timeout,
-                                     counters=self.counters)
+        counters = self.counters
+        result = await forward_on_plane(conn.stream, backend, idle_timeout=self.idle_timeout, on_up=counters.up,
+                                        on_down=counters.down, http=(relay, counters))
         if result is None:  # the session could not move onto its socket: the task driver
             result = await relay_http(conn.stream, backend, relay, idle_timeout=self.idle_timeout,
                                       counters=self.counters)
@@ -182,13 +179,9 @@ class HTTP2Forwarder:
         self.metrics = metrics
 
     def relay(self, conn: Connection, open_backend: BackendOpener) -> Awaitable[PumpResult]:
-        identity = conn.record.identity
-        leaf_der = None
-        if self.policy.needs_leaf_der and identity is not None:
-            leaf = conn.stream.peer_certificate()
-            leaf_der = leaf.public_bytes(serialization.Encoding.DER) if leaf is not None else None
-        relay = Http2Relay(self.policy, client_ip=conn.client_host(), identity=identity, leaf_der=leaf_der,
-                           settings=self.settings, backend_http_version=self.backend_http_version)
+        relay = Http2Relay(self.policy, client_ip=conn.client_host(), identity=conn.record.identity,
+                           leaf_der=_leaf_der(self.policy, conn), settings=self.settings,
+                           backend_http_version=self.backend_http_version)
         m = self.metrics
         return relay_http2(conn.stream, open_backend, relay, connect_timeout=self.connect_timeout,
                            idle_timeout=self.idle_timeout, drain=conn.rt.draining,
@@ -264,6 +257,14 @@ class _HTTP1ToHTTP2Refused:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.send_all(answer)
         return PumpResult(bytes_down=len(answer), ended_by="http2_required")
+
+
+def _leaf_der(policy: HeaderPolicy, conn: Connection) -> bytes | None:
+    """The client certificate's DER, when the identity headers include it (``cert_pem_urlencoded``)."""
+    if not policy.needs_leaf_der or conn.record.identity is None:
+        return None
+    leaf = conn.stream.peer_certificate()
+    return leaf.public_bytes(serialization.Encoding.DER) if leaf is not None else None
 
 
 def forwarder_for(config: ListenerConfig, metrics: ListenerMetrics) -> TCPForwarder | HTTPForwarder:
