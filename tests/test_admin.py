@@ -335,6 +335,64 @@ async def test_stopping_the_server_closes_its_listener_and_connections(nursery):
         await trio.open_tcp_stream(*address)
 
 
+async def test_a_graceful_stop_answers_the_request_in_progress_and_closes_the_idle(nursery):
+    """The admin child a reload replaces stops this way: no scrape is cut, no new one is taken."""
+    entered, release = trio.Event(), trio.Event()
+
+    async def slow(request: Request) -> Response:
+        entered.set()
+        await release.wait()
+        return Response(body=b"late but whole\n" * 100)
+
+    stop, stopped = trio.Event(), trio.Event()
+
+    async def serve(task_status=trio.TASK_STATUS_IGNORED):
+        await serve_http(slow, "127.0.0.1", 0, stop=stop, task_status=task_status)
+        stopped.set()
+
+    address = await nursery.start(serve)
+    idle = await trio.open_tcp_stream(*address)
+    busy = await Client.connect(address)
+    async with idle, busy.stream:
+        async with trio.open_nursery() as asking:
+            replies: list[Reply] = []
+
+            async def ask() -> None:
+                replies.append(await busy.request(target="/slow"))
+
+            asking.start_soon(ask)
+            await entered.wait()
+            stop.set()
+            assert await read_until_closed(idle) == b"", "an idle connection is owed nothing and closes"
+            with pytest.raises(OSError):
+                await trio.open_tcp_stream(*address)  # the listener is closed
+            assert not stopped.is_set(), "the request in progress holds the stop"
+            release.set()
+        [reply] = replies
+        assert (reply.status, reply.body) == (200, b"late but whole\n" * 100)
+        assert reply.headers["connection"] == "close"
+        assert await read_until_closed(busy.stream) == b""
+    with trio.fail_after(2):
+        await stopped.wait()
+
+
+async def test_a_graceful_stop_cuts_what_is_left_after_one_request_timeout(nursery):
+    async def never(request: Request) -> Response:
+        await trio.sleep_forever()
+        raise AssertionError
+
+    stop = trio.Event()
+    address = await start(nursery, never, request_timeout=0.3, stop=stop)
+    client = await Client.connect(address)
+    async with client.stream:
+        await client.stream.send_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+        await trio.sleep(0.05)
+        started = trio.current_time()
+        stop.set()
+        assert await read_until_closed(client.stream) == b""
+        assert 0.25 <= trio.current_time() - started < 1.5
+
+
 async def test_port_zero_reports_the_bound_address(nursery):
     host, port = await start(nursery, demo_handler())
     assert host == "127.0.0.1"

@@ -717,6 +717,38 @@ def test_with_workers_a_bad_config_changes_nothing(daemon_factory, test_pki, bac
     assert daemon.sample("mtls_proxy_reloads_total", result="success") == 0.0
 
 
+def test_with_workers_no_scrape_is_cut_when_a_reload_replaces_the_admin_child(daemon_factory, test_pki, backends):
+    """Every reload forks a new admin child on the same socket; the old one finishes what it answers."""
+    first, _ = backends
+    daemon = daemon_factory([listener("api", test_pki, first.address)], workers=2)
+    poll_until(lambda: len(children(daemon.proc.pid)) == 3, what="two workers and the admin child")
+    done = threading.Event()
+    outcomes: list[str] = []
+
+    def scrape_until_done() -> None:
+        while not done.is_set():
+            try:
+                with urllib.request.urlopen(f"http://{daemon.admin}/metrics", timeout=5) as response:
+                    body = response.read()
+                outcomes.append("whole" if response.status == 200 and b"mtls_proxy_build_info" in body else "wrong")
+            except Exception as exc:  # any failure of a scrape is what this test looks for
+                outcomes.append(repr(exc))
+
+    scrapers = [threading.Thread(target=scrape_until_done) for _ in range(3)]
+    for thread in scrapers:
+        thread.start()
+    try:
+        for _ in range(4):
+            daemon.write(edited(daemon.config))
+            assert daemon.reload()["result"] == "success"
+    finally:
+        done.set()
+        for thread in scrapers:
+            thread.join(10)
+    assert outcomes.count("whole") > 20, outcomes[:5]
+    assert [o for o in outcomes if o != "whole"] == [], daemon.stderr()[-3000:]
+
+
 def test_with_workers_a_backend_that_is_down_shows_in_status(daemon_factory, test_pki):
     closed = f"127.0.0.1:{free_port()}"
     daemon = daemon_factory([listener("api", test_pki, closed)], workers=2)

@@ -4,6 +4,7 @@ a listener's certificate series, and multiprocess mode (worker processes) in a t
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -234,6 +235,32 @@ def test_multiprocess_mode_writes_to_the_folder_and_the_admin_registry_reads_it(
     assert sample(admin, "last_reload_success_timestamp_seconds") == 1234.0
     assert sample(admin, "build_info", version=__version__,
                   openssl=SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()) == 1
+
+
+def test_a_scrape_passes_over_the_files_of_a_worker_starting_or_exiting(tmp_path, monkeypatch):
+    monkeypatch.setattr(values, "ValueClass", values.ValueClass)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    metrics_module.enable_multiprocess(str(tmp_path))
+    Metrics(CollectorRegistry()).for_listener("api").connections.inc(3)
+    (tmp_path / "counter_99999.db").touch()  # a starting worker has created its file but not yet sized it
+    admin = metrics_module.multiprocess_registry()
+    assert sample(admin, "connections_total", listener="api") == 3
+
+    # An exiting worker's file deleted between the listing and the reading: the listing is taken again.
+    doomed = tmp_path / "gauge_all_99998.db"
+    doomed.write_bytes((tmp_path / f"counter_{os.getpid()}.db").read_bytes())
+    real_merge = metrics_module._merge
+    calls = []
+
+    def merge_after_the_exit(files, accumulate=True):
+        calls.append(files)
+        if len(calls) == 1:
+            doomed.unlink()
+        return real_merge(files, accumulate=accumulate)
+
+    monkeypatch.setattr(metrics_module, "_merge", merge_after_the_exit)
+    assert sample(admin, "connections_total", listener="api") == 3
+    assert str(doomed) in calls[0] and str(doomed) not in calls[1]
 
 
 def test_after_multiprocess_mode_metrics_are_ordinary_again(tmp_path):

@@ -477,7 +477,7 @@ class Proxy:
         self._accepting: trio.CancelScope | None = None
         self._grace: trio.CancelScope | None = None
         self._aborted = False
-        self._admin_scope: trio.CancelScope | None = None
+        self._admin_stop: trio.Event | None = None
         self._admin_sockets: list[SocketListener] = []
         self._serving = trio.Event()
         self._stopped = trio.Event()
@@ -575,19 +575,20 @@ class Proxy:
         """Serve the admin endpoint on ``listeners``, in place of where it was served."""
         assert self._outer is not None
         self._admin_sockets += listeners
-        scope, address = await self._outer.start(self._serve_admin, listeners)
-        previous, self._admin_scope = self._admin_scope, scope
+        stop, address = await self._outer.start(self._serve_admin, listeners)
+        previous, self._admin_stop = self._admin_stop, stop
         self.bound.admin = format_address(address)
         if previous is not None:
-            previous.cancel()  # serve_http_on closes its sockets as it ends
+            previous.set()  # the old endpoint finishes the responses it owes, then closes its sockets
 
     async def _serve_admin(self, listeners: list[SocketListener], *,
-                           task_status: trio.TaskStatus[tuple[trio.CancelScope, tuple[str, int]]]) -> None:
+                           task_status: trio.TaskStatus[tuple[trio.Event, tuple[str, int]]]) -> None:
         handler = admin_handler(self.metrics.registry, ready=lambda: self.ready, status=self.status)
-        with trio.CancelScope() as scope:
-            async with trio.open_nursery() as nursery:
-                address: tuple[str, int] = await nursery.start(serve_http_on, handler, listeners)
-                task_status.started((scope, address))
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            address: tuple[str, int] = await nursery.start(functools.partial(serve_http_on, handler, listeners,
+                                                                             stop=stop))
+            task_status.started((stop, address))
 
     def stop(self) -> None:
         """Begin a graceful drain (idempotent)."""

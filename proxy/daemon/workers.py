@@ -572,16 +572,25 @@ class Supervisor:
             return proxy.status(backend_failures=read_backend_failures(directory))
 
         handler = admin_handler(multiprocess_registry(), ready=lambda: proxy.ready, status=status)
+        stop = trio.Event()
+
+        async def serve(*, task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED) -> None:
+            await serve_http_on(handler, [SocketListener(generation.admin_socket)], stop=stop,
+                                task_status=task_status)
+            nursery.cancel_scope.cancel()  # the last response is out: this child is done
+
         with trio.open_signal_receiver(signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
-                await nursery.start(serve_http_on, handler, [SocketListener(generation.admin_socket)])
+                await nursery.start(serve)
                 _say_ready(ready_fd)
                 nursery.start_soon(_exit_with_parent, nursery.cancel_scope.cancel)
                 async for signum in signals:
                     if signum == signal.SIGUSR1:
                         proxy.ready, proxy.draining = False, True
                     elif signum == signal.SIGTERM:
-                        nursery.cancel_scope.cancel()
+                        # Replaced (a reload) or the end of the drain: the new admin child accepts from the same
+                        # socket already, so this one stops accepting and finishes the responses it owes.
+                        stop.set()
 
 
 # ---- the workers' last backend failures, for the admin child's /status ----------------------------------------------

@@ -11,6 +11,9 @@ bounded, and whatever goes wrong with one connection ends at most that connectio
 - connections: 64 at once. At the limit we stop accepting and new clients wait in the kernel's listen backlog;
 - a malformed request -> 400 and close; a handler that raises -> 500 (logged) and the connection carries on;
 - a peer that resets -> the connection ends quietly;
+- a graceful stop (the `stop` event of `serve_http_on`): accepting ends at once, a connection idle between
+  requests closes, a request in progress gets its response (with `Connection: close`), and whatever is still
+  open after one request timeout is cut. A reload that replaces the admin endpoint so never cuts a scrape;
 - no file descriptor left for a new connection -> accepting backs off and retries.
 
 Binding and the accept loop are the proxy's own (`proxy.net.accepting`): the same errno handling, back-off,
@@ -22,10 +25,11 @@ of h11's examples/trio-server.py.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import h11
@@ -82,6 +86,31 @@ class _Limits:
     max_body_bytes: int
 
 
+class _Stopping:
+    """The graceful stop as the connections see it: whether it has begun, and the waits it interrupts."""
+
+    def __init__(self) -> None:
+        self.begun = False
+        self._idle_waits: set[trio.CancelScope] = set()
+
+    def begin(self) -> None:
+        self.begun = True
+        for scope in self._idle_waits:
+            scope.cancel()
+
+    @contextlib.contextmanager
+    def idle_wait(self) -> Iterator[trio.CancelScope]:
+        """A cancel scope for a wait between requests: the stop cancels it, as nobody is owed an answer yet."""
+        with trio.CancelScope() as scope:
+            if self.begun:
+                scope.cancel()
+            self._idle_waits.add(scope)
+            try:
+                yield scope
+            finally:
+                self._idle_waits.discard(scope)
+
+
 async def serve_http(
     handler: Handler,
     host: str,
@@ -92,17 +121,19 @@ async def serve_http(
     max_connections: int = MAX_CONNECTIONS,
     max_header_bytes: int = MAX_HEADER_BYTES,
     max_body_bytes: int = MAX_BODY_BYTES,
+    stop: trio.Event | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `handler` over HTTP/1.1 on host:port until cancelled.
+    """Serve `handler` over HTTP/1.1 on host:port until cancelled, or until `stop` is set.
 
     Args:
       handler: called once per request; its exceptions become 500 responses.
       host, port: bound with `proxy.net.accepting.open_listeners`; port 0 picks a free port.
       name: starts this server's log lines, and the message of a failure to bind.
       request_timeout, max_connections, max_header_bytes, max_body_bytes: the limits in the module docstring.
+      stop: once set, the server stops gracefully (see the module docstring) and returns.
 
-    Returns only by an exception: cancellation (the normal way to stop), a `ListenError` (an `OSError`) when the
+    Without `stop`, returns only by an exception: cancellation, a `ListenError` (an `OSError`) when the
     address cannot be bound, or a failure to accept. Reports `(host, port)` of the first listening socket through
     `task_status`, so that `await nursery.start(serve_http, ...)` returns once the server accepts connections,
     with the real port.
@@ -112,7 +143,7 @@ async def serve_http(
     listeners = await open_listeners(host, port, what=name)
     await serve_http_on(
         handler, listeners, name=name, request_timeout=request_timeout, max_connections=max_connections,
-        max_header_bytes=max_header_bytes, max_body_bytes=max_body_bytes, task_status=task_status,
+        max_header_bytes=max_header_bytes, max_body_bytes=max_body_bytes, stop=stop, task_status=task_status,
     )
 
 
@@ -125,12 +156,14 @@ async def serve_http_on(
     max_connections: int = MAX_CONNECTIONS,
     max_header_bytes: int = MAX_HEADER_BYTES,
     max_body_bytes: int = MAX_BODY_BYTES,
+    stop: trio.Event | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """`serve_http` on listening sockets bound already (by the proxy, or inherited from a parent process).
 
     A trio ``SocketListener`` is taken over (it is left detached), so every connection is the proxy's own
-    ``SocketStream`` and comes from the shared accept loop.
+    ``SocketStream`` and comes from the shared accept loop. Once ``stop`` is set, the server stops gracefully
+    (see the module docstring) and returns, its listeners closed.
     """
     ours = [SocketListener.take_over(s) if isinstance(s, trio.SocketListener) else s for s in listeners]
     if request_timeout <= 0 or max_connections < 1 or max_header_bytes < 1 or max_body_bytes < 0:
@@ -143,13 +176,21 @@ async def serve_http_on(
     slots = (trio.Semaphore(max_connections),)
     bound: tuple[str, int] = ours[0].socket.getsockname()[:2]
     LOGGER.info("%s: listening on %s", name, format_address(bound))
-    async with trio.open_nursery() as nursery:
-        for listener in ours:
-            nursery.start_soon(functools.partial(
-                _serve_listener, listener, functools.partial(_run_connection, handler, limits, name), nursery,
-                slots=slots, name=name,
-            ))
-        task_status.started(bound)
+    stopping = _Stopping()
+    run = functools.partial(_run_connection, handler, limits, stopping, name)
+    async with trio.open_nursery() as connections:
+        async with trio.open_nursery() as accepting:
+            for listener in ours:
+                accepting.start_soon(functools.partial(
+                    _serve_listener, listener, run, connections, slots=slots, name=name,
+                ))
+            task_status.started(bound)
+            if stop is None:
+                return  # until cancelled: the accept loops never end on their own
+            await stop.wait()
+            accepting.cancel_scope.cancel()  # each loop closes its listener as it ends
+        stopping.begin()
+        connections.cancel_scope.deadline = trio.current_time() + request_timeout
 
 
 async def _serve_listener(listener: SocketListener, run: Callable[[SocketStream], Awaitable[None]],
@@ -158,9 +199,10 @@ async def _serve_listener(listener: SocketListener, run: Callable[[SocketStream]
         await accept_loop(listener, run, nursery, slots=slots, name=name, logger=LOGGER)
 
 
-async def _run_connection(handler: Handler, limits: _Limits, name: str, stream: SocketStream) -> None:
+async def _run_connection(handler: Handler, limits: _Limits, stopping: _Stopping, name: str,
+                          stream: SocketStream) -> None:
     try:
-        await _Connection(stream, handler, limits, name).serve()
+        await _Connection(stream, handler, limits, stopping, name).serve()
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the peer reset or vanished: routine network noise, not an error of ours
     except Exception:
@@ -175,10 +217,12 @@ async def _run_connection(handler: Handler, limits: _Limits, name: str, stream: 
 class _Connection:
     """One client connection: an h11 state machine fed from a socket, one request and response at a time."""
 
-    def __init__(self, stream: SocketStream, handler: Handler, limits: _Limits, name: str) -> None:
+    def __init__(self, stream: SocketStream, handler: Handler, limits: _Limits, stopping: _Stopping,
+                 name: str) -> None:
         self._stream = stream
         self._handler = handler
         self._limits = limits
+        self._stopping = stopping
         self._name = name
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         self._client = _peer_name(stream)
@@ -188,6 +232,8 @@ class _Connection:
         while True:
             try:
                 with trio.fail_after(self._limits.request_timeout):
+                    if not await self._await_request():
+                        return  # the server stops and this connection is idle: nobody is owed an answer
                     request = await self._receive_request()
             except trio.TooSlowError:
                 return  # slow or idle: just close; such a client may not be reading either
@@ -202,6 +248,17 @@ class _Connection:
             if send_scope.cancelled_caught or self._h11.our_state is h11.MUST_CLOSE:
                 return
             self._h11.start_next_cycle()
+
+    async def _await_request(self) -> bool:
+        """Wait for the first bytes of the next request (or the client's EOF); False if the server stops first."""
+        if self._h11.trailing_data[0] or self._h11.trailing_data[1]:
+            return True  # pipelined bytes, or the EOF, are here already
+        with self._stopping.idle_wait() as idle:
+            data = await self._stream.receive_some(RECEIVE_SIZE)
+        if idle.cancelled_caught:
+            return False
+        self._h11.receive_data(data)
+        return True
 
     async def _receive_request(self) -> Request | None:
         """The next request with its body consumed, or None if the client closed the connection cleanly."""
@@ -246,14 +303,14 @@ class _Connection:
         (a bad status or header), is logged and becomes a 500."""
         try:
             response = await self._handler(request)
-            return _h11_head(response), response.body
+            return _h11_head(response, close=self._stopping.begun), response.body
         except Exception:
             LOGGER.error(
                 "%s: handler failed on %s %s from %s",
                 self._name, request.method, request.target, request.client,
                 exc_info=True,
             )
-            return _h11_head(_INTERNAL_ERROR), _INTERNAL_ERROR.body
+            return _h11_head(_INTERNAL_ERROR, close=self._stopping.begun), _INTERNAL_ERROR.body
 
     async def _reject(self, status: int) -> None:
         """Answer a request we will not process with a bodiless error, then close gracefully."""

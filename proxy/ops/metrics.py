@@ -13,15 +13,18 @@ the first scrape, before the first failure of that kind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
+from pathlib import Path
 from typing import NamedTuple
 
 from OpenSSL import SSL
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
+from prometheus_client.metrics_core import Metric
 
 from proxy import __version__
 from proxy.config.materials import ListenerMaterials
@@ -32,7 +35,7 @@ PREFIX = "mtls_proxy_"
 
 # prometheus_client's multiprocess helpers carry no annotations; these are the signatures relied on here.
 _get_value_class: Callable[[], object] = values.get_value_class
-_multiprocess_collector: Callable[[CollectorRegistry], object] = multiprocess.MultiProcessCollector
+_merge: Callable[..., Iterable[Metric]] = multiprocess.MultiProcessCollector.merge
 
 
 def _openssl_version() -> str:
@@ -206,8 +209,40 @@ def enable_multiprocess(directory: str) -> None:
 def multiprocess_registry() -> CollectorRegistry:
     """A registry that reads every worker's files (for the admin process)."""
     registry = CollectorRegistry()
-    _multiprocess_collector(registry)
+    registry.register(_WorkerFiles(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
     return registry
+
+
+class _WorkerFiles:
+    """prometheus_client's multiprocess collector, safe against workers that start and exit during a scrape.
+
+    Its own ``collect`` lists the files, then reads each. A worker that starts creates its files empty and sizes
+    them a moment later; one that exits has its gauge files deleted by the supervisor (``proxy.daemon.workers``).
+    Either, between the listing and the reading, failed the whole scrape with a 500. So an empty file is left for
+    the next scrape, and a listing that names a deleted file is taken again.
+    """
+
+    ATTEMPTS = 3
+
+    def __init__(self, directory: str) -> None:
+        self._directory = Path(directory)
+
+    def collect(self) -> Iterable[Metric]:
+        for _ in range(self.ATTEMPTS - 1):
+            with contextlib.suppress(FileNotFoundError):
+                return self._collect()
+        return self._collect()
+
+    def _collect(self) -> list[Metric]:
+        files = [str(path) for path in self._directory.glob("*.db") if _nonempty(path)]
+        return list(_merge(files, accumulate=True))
+
+
+def _nonempty(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
 
 
 class ListenerMetrics:
