@@ -26,10 +26,11 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+# The field grammar of RFC 9112 section 5, shared with the request reader (proxy.protocol.http1_request).
+TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _VCHAR = rb"[\x21-\x7e\x80-\xff]"  # visible characters and obs-text
 _FIELD_VALUE = rb"(?:" + _VCHAR + rb"(?:[\t \x21-\x7e\x80-\xff]*" + _VCHAR + rb")?)?"
-_HEADER_LINE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(" + _FIELD_VALUE + rb")[ \t]*")
+HEADER_LINE = re.compile(rb"(" + TOKEN + rb"):[ \t]*(" + _FIELD_VALUE + rb")[ \t]*")
 _STATUS_LINE = re.compile(rb"HTTP/(1\.[01]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\xff]*))?")
 # chunk-size [ chunk-ext ]: the extensions are passed on, so they may hold no control characters. At most 16 hex
 # digits: every size fits in 64 bits, so no reader further on can wrap it round into another size (RFC 9112
@@ -93,7 +94,7 @@ def read_head(buf: bytes | bytearray, limit: int) -> tuple[ResponseHead, int] | 
         raise BadResponse(f"status code {status[2]!r} below 100")
     headers = []
     for line in lines[1:]:
-        field = _HEADER_LINE.fullmatch(line)
+        field = HEADER_LINE.fullmatch(line)
         if field is None:
             raise BadResponse(f"malformed header line {line[:80]!r}")
         headers.append((field[1], field[2]))
@@ -209,7 +210,7 @@ class ChunkedReader:
             self._state = _Chunk.DATA if self._left else _Chunk.TRAILERS
         elif not line:
             self.done = True
-        elif _HEADER_LINE.fullmatch(line) is None:
+        elif HEADER_LINE.fullmatch(line) is None:
             raise BadResponse(f"malformed trailer line {line[:80]!r}")
         else:
             self._trailer_bytes += len(line) + 2
