@@ -118,6 +118,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import h11
 
@@ -173,9 +174,11 @@ class SwitchToRaw:
     backend_eof: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Step:
-    """What one call produced. Write `to_backend` and `to_client` (either may be empty), then act on the flags."""
+class Step(NamedTuple):
+    """What one call produced. Write `to_backend` and `to_client` (either may be empty), then act on the flags.
+
+    A NamedTuple, not a frozen dataclass: as immutable, and built in half the time (two per request).
+    """
 
     to_backend: bytes = b""
     to_client: bytes = b""
