@@ -1,4 +1,5 @@
-"""Load generators: parallel ``openssl s_time``, ``wrk``, ``h2load``, and the bulk and idle clients of ``clients.py``.
+"""Load generators: parallel ``openssl s_time``, ``wrk``, ``h2load``, the bulk and idle clients of ``clients.py``,
+and ``openssl s_client`` as the second bulk client.
 
 Each function starts its processes, waits for them (every one bounded by a timeout: a stuck client is killed and
 reported, never waited on forever), and parses what they print. The caller wraps the call in a
@@ -227,6 +228,53 @@ def bulk(port: int, pki: Path, direction: str, count: int) -> dict[str, float]:
         return json.loads(out.strip().splitlines()[-1])
     except (ValueError, IndexError):
         raise LoadError(f"the bulk client printed no result: {out[-400:]}") from None
+
+
+def bulk_s_client(port: int, pki: Path, direction: str, count: int) -> dict[str, float]:
+    """The bulk run with a second, independent client: ``openssl s_client``, OpenSSL's own C client.
+
+    Its buffering differs from ``clients.py``'s (it moves 16 KiB between stdin/stdout and TLS per call, where the
+    Python client hands ``ssl`` 1 MiB at a time). This process feeds its stdin (``SINK n`` and n zero bytes) or
+    drains its stdout (``SOURCE n``, then n bytes), so the run ends when the backend confirmed the upload or the
+    last byte of the download arrived, not when s_client closed its end. ``-quiet`` keeps s_client's stdout to
+    the connection's data (and makes it ignore its stdin's EOF, so it is stopped here once the run is over).
+    """
+    import time
+
+    cmd = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3", "-quiet",
+           "-cert", str(pki / "client.crt"), "-key", str(pki / "client.key"), "-CAfile", str(pki / "ca.crt")]
+    deadline = time.monotonic() + count / 20e6 + GRACE
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdin is not None and proc.stdout is not None
+    started = time.perf_counter()
+    try:
+        if direction == "up":
+            proc.stdin.write(b"SINK %d\n" % count)
+            piece = bytes(1 << 20)
+            left = count
+            while left:
+                proc.stdin.write(piece[:min(len(piece), left)])
+                left -= min(len(piece), left)
+            proc.stdin.flush()
+            answer = proc.stdout.read(3)
+            if answer != b"OK\n":
+                raise LoadError(f"the backend did not confirm the upload through s_client: {answer!r}")
+        else:
+            proc.stdin.write(b"SOURCE %d\n" % count)
+            proc.stdin.flush()
+            got = 0
+            while got < count and time.monotonic() < deadline:
+                chunk = proc.stdout.read1(1 << 20)
+                if not chunk:
+                    raise LoadError(f"s_client's download ended after {got} of {count} bytes")
+                got += len(chunk)
+        seconds = time.perf_counter() - started
+        if time.monotonic() > deadline:
+            raise LoadError("the s_client bulk run took longer than its deadline")
+    finally:
+        proc.kill()
+        proc.communicate()
+    return {"bytes": count, "seconds": seconds, "mb_per_s": count / seconds / 1e6}
 
 
 class IdleClients:

@@ -63,7 +63,7 @@ NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 START_TIMEOUT = 20.0
 MAX_CONNECTIONS = 8000  # per listener; 2 fds each (client + backend) stays under a 20000 fd limit
 # Every run a peer can take part in; ``idle`` is the memory-per-idle-connection test.
-ALL_TESTS = ("full", "resumed", "bulk_up", "bulk_down", "wrk", "wrk_http", "h2", "idle")
+ALL_TESTS = ("full", "resumed", "bulk_up", "bulk_down", "bulk2_up", "bulk2_down", "wrk", "wrk_http", "h2", "idle")
 # The identity headers of the HTTP identity mode: mtls-proxy's identity_headers (header -> variable), and the same
 # headers in nginx (proxy_set_header, see Nginx.http_block). XFCC, X-Forwarded-For and -Proto come on top.
 HTTP_IDENTITY_HEADERS = {"X-Client-Subject": "subject", "X-Client-Verify": "verify"}

@@ -17,6 +17,8 @@ CPU_UNITS = [
     ("resumed", "resumed handshake", "ms", "{:.3f}"),
     ("bulk_up", "bulk up, per GB", "s", "{:.3f}"),
     ("bulk_down", "bulk down, per GB", "s", "{:.3f}"),
+    ("bulk2_up", "bulk up, per GB (s_client)", "s", "{:.3f}"),
+    ("bulk2_down", "bulk down, per GB (s_client)", "s", "{:.3f}"),
     ("wrk", "kept-alive request (wrk)", "µs", "{:.1f}"),
     ("wrk_http", "kept-alive request, HTTP identity mode (wrk)", "µs", "{:.1f}"),
     ("h2", "kept-alive request, HTTP/2 identity mode (h2load, client certificate)", "µs", "{:.1f}"),

@@ -47,7 +47,7 @@ from peers import KINDS, START_TIMEOUT, Peer, PeerError, parse_spec  # noqa: E40
 # "Worker processes" section of the report).
 WORKERS_ROW = "mtls-proxy:workers=2:cpus=0-1:tests=full+resumed"
 DEFAULT_PEERS = f"nginx,haproxy,stunnel,traefik,mtls-proxy,{WORKERS_ROW}"
-TESTS = ("full", "resumed", "bulk_up", "bulk_down", "wrk", "wrk_http", "h2")
+TESTS = ("full", "resumed", "bulk_up", "bulk_down", "bulk2_up", "bulk2_down", "wrk", "wrk_http", "h2")
 # What an anonymous client forges in the HTTP identity-mode checks: every identity header the peer sets (see
 # forged_headers), each of which the peer must replace or remove.
 FORGED_XFF = {"x-forwarded-for": "192.0.2.66"}
@@ -560,6 +560,8 @@ class Bench:
                                 seconds=s.hs_seconds)
         if test in ("bulk_up", "bulk_down"):
             return loads.bulk(peer.require_port, self.pki, test.removeprefix("bulk_"), s.bulk_bytes)
+        if test in ("bulk2_up", "bulk2_down"):
+            return loads.bulk_s_client(peer.require_port, self.pki, test.removeprefix("bulk2_"), s.bulk_bytes)
         if test in ("wrk", "wrk_http"):
             port = peer.optional_port if test == "wrk" else peer.http_optional_port
             return loads.wrk(f"https://127.0.0.1:{port}/", connections=s.wrk_connections, seconds=s.wrk_seconds)
@@ -857,7 +859,8 @@ any, are at the end.
 - code: {data.get('code', '?')}
 - machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory']}, {m['os']}, kernel {m['kernel']}
 - pinning: proxy on CPU {pinning['proxy_cpu']}; clients, backend and harness on CPU {pinning['load_cpu']}
-- clients: {m['openssl_cli']} (`s_time`), Python {m['python']} `ssl` (bulk, checks, idle connections), {m['wrk']}, \
+- clients: {m['openssl_cli']} (`s_time`; `s_client` as the second bulk client), \
+Python {m['python']} `ssl` (bulk, checks, idle connections), {m['wrk']}, \
 {m.get('h2load', '-')} (HTTP/2; nghttp from the same package for its checks)
 
 | peer | version |

@@ -67,7 +67,7 @@ def test_quick_benchmark_measures_every_peer(tmp_path: Path) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-4000:]}"
     data = json.loads(out.read_text())
 
-    tests = ["full", "resumed", "bulk_up", "bulk_down"] + (["wrk"] if has_wrk else [])
+    tests = ["full", "resumed", "bulk_up", "bulk_down", "bulk2_up", "bulk2_down"] + (["wrk"] if has_wrk else [])
     http_peers = [p for p in peers if p in ("nginx", "mtls-proxy")]
     for spec in peers:
         entry = data["peers"][spec]
