@@ -174,8 +174,8 @@ def test_quick_benchmark_measures_traefik(tmp_path: Path) -> None:
     assert "x-forwarded-tls-client-cert-info" not in http["optional_no_cert"]["headers"], "a forged header got through"
     assert http["optional_no_cert"]["headers"]["x-forwarded-for"] == ["127.0.0.1"]
 
-    tests = (["full", "resumed", "bulk_up", "bulk_down"] + (["wrk", "wrk_http"] if has_wrk else [])
-             + (["h2"] if has_h2 else []))
+    tests = (["full", "resumed", "bulk_up", "bulk_down", "bulk2_up", "bulk2_down"]
+             + (["wrk", "wrk_http"] if has_wrk else []) + (["h2"] if has_h2 else []))
     assert set(entry["runs"]) == set(tests)
     for test in tests:
         (run,) = entry["runs"][test]

@@ -26,7 +26,7 @@ import fcntl
 import socket
 import struct
 import termios
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -140,6 +140,42 @@ class SocketStream(trio.abc.HalfCloseableStream):
                     raise self._broken(exc) from exc
         finally:
             self._recv_busy = False
+
+    async def peek(self, max_bytes: int) -> bytes:
+        """The first bytes waiting to be read (waiting for some if there are none), left in place; b"" at EOF."""
+        while True:
+            try:
+                return self.socket.recv(max_bytes, socket.MSG_PEEK)
+            except BlockingIOError:
+                await self.wait_readable()
+            except OSError as exc:
+                raise self._broken(exc) from exc
+
+    async def wait_readable(self) -> None:
+        """Wait until the socket has something to read: for code that reads the socket itself (OpenSSL)."""
+        await self._wait(trio.lowlevel.wait_readable, receiving=True)
+
+    async def wait_writable(self) -> None:
+        """Wait until the socket takes more: for code that writes to the socket itself (OpenSSL)."""
+        await self._wait(trio.lowlevel.wait_writable, receiving=False)
+
+    async def _wait(self, wait: Callable[[socket.socket], Awaitable[None]], *, receiving: bool) -> None:
+        if self._recv_busy if receiving else self._send_busy:
+            raise trio.BusyResourceError("another task is already waiting on this socket")
+        if self._closed:
+            raise trio.ClosedResourceError("the socket was closed")
+        # Marked busy, so that aclose() wakes this wait (see there).
+        if receiving:
+            self._recv_busy = True
+        else:
+            self._send_busy = True
+        try:
+            await wait(self.socket)
+        finally:
+            if receiving:
+                self._recv_busy = False
+            else:
+                self._send_busy = False
 
     async def wait_send_all_might_not_block(self) -> None:
         if self._send_busy:

@@ -200,7 +200,9 @@ class Connection:
             # Made on first use rather than in __init__, so that OpenSSL failing to make a session is one more
             # error run() counts and logs.
             conn, record = self.tls.new_connection()
-            self._session = TLSStream(self.transport, conn, delay_session_tickets=False), record  # a socket buffers
+            # A socket buffers (no need to hold the session tickets back), and OpenSSL can drive it itself.
+            stream = TLSStream(self.transport, conn, delay_session_tickets=False, handshake_on_socket=True)
+            self._session = stream, record
         return self._session
 
     def _enter(self, phase: Phase) -> None:

@@ -407,7 +407,12 @@ class _Pair:
         except OSError as exc:
             if exc.errno not in _GONE:
                 raise
-            self._backend_failed()
+            # A reset after an answer, while the client is still sending, is the backend closing with the upload
+            # unread: it answered and stopped taking, and its kernel resets. Whether the proxy learns that from a
+            # write toward it or, as here, from the read after the answer, is a matter of event order. A reset
+            # with no answer at all stays an error.
+            early = exc.errno == errno.ECONNRESET and not self.client_eof and self.result.bytes_down > 0
+            self._backend_failed("backend_closed_early" if early else "backend_error")
             return
         if not got:
             self.backend_eof = True
@@ -416,8 +421,8 @@ class _Pair:
         self._touch()
         self._backend_data(got)
 
-    def _backend_failed(self) -> None:
-        self._broken("backend_error")
+    def _backend_failed(self, outcome: str) -> None:
+        self._broken(outcome)
 
     def _backend_ended(self) -> None:
         # After a failure on the backend's connection its end is not the end of its data (see the module doc).
@@ -587,9 +592,9 @@ class HttpPair(_Pair):
         else:
             self._apply(self.relay.from_backend(b""))
 
-    def _backend_failed(self) -> None:
+    def _backend_failed(self, outcome: str) -> None:
         if self.raw:
-            super()._backend_failed()
+            super()._backend_failed(outcome)
         else:
             self.backend_eof = True
             self._apply(self.relay.from_backend(b""))  # answered like a backend that closed

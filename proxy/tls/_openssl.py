@@ -136,9 +136,33 @@ def release_bio_buffers(conn: SSL.Connection) -> bool:
     """
     if incoming_bytes(conn) or outgoing_bytes(conn):
         return False
+    return to_memory(conn)
+
+
+def to_socket(conn: SSL.Connection, fd: int) -> bool:
+    """Make OpenSSL read and write socket ``fd`` itself, in place of the memory BIOs; False (and the Connection
+    untouched) unless both memory BIOs are empty."""
+    if incoming_bytes(conn) or outgoing_bytes(conn):
+        return False
+    if _lib.SSL_set_fd(conn._ssl, fd) != 1:  # frees the two memory BIOs
+        _lib.ERR_clear_error()
+        return False
+    # pyOpenSSL's bio_* methods now refuse (TypeError) rather than reach the freed BIOs.
+    conn._into_ssl = conn._from_ssl = None
+    return True
+
+
+def to_memory(conn: SSL.Connection) -> bool:
+    """Give the Connection a fresh pair of memory BIOs; ``SSL_set_bio`` frees the pair it had.
+
+    From memory BIOs, the caller makes sure they are empty (`release_bio_buffers`). From a socket (`to_socket`),
+    only between records: OpenSSL must hold no part of one (without read-ahead it reads a record's header and then
+    exactly its length, so after a completed handshake it holds none); the socket BIO is freed without closing
+    the descriptor (``SSL_set_fd`` made it so). False, and nothing changed, if OpenSSL is out of memory.
+    """
     into_ssl = _lib.BIO_new(_lib.BIO_s_mem())
     from_ssl = _lib.BIO_new(_lib.BIO_s_mem())
-    if into_ssl == _ffi.NULL or from_ssl == _ffi.NULL:  # out of memory: keep the old pair
+    if into_ssl == _ffi.NULL or from_ssl == _ffi.NULL:
         for bio in (into_ssl, from_ssl):
             if bio != _ffi.NULL:
                 _lib.BIO_free(bio)
@@ -336,13 +360,13 @@ class SocketSession:
     @classmethod
     def attach(cls, conn: SSL.Connection, fd: int) -> SocketSession | None:
         """Point the session's BIOs at ``fd``; None (and the session untouched) unless both memory BIOs are empty."""
-        if incoming_bytes(conn) or outgoing_bytes(conn):
+        if not to_socket(conn, fd):
             return None
-        if _lib.SSL_set_fd(conn._ssl, fd) != 1:  # frees the two memory BIOs
-            _lib.ERR_clear_error()
-            return None
-        # pyOpenSSL's bio_* methods now refuse (TypeError) rather than reach the freed BIOs.
-        conn._into_ssl = conn._from_ssl = None
+        return cls.adopt(conn)
+
+    @classmethod
+    def adopt(cls, conn: SSL.Connection) -> SocketSession:
+        """A session whose BIOs are on its socket already (``to_socket``: the handshake ran there)."""
         _lib.SSL_set_mode(conn._ssl, _MODE_ENABLE_PARTIAL_WRITE)
         return cls(conn)
 
