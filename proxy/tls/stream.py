@@ -2,7 +2,8 @@
 
 Theory of operation
 -------------------
-OpenSSL never touches the socket. Ciphertext that arrives from the transport is
+Over memory BIOs (everything but a handshake on the socket, see the end), OpenSSL
+never touches the socket. Ciphertext that arrives from the transport is
 pushed into the Connection's incoming memory BIO (``bio_write``); ciphertext that
 OpenSSL produces is pulled out of its outgoing BIO (``bio_read``) and sent by us.
 Every public operation is therefore "call OpenSSL, then move bytes", which is
@@ -58,6 +59,11 @@ stream):
 
 After the handshake a TCP-mode session leaves this stream: ``hand_over()`` gives it to OpenSSL's socket BIO for
 the data plane (proxy.tls.established, proxy.relay.dataplane), where it no longer pays for the memory BIOs.
+
+With ``handshake_on_socket`` (the proxy's listeners), the handshake itself already runs there: OpenSSL reads and
+writes the socket and the task only waits for it (``_handshake_on_socket``); the first bytes are peeked, and the
+alert of a failure is OpenSSL's own write. ``hand_over()`` then leaves the session where it is, and anything else
+gives it fresh memory BIOs first (``_leave_socket``), so everything above holds from there on.
 """
 
 from __future__ import annotations
