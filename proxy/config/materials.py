@@ -37,6 +37,7 @@ __all__ = [
     "ServerKey",
     "describe_key",
     "describe_name",
+    "eku_name",
     "load_all",
     "load_listener_materials",
 ]
@@ -403,7 +404,14 @@ _EKU_NAMES = {
     ExtendedKeyUsageOID.EMAIL_PROTECTION: "emailProtection",
     ExtendedKeyUsageOID.TIME_STAMPING: "timeStamping",
     ExtendedKeyUsageOID.OCSP_SIGNING: "OCSPSigning",
+    ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE: "anyExtendedKeyUsage",
 }
+
+
+def eku_name(usage: x509.ObjectIdentifier) -> str:
+    """An extended key usage by the name OpenSSL prints for it, or its dotted number (for `check` and `probe`)."""
+    return _EKU_NAMES.get(usage, usage.dotted_string)
+
 # Either one in the extension lets a client accept the certificate from a server; no extension at all does too.
 _SERVER_PURPOSES = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE)
 
@@ -415,7 +423,7 @@ def _check_server_purpose(leaf: x509.Certificate, path: Path, report: _Report) -
         return
     if any(usage in _SERVER_PURPOSES for usage in usages):
         return
-    listed = ", ".join(_EKU_NAMES.get(usage, usage.dotted_string) for usage in usages) or "nothing"
+    listed = ", ".join(eku_name(usage) for usage in usages) or "nothing"
     report.error(
         "tls.cert",
         path,

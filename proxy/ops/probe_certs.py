@@ -14,9 +14,8 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from proxy.config.materials import describe_key
+from proxy.config.materials import describe_key, eku_name
 
 __all__ = [
     "DN",
@@ -29,16 +28,6 @@ __all__ = [
     "hostname_matches",
     "load_chain",
 ]
-
-_EKU_NAMES: dict[x509.ObjectIdentifier, str] = {
-    ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
-    ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth",
-    ExtendedKeyUsageOID.CODE_SIGNING: "codeSigning",
-    ExtendedKeyUsageOID.EMAIL_PROTECTION: "emailProtection",
-    ExtendedKeyUsageOID.TIME_STAMPING: "timeStamping",
-    ExtendedKeyUsageOID.OCSP_SIGNING: "OCSPSigning",
-    ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE: "anyExtendedKeyUsage",
-}
 
 # RFC 4514, section 2.4: characters escaped anywhere in an attribute value.
 _DN_SPECIAL = frozenset(',+"\\<>;')
@@ -181,7 +170,7 @@ def _extended_key_usage(cert: x509.Certificate) -> tuple[str, ...] | None:
     usage = _extension_value(cert, x509.ExtendedKeyUsage)
     if not isinstance(usage, x509.ExtendedKeyUsage):
         return None
-    return tuple(_EKU_NAMES.get(oid, oid.dotted_string) for oid in usage)
+    return tuple(eku_name(oid) for oid in usage)
 
 
 def _is_ca(cert: x509.Certificate) -> bool:

@@ -611,13 +611,7 @@ class HttpPair(_Pair):
 
     def _apply(self, step: Step) -> None:
         """Write one step's output, in order, and act on its flags."""
-        counters, result = self.counters, self.result
-        if step.requests:
-            counters.requests(step.requests)
-        for status in step.statuses:
-            counters.status(status)
-        if step.error:
-            result.ended_by = step.error
+        self.counters.record(step, self.result)
         if step.to_backend:
             self._to_backend(memoryview(step.to_backend))
         if step.to_client and not self.finished:

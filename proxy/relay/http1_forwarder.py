@@ -37,6 +37,18 @@ class HttpCounters:
     up: Callable[[int], None]
     down: Callable[[int], None]
 
+    def record(self, step: Step, result: PumpResult) -> None:
+        """Count one step's requests and responses, and keep the error that ends the connection, if it has one.
+
+        The first half of applying a step, the same for this driver and for the data plane's `HttpPair`.
+        """
+        if step.requests:
+            self.requests(step.requests)
+        for status in step.statuses:
+            self.status(status)
+        if step.error:
+            result.ended_by = step.error
+
 
 def relay_http(
     client: trio.abc.HalfCloseableStream,
@@ -155,12 +167,7 @@ class HttpForwarder:
     async def _apply(self, step: Step) -> None:
         """Write one step's output and act on its flags (the lock is held)."""
         counters, result = self._counters, self._result
-        if step.requests:
-            counters.requests(step.requests)
-        for status in step.statuses:
-            counters.status(status)
-        if step.error:
-            result.ended_by = step.error
+        counters.record(step, result)
         if step.to_backend:
             if not await _send(self._backend, step.to_backend):
                 # The backend is gone mid-request: the client gets a 502 if
