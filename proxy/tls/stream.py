@@ -210,6 +210,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         This is the one tricky function in the module; see the module
         docstring for the two rules it keeps.
         """
+        self._leave_socket()
         await trio.lowlevel.checkpoint_if_cancelled()
         yielded = False
         finished = False
@@ -367,22 +368,20 @@ class TLSStream(trio.abc.HalfCloseableStream):
             except SSL.WantWriteError:
                 await transport.wait_writable()
             except SSL.SysCallError as exc:
-                self._on_socket = False
                 code = exc.args[0] if exc.args else 0
                 if isinstance(code, int) and code > 0:  # a reset: nothing can be said on that connection
                     reason = OSError(code, os.strerror(code))
                     raise trio.BrokenResourceError(f"socket error: {reason.strerror}") from reason
                 raise  # the end of the connection
             except SSL.ZeroReturnError:
-                self._on_socket = False
                 raise  # the peer closed: nothing to say either
             except SSL.Error:
                 self._alert_sent = True  # OpenSSL wrote it to the socket as it failed
-                self._on_socket = False
                 raise
 
     def _leave_socket(self) -> None:
-        """Back to memory BIOs after a handshake on the socket, for everything but ``hand_over()``."""
+        """Back to memory BIOs after a handshake on the socket: first thing in ``_retry``, which every operation on
+        the session but ``hand_over()`` goes through."""
         if self._on_socket:
             if not to_memory(self.connection):
                 raise MemoryError("OpenSSL could not allocate the session's memory BIOs")
@@ -438,7 +437,6 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._check_handshaken()
         if self._recv_busy:
             raise trio.BusyResourceError("another task is already receiving")
-        self._leave_socket()
         self._recv_busy = True
         try:
             buffer = ReadBuffer(max_bytes)
@@ -483,7 +481,6 @@ class TLSStream(trio.abc.HalfCloseableStream):
             raise trio.ClosedResourceError("send_eof() was already called")
         if self._send_busy:
             raise trio.BusyResourceError("another task is already sending")
-        self._leave_socket()
         self._send_busy = True
         try:
             view = memoryview(data)
@@ -502,7 +499,6 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._check_usable()
         if self._send_busy:
             raise trio.BusyResourceError("another task is already sending")
-        self._leave_socket()
         self._send_busy = True
         try:
             async with self._send_lock:
@@ -518,7 +514,6 @@ class TLSStream(trio.abc.HalfCloseableStream):
         if self._sent_eof:
             await trio.lowlevel.checkpoint()
             return
-        self._leave_socket()
         self._sent_eof = True
         try:
             await self._retry(self.connection.shutdown, ignore_want_read=True)
@@ -538,7 +533,6 @@ class TLSStream(trio.abc.HalfCloseableStream):
             return
         try:
             if self._state is _State.OK and self._handshake_done and not self._sent_eof and self._close_notify_wanted:
-                self._leave_socket()
                 self._sent_eof = True
                 # If the peer is gone, closing is all that is left.
                 with contextlib.suppress(SSL.Error, trio.BrokenResourceError, trio.ClosedResourceError):
