@@ -200,18 +200,23 @@ def client_context(pki) -> ssl.SSLContext:
     return ctx
 
 
+def connect_tls(port: int, ctx: ssl.SSLContext, *, timeout: float = 10.0) -> ssl.SSLSocket:
+    """A TLS connection to 127.0.0.1:`port` with the handshake done (blocking; the socket closed if it fails)."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        return ctx.wrap_socket(raw, server_hostname="localhost")
+    except BaseException:
+        raw.close()
+        raise
+
+
 def open_idle_tls(port: int, ctx: ssl.SSLContext, count: int, *, threads: int = 8,
                   timeout: float = 30) -> list[ssl.SSLSocket]:
     """`count` mTLS connections with the handshake done, left open and silent. Threads overlap the client's half
     of each handshake with the proxy's (ssl releases the GIL while it computes and waits)."""
 
     def one(_: int) -> ssl.SSLSocket:
-        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        try:
-            return ctx.wrap_socket(raw, server_hostname="localhost")
-        except BaseException:
-            raw.close()
-            raise
+        return connect_tls(port, ctx, timeout=timeout)
 
     with ThreadPoolExecutor(threads) as pool:
         return list(pool.map(one, range(count)))

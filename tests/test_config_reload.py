@@ -36,6 +36,7 @@ from proxy.config.schema import parse
 from proxy.daemon.server import plan_listeners
 from tests.conftest import TestPKI as PKIFiles  # aliased: pytest would try to collect Test*
 from tests.conftest import client_context, free_port, listener_config, poll_until
+from tests.daemonkit import connect_tls
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 20.0
@@ -298,15 +299,6 @@ def edited(config: dict[str, Any], **top: Any) -> dict[str, Any]:
 # ---- clients -------------------------------------------------------------------------------------------------------
 
 
-def connect(port: int, ctx: ssl.SSLContext) -> ssl.SSLSocket:
-    raw = socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT)
-    try:
-        return ctx.wrap_socket(raw, server_hostname="localhost")
-    except BaseException:
-        raw.close()
-        raise
-
-
 def ask(tls: ssl.SSLSocket, payload: bytes) -> bytes:
     """Send ``payload``; what comes back before the backend has answered it (b"" if the connection ends)."""
     tls.sendall(payload)
@@ -322,7 +314,7 @@ def ask(tls: ssl.SSLSocket, payload: bytes) -> bytes:
 def answer(port: int, ctx: ssl.SSLContext, payload: bytes = b"ping") -> bytes | str:
     """One new connection: the backend's answer to ``payload``, or how the attempt failed."""
     try:
-        with connect(port, ctx) as tls:
+        with connect_tls(port, ctx, timeout=CLIENT_TIMEOUT) as tls:
             return ask(tls, payload) or "closed"
     except ConnectionRefusedError:
         return "refused"
@@ -345,7 +337,7 @@ def test_sighup_adds_a_listener_and_the_running_one_serves_on(daemon_factory, te
     first, second = backends
     daemon = daemon_factory([listener("api", test_pki, first.address)])
     alice = client_context(test_pki, test_pki.alice)
-    with connect(daemon.listener_port("api"), alice) as open_one:
+    with connect_tls(daemon.listener_port("api"), alice, timeout=CLIENT_TIMEOUT) as open_one:
         assert ask(open_one, b"before") == b"A:before"
         config = edited(daemon.config)
         config["listeners"].append(listener("extra", test_pki, second.address))
@@ -369,7 +361,7 @@ def test_a_removed_listener_refuses_new_connections_and_its_open_one_finishes(da
     daemon = daemon_factory([listener("api", test_pki, first.address), listener("old", test_pki, second.address)])
     alice = client_context(test_pki, test_pki.alice)
     old_port = daemon.listener_port("old")
-    with connect(old_port, alice) as open_one:
+    with connect_tls(old_port, alice, timeout=CLIENT_TIMEOUT) as open_one:
         assert ask(open_one, b"one") == b"B:one"
         config = edited(daemon.config)
         config["listeners"] = config["listeners"][:1]
@@ -395,7 +387,7 @@ def test_a_removed_listener_drains_for_drain_timeout_then_closes_what_is_left(da
     daemon = daemon_factory([listener("api", test_pki, first.address), listener("old", test_pki, second.address)],
                             drain_timeout=0.5)
     alice = client_context(test_pki, test_pki.alice)
-    with connect(daemon.listener_port("old"), alice) as stuck:
+    with connect_tls(daemon.listener_port("old"), alice, timeout=CLIENT_TIMEOUT) as stuck:
         assert ask(stuck, b"x") == b"B:x"
         config = edited(daemon.config)
         config["listeners"] = config["listeners"][:1]
@@ -419,7 +411,7 @@ def test_changed_allow_rules_refuse_new_connections_while_an_open_one_goes_on(da
     port = daemon.listener_port("api")
     alice, bob = client_context(test_pki, test_pki.alice), client_context(test_pki, test_pki.bob)
     assert answer(port, bob) != b"A:ping"
-    with connect(port, alice) as open_one:
+    with connect_tls(port, alice, timeout=CLIENT_TIMEOUT) as open_one:
         assert ask(open_one, b"one") == b"A:one"
         config = edited(daemon.config)
         config["listeners"][0]["client_auth"] = {**only, "allow": {"common_names": ["bob"]}}
@@ -439,7 +431,7 @@ def test_a_changed_backend_takes_the_new_connections_and_the_open_one_stays(daem
     daemon = daemon_factory([listener("api", test_pki, first.address)])
     port = daemon.listener_port("api")
     alice = client_context(test_pki, test_pki.alice)
-    with connect(port, alice) as open_one:
+    with connect_tls(port, alice, timeout=CLIENT_TIMEOUT) as open_one:
         assert ask(open_one, b"one") == b"A:one"
         config = edited(daemon.config)
         config["listeners"][0]["backend"]["address"] = second.address
@@ -671,7 +663,7 @@ def test_with_workers_every_worker_ends_up_on_the_new_config(daemon_factory, tes
     before = children(daemon.proc.pid)
     port = daemon.listener_port("api")
     alice, bob = client_context(test_pki, test_pki.alice), client_context(test_pki, test_pki.bob)
-    with connect(port, alice) as open_one:
+    with connect_tls(port, alice, timeout=CLIENT_TIMEOUT) as open_one:
         assert ask(open_one, b"one") == b"A:one"
         config = edited(daemon.config)
         config["listeners"][0]["client_auth"] = {**only, "allow": {"common_names": ["bob"]}}

@@ -35,6 +35,7 @@ from proxy.dev import pki
 from tests.conftest import TestPKI as PKIFiles  # aliased: pytest would try to collect Test*
 from tests.conftest import free_port, served_fingerprint
 from tests.conftest import poll_until as wait_until
+from tests.daemonkit import connect_tls
 
 pytestmark = pytest.mark.slow
 
@@ -241,15 +242,6 @@ def client_context(ca: Path, cert: Path | None = None, key: Path | None = None) 
     return ctx
 
 
-def connect(port: int, ctx: ssl.SSLContext) -> ssl.SSLSocket:
-    raw = socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT)
-    try:
-        return ctx.wrap_socket(raw, server_hostname="localhost")
-    except BaseException:
-        raw.close()
-        raise
-
-
 def recv_exactly(sock: ssl.SSLSocket, n: int) -> bytes:
     got = bytearray()
     while len(got) < n:
@@ -451,7 +443,7 @@ FAILURE_REASONS = ("no_client_cert", "unknown_ca", "expired", "not_yet_valid", "
 def test_metrics_pass_promtool_and_have_every_family(shared_daemon, test_pki):
     # one successful handshake, so that the per-session families have a series
     ctx = client_context(test_pki.server_ca, test_pki.alice.cert, test_pki.alice.key)
-    with connect(shared_daemon.port("api"), ctx) as tls:
+    with connect_tls(shared_daemon.port("api"), ctx, timeout=CLIENT_TIMEOUT) as tls:
         version, cipher = tls.version(), tls.cipher()[0]
         tls.recv(1)  # the backend is down: the proxy closes after the handshake
     wait_until(lambda: shared_daemon.sample("mtls_proxy_tls_sessions_total", listener="api", version=version,
@@ -523,7 +515,7 @@ def test_sigterm_drains_in_flight_connection_then_exits_0(daemon_factory, test_p
     ctx = client_context(test_pki.server_ca, test_pki.alice.cert, test_pki.alice.key)
     chunk = os.urandom(32 * 1024)
     sent = 0
-    tls = connect(port, ctx)
+    tls = connect_tls(port, ctx, timeout=CLIENT_TIMEOUT)
     try:
         for _ in range(4):
             echo_roundtrip(tls, chunk)
@@ -556,7 +548,7 @@ def test_sigterm_drains_in_flight_connection_then_exits_0(daemon_factory, test_p
 def test_sigterm_drain_timeout_cuts_stuck_connections(daemon_factory, test_pki, threaded_echo_backend):
     daemon = daemon_factory([listener("api", test_pki, threaded_echo_backend)], "--drain-timeout", "0.5")
     ctx = client_context(test_pki.server_ca, test_pki.alice.cert, test_pki.alice.key)
-    with connect(daemon.port(), ctx) as tls:
+    with connect_tls(daemon.port(), ctx, timeout=CLIENT_TIMEOUT) as tls:
         echo_roundtrip(tls, b"still here")
         signaled = time.monotonic()
         daemon.signal(signal.SIGTERM)
@@ -571,7 +563,7 @@ def test_sigterm_drain_timeout_cuts_stuck_connections(daemon_factory, test_pki, 
 def test_second_sigterm_stops_at_once(daemon_factory, test_pki, threaded_echo_backend):
     daemon = daemon_factory([listener("api", test_pki, threaded_echo_backend)], "--drain-timeout", "60")
     ctx = client_context(test_pki.server_ca, test_pki.alice.cert, test_pki.alice.key)
-    with connect(daemon.port(), ctx) as tls:
+    with connect_tls(daemon.port(), ctx, timeout=CLIENT_TIMEOUT) as tls:
         echo_roundtrip(tls, b"still here")
         daemon.signal(signal.SIGTERM)
         wait_until(lambda: daemon.get("/readyz")[0] != 200, what="the drain to begin")
@@ -607,7 +599,7 @@ def test_sighup_reload_keeps_old_cert_on_failure_then_swaps(daemon_factory, test
     assert reloads("success") == 0.0
     assert daemon.proc.poll() is None
     assert served_fingerprint(port, ctx) == first.sha256
-    with connect(port, ctx) as tls:
+    with connect_tls(port, ctx, timeout=CLIENT_TIMEOUT) as tls:
         echo_roundtrip(tls, b"still serving")
     stderr = daemon.stderr()
     assert "reload failed, still serving the previous " in stderr
@@ -620,7 +612,7 @@ def test_sighup_reload_keeps_old_cert_on_failure_then_swaps(daemon_factory, test
     wait_until(lambda: reloads("success") == 1.0, what='reloads_total{result="success"} 1')
     assert reloads("failure") == 1.0
     assert served_fingerprint(port, ctx) == second.sha256
-    with connect(port, ctx) as tls:
+    with connect_tls(port, ctx, timeout=CLIENT_TIMEOUT) as tls:
         echo_roundtrip(tls, b"new certificate")
     assert "Traceback" not in daemon.stderr()
 

@@ -17,17 +17,13 @@ from proxy.net.sockstream import SocketStream
 from proxy.relay.dataplane import DataPlane
 from proxy.tls.established import EstablishedTLS
 from tests.conftest import client_context, exchange, start_backend, start_proxy, wait_for
+from tests.daemonkit import connect_tls
 from tests.memclient import MemoryBIOClient
 from tests.tlskit import openssl_client_context, server_tls, tls_pair
 
 
 def _plane() -> DataPlane:
     return DataPlane.current()
-
-
-def _connect(port: int, ctx: ssl.SSLContext) -> ssl.SSLSocket:
-    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
-    return ctx.wrap_socket(raw, server_hostname="localhost")
 
 
 async def test_echo_goes_through_the_data_plane_and_leaves_nothing_registered(nursery, test_pki, echo_backend):
@@ -49,7 +45,7 @@ async def test_a_request_sent_right_behind_the_finished_arrives_first_and_whole(
     payload = b"".join(i.to_bytes(4, "big") for i in range(50_000))  # 200 KB, ordered
 
     def run() -> bytes:
-        with _connect(p.port, client_context(test_pki, test_pki.alice, version="1.3")) as tls:
+        with connect_tls(p.port, client_context(test_pki, test_pki.alice, version="1.3")) as tls:
             tls.sendall(payload)
             got = bytearray()
             while len(got) < len(payload):
@@ -130,7 +126,7 @@ async def test_half_close_from_the_client_still_gets_the_whole_answer(nursery, t
     p = await start_proxy(nursery, test_pki, backend.address)
 
     def run() -> bytes:
-        with _connect(p.port, client_context(test_pki, test_pki.alice, version="1.3")) as tls:
+        with connect_tls(p.port, client_context(test_pki, test_pki.alice, version="1.3")) as tls:
             tls.sendall(b"abc")
             socket.socket.shutdown(tls, socket.SHUT_WR)  # a FIN without close_notify (SSLSocket.shutdown drops TLS)
             got = bytearray()
@@ -145,7 +141,7 @@ async def test_an_idle_connection_is_closed_and_unregistered(nursery, test_pki, 
     p = await start_proxy(nursery, test_pki, echo_backend.address, timeouts={"idle": 0.3})
 
     def run() -> bytes:
-        with _connect(p.port, client_context(test_pki, test_pki.alice)) as tls:
+        with connect_tls(p.port, client_context(test_pki, test_pki.alice)) as tls:
             tls.sendall(b"x")
             assert tls.recv(1) == b"x"
             return tls.recv(1)  # nothing more comes: the proxy closes after 0.3-0.33 s
@@ -215,7 +211,7 @@ async def test_http_mode_runs_on_the_data_plane_with_keep_alive_pipelining_and_t
             got += chunk
 
     def run() -> bytes:
-        with _connect(p.port, client_context(test_pki, test_pki.alice)) as tls:
+        with connect_tls(p.port, client_context(test_pki, test_pki.alice)) as tls:
             tls.sendall(request * 3)  # pipelined: answered in order, one at a time
             got = responses(tls, 3)
             tls.sendall(request)  # and kept alive
