@@ -38,6 +38,7 @@ from proxy.config.schema import parse
 from proxy.daemon.server import Proxy
 from proxy.dev import pki
 from proxy.ops.metrics import Metrics
+from proxy.policy.identity import PeerIdentity
 
 LISTENER = "test"
 
@@ -71,6 +72,26 @@ class TestPKI:
     server_eku: Cred      # a certificate whose extended key usage is serverAuth only
     client_ca_issued: pki.Issued
     intermediate: pki.Issued
+
+
+# A verified client's identity as the proxy builds it (alice of the test PKI, with fixed values), for the tests of
+# the sans-IO relays, which need one without a certificate.
+ALICE_IDENTITY = PeerIdentity(
+    subject="CN=alice,OU=payments,O=Acme",
+    issuer="CN=Acme Clients CA,O=Acme",
+    serial="1d2c3b4a",
+    sha256="ab" * 32,
+    not_before=datetime(2024, 1, 1, tzinfo=UTC),
+    not_after=datetime(2034, 1, 1, tzinfo=UTC),
+    common_names=("alice",),
+    organizational_units=("payments",),
+    organizations=("Acme",),
+    dns_sans=("alice.prod.svc",),
+    uri_sans=("spiffe://acme/ns/prod/sa/alice",),
+    ip_sans=(),
+    email_sans=(),
+    chain_issuers=("CN=Acme Clients CA,O=Acme",),
+)
 
 
 def _write(dir: Path, name: str, issued: pki.Issued) -> Cred:

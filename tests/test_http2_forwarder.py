@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import json
 import threading
@@ -21,7 +22,6 @@ import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -35,30 +35,14 @@ import hypercorn.trio
 import pytest
 import trio
 
-from proxy.policy.identity import PeerIdentity
 from proxy.protocol.http1 import HeaderPolicy
 from proxy.protocol.http2 import Http2Event, Http2Relay, Http2Settings, StreamClosed, StreamError, StreamOpened
 from proxy.protocol.http2_to_http1 import GRPC_MESSAGE
 from proxy.relay.http2_forwarder import relay_http2
 from proxy.relay.tcp_forwarder import PumpResult
-from tests.conftest import free_port
+from tests.conftest import ALICE_IDENTITY, free_port
 
-IDENTITY = PeerIdentity(
-    subject="CN=alice,OU=payments,O=Acme",
-    issuer="CN=Acme Clients CA,O=Acme",
-    serial="1d2c3b4a",
-    sha256="cd" * 32,
-    not_before=datetime(2024, 1, 1, tzinfo=UTC),
-    not_after=datetime(2034, 1, 1, tzinfo=UTC),
-    common_names=("alice",),
-    organizational_units=("payments",),
-    organizations=("Acme",),
-    dns_sans=(),
-    uri_sans=("spiffe://acme/ns/prod/sa/alice",),
-    ip_sans=(),
-    email_sans=(),
-    chain_issuers=("CN=Acme Clients CA,O=Acme",),
-)
+IDENTITY = dataclasses.replace(ALICE_IDENTITY, sha256="cd" * 32, dns_sans=())
 POLICY = HeaderPolicy()
 XFCC = dict(POLICY.added_headers(client_ip="127.0.0.1", identity=IDENTITY))[b"X-Forwarded-Client-Cert"].decode()
 BIG = 64 * 1024 * 1024

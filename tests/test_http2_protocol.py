@@ -9,7 +9,6 @@ Attacks are written as raw frames with hyperframe where h2 would refuse to produ
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 import pytest
 from h2.config import H2Configuration
@@ -28,7 +27,6 @@ from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import ContinuationFrame, DataFrame, Frame, GoAwayFrame, HeadersFrame
 
-from proxy.policy.identity import PeerIdentity
 from proxy.protocol.http1 import HeaderPolicy
 from proxy.protocol.http2 import (
     AttackContained,
@@ -41,24 +39,10 @@ from proxy.protocol.http2 import (
     StreamOpened,
 )
 from proxy.protocol.http2_frames import MAX_CONTINUATION_FRAMES
+from tests.conftest import ALICE_IDENTITY
 
 CLIENT_IP = "203.0.113.7"
-IDENTITY = PeerIdentity(
-    subject="CN=alice,OU=payments,O=Acme",
-    issuer="CN=Acme Clients CA,O=Acme",
-    serial="1d2c3b4a",
-    sha256="ab" * 32,
-    not_before=datetime(2024, 1, 1, tzinfo=UTC),
-    not_after=datetime(2034, 1, 1, tzinfo=UTC),
-    common_names=("alice",),
-    organizational_units=("payments",),
-    organizations=("Acme",),
-    dns_sans=("alice.prod.svc",),
-    uri_sans=("spiffe://acme/ns/prod/sa/alice",),
-    ip_sans=(),
-    email_sans=(),
-    chain_issuers=("CN=Acme Clients CA,O=Acme",),
-)
+IDENTITY = ALICE_IDENTITY
 XFCC = dict(HeaderPolicy().added_headers(client_ip=CLIENT_IP, identity=IDENTITY))[b"X-Forwarded-Client-Cert"]
 GET = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"svc.test"), (b":path", b"/hello")]
 GRPC = [

@@ -9,7 +9,6 @@ until nothing moves, as `proxy.relay.http2_forwarder` does over sockets.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from typing import Any
 
 import h11
@@ -30,7 +29,6 @@ from h2.events import (
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import Frame, GoAwayFrame
 
-from proxy.policy.identity import PeerIdentity
 from proxy.protocol.http1 import HeaderPolicy
 from proxy.protocol.http2 import STREAM_ERRORS, Http2Relay, Http2Settings, Http2Step, StreamClosed, StreamError
 from proxy.protocol.http2_to_http1 import (
@@ -46,24 +44,10 @@ from proxy.protocol.http2_to_http1 import (
     Response,
     ResponseEvent,
 )
+from tests.conftest import ALICE_IDENTITY
 
 CLIENT_IP = "203.0.113.7"
-IDENTITY = PeerIdentity(
-    subject="CN=alice,OU=payments,O=Acme",
-    issuer="CN=Acme Clients CA,O=Acme",
-    serial="1d2c3b4a",
-    sha256="ab" * 32,
-    not_before=datetime(2024, 1, 1, tzinfo=UTC),
-    not_after=datetime(2034, 1, 1, tzinfo=UTC),
-    common_names=("alice",),
-    organizational_units=("payments",),
-    organizations=("Acme",),
-    dns_sans=("alice.prod.svc",),
-    uri_sans=("spiffe://acme/ns/prod/sa/alice",),
-    ip_sans=(),
-    email_sans=(),
-    chain_issuers=("CN=Acme Clients CA,O=Acme",),
-)
+IDENTITY = ALICE_IDENTITY
 POLICY = HeaderPolicy({"X-Client-Subject": "subject"})
 ADDED = POLICY.added_headers(client_ip=CLIENT_IP, identity=IDENTITY)
 XFCC = dict(ADDED)[b"X-Forwarded-Client-Cert"]
