@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,8 +240,6 @@ def bulk_s_client(port: int, pki: Path, direction: str, count: int) -> dict[str,
     last byte of the download arrived, not when s_client closed its end. ``-quiet`` keeps s_client's stdout to
     the connection's data (and makes it ignore its stdin's EOF, so it is stopped here once the run is over).
     """
-    import time
-
     cmd = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3", "-quiet",
            "-cert", str(pki / "client.crt"), "-key", str(pki / "client.key"), "-CAfile", str(pki / "ca.crt")]
     deadline = time.monotonic() + count / 20e6 + GRACE
@@ -253,8 +252,9 @@ def bulk_s_client(port: int, pki: Path, direction: str, count: int) -> dict[str,
             piece = bytes(1 << 20)
             left = count
             while left:
-                proc.stdin.write(piece[:min(len(piece), left)])
-                left -= min(len(piece), left)
+                size = min(len(piece), left)
+                proc.stdin.write(piece[:size])
+                left -= size
             proc.stdin.flush()
             answer = proc.stdout.read(3)
             if answer != b"OK\n":
