@@ -251,7 +251,8 @@ class _Connection:
 
     async def _await_request(self) -> bool:
         """Wait for the first bytes of the next request (or the client's EOF); False if the server stops first."""
-        if self._h11.trailing_data[0] or self._h11.trailing_data[1]:
+        buffered, closed = self._h11.trailing_data
+        if buffered or closed:
             return True  # pipelined bytes, or the EOF, are here already
         with self._stopping.idle_wait() as idle:
             data = await self._stream.receive_some(RECEIVE_SIZE)
