@@ -41,9 +41,12 @@ LABEL org.opencontainers.image.title="mtls-proxy" \
       org.opencontainers.image.created="${CREATED}" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=build /opt/venv /opt/venv
+# PYTHONMALLOC=malloc: Python objects come from glibc, whose free pages the proxy hands back after a burst of
+# connections; CPython's own allocator keeps most of them (bench/README.md, "Memory after a burst").
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    PYTHONMALLOC=malloc \
     MTLS_PROXY_HEALTHCHECK_URL=http://127.0.0.1:9090/healthz
 # 8443: the TLS listener; 9090: the admin endpoint (/metrics /healthz /readyz /status).
 EXPOSE 8443 9090

@@ -634,9 +634,15 @@ class Traefik(Peer):
 class MtlsProxy(Peer):
     name = "mtls-proxy"
     binary = "python"
-    allowed_options = frozenset({"cpus", "workers", "log", "tests", "http"})
+    allowed_options = frozenset({"cpus", "workers", "log", "tests", "http", "malloc"})
     http_capable = True
     h2_capable = True
+
+    def environment(self) -> dict[str, str] | None:
+        # malloc=system: CPython's small-object allocator off (PYTHONMALLOC=malloc), every object from glibc.
+        if self.options.get("malloc") == "system":
+            return {**os.environ, "PYTHONMALLOC": "malloc"}
+        return None
 
     @classmethod
     def missing(cls) -> list[str]:

@@ -89,6 +89,7 @@ def test_image_metadata(image):
     env = dict(item.split("=", 1) for item in config["Env"])
     assert env["MTLS_PROXY_HEALTHCHECK_URL"] == "http://127.0.0.1:9090/healthz"
     assert env["PATH"].startswith("/opt/venv/bin:")
+    assert env["PYTHONMALLOC"] == "malloc"  # memory goes back after a burst (bench/README.md, "Memory after a burst")
     # podman reports the Docker-format HEALTHCHECK beside Config.
     healthcheck = document["Healthcheck"]
     assert healthcheck["Test"][:2] == ["CMD", "python3"] and "MTLS_PROXY_HEALTHCHECK_URL" in healthcheck["Test"][-1]
