@@ -49,11 +49,17 @@ def tune_tcp(sock: socket.socket) -> None:
 
 
 class SocketStream(trio.abc.HalfCloseableStream):
-    """A connected TCP or Unix socket. ``socket`` is the stdlib socket (for getpeername and the like)."""
+    """A connected TCP or Unix socket. ``socket`` is the stdlib socket (for getpeername and the like).
 
-    def __init__(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
+    ``peer_address`` is the peer's address as ``accept()`` returned it, for an accepted connection (None
+    otherwise): the one system call that already said it, so the connection need not ask ``getpeername``.
+    """
+
+    def __init__(self, sock: socket.socket, peer_address: object = None) -> None:
+        if sock.gettimeout() != 0.0:  # a socket made non-blocking already needs no second ioctl
+            sock.setblocking(False)
         self.socket = sock
+        self.peer_address = peer_address
         self._closed = False
         self._sent_eof = False
         self._send_busy = False
@@ -268,6 +274,9 @@ class SocketListener(trio.abc.Listener[SocketStream]):
         sock.setblocking(False)
         self.socket = sock
         self._closed = False
+        # The last accept found the backlog empty: the next one waits for readiness before it tries (a connection
+        # that came meanwhile makes the wait end at once), instead of an accept() bound to fail again.
+        self._drained = False
 
     @classmethod
     def take_over(cls, listener: trio.SocketListener) -> SocketListener:
@@ -280,18 +289,21 @@ class SocketListener(trio.abc.Listener[SocketStream]):
         await trio.lowlevel.checkpoint_if_cancelled()
         waited = False
         while True:
-            try:
-                sock, _ = self.socket.accept()
-            except BlockingIOError:
+            if self._drained:
+                self._drained = False
                 waited = True
                 await trio.lowlevel.wait_readable(self.socket)
+            try:
+                sock, address = self.socket.accept()
+            except BlockingIOError:
+                self._drained = True
                 continue
             except OSError:
                 if self._closed:
                     raise trio.ClosedResourceError("the listener was closed") from None
                 raise
             break
-        stream = _wrap_accepted(sock)
+        stream = _wrap_accepted(sock, address)
         if not waited:
             await trio.lowlevel.cancel_shielded_checkpoint()
         return stream
@@ -302,10 +314,13 @@ class SocketListener(trio.abc.Listener[SocketStream]):
         if self._closed:
             return None
         try:
-            sock, _ = self.socket.accept()
+            sock, address = self.socket.accept()
+        except BlockingIOError:
+            self._drained = True
+            return None
         except OSError:
             return None
-        return _wrap_accepted(sock)
+        return _wrap_accepted(sock, address)
 
     async def aclose(self) -> None:
         if not self._closed:
@@ -315,10 +330,10 @@ class SocketListener(trio.abc.Listener[SocketStream]):
         await trio.lowlevel.checkpoint()
 
 
-def _wrap_accepted(sock: socket.socket) -> SocketStream:
+def _wrap_accepted(sock: socket.socket, address: object) -> SocketStream:
     try:
         tune_tcp(sock)
-        return SocketStream(sock)
+        return SocketStream(sock, address)
     except BaseException:
         sock.close()
         raise

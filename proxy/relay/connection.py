@@ -427,10 +427,12 @@ def _peer_address(transport: trio.abc.Stream) -> tuple[str, int] | str | None:
     """The client's address: (host, port) over TCP, a path over a Unix socket; None if unknown."""
     if not isinstance(transport, SocketStream):
         return None
-    try:
-        addr = transport.socket.getpeername()
-    except OSError:
-        return None
+    addr = transport.peer_address
+    if addr is None:
+        try:
+            addr = transport.socket.getpeername()
+        except OSError:
+            return None
     if isinstance(addr, tuple):
         return str(addr[0]), int(addr[1])
     return addr.decode("utf-8", "replace") if isinstance(addr, bytes) else str(addr)
