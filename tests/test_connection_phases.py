@@ -438,6 +438,7 @@ async def test_a_stream_over_memory_has_no_address_and_an_anonymous_peer_has_no_
     assert (server.peer_address(), server.local_address()) == (None, None)
     assert server.peer_certificate() is None
     assert server.peer_certificate_chain() == []
+    assert server.peer_certificate_sha256() is None
     assert client.peer_certificate() is not None  # the server's, seen from the client
 
 
@@ -454,6 +455,7 @@ async def test_a_resumed_session_keeps_the_peer_certificate_but_not_the_chain(te
     await handshake_both(server, TLSStream(client_transport, resuming, server_side=False))
     assert server.resumed
     assert server.peer_certificate() == test_pki.alice.issued.cert
+    assert server.peer_certificate_sha256() == test_pki.alice.issued.sha256
     assert server.peer_certificate_chain() == []
 
 

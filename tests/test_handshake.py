@@ -650,6 +650,21 @@ async def test_resumed_session_is_counted_and_keeps_its_identity(nursery, test_p
     assert fields[1]["client_sha256"] == test_pki.alice.issued.sha256
 
 
+async def test_a_resumed_session_whose_identity_left_the_cache_is_named_by_its_leaf(
+        nursery, test_pki, echo_backend, access_log, monkeypatch):
+    from proxy.tls import context
+
+    monkeypatch.setattr(context, "IDENTITY_CACHE_SIZE", 0)  # every identity is dropped as soon as it is cached
+    p = await start_proxy(nursery, test_pki, echo_backend.address)
+    _first, second = await resume_twice(p.port, version_ctx(test_pki, test_pki.alice, "1.3"))
+    assert second.reused
+    assert second.ok, second.error
+    fields = await assert_admitted(p, access_log, echo_backend, count=2)
+    assert [f["resumed"] for f in fields] == [False, True]
+    assert fields[1]["client_subject"] == ALICE_DN
+    assert fields[1]["client_sha256"] == test_pki.alice.issued.sha256
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("issuer", [pytest.param(INTERMEDIATE_DN, id="intermediate"),
                                     pytest.param(ROOT_DN, id="root")])

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import trio
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 
 from proxy.config.schema import ListenerConfig, TCPAddress
 from proxy.net.backend import BackendError, connect_backend
@@ -309,11 +309,12 @@ class Connection:
         record = self.record
         if record.identity is not None or self.tls.client_auth == "none":
             return
-        cert = self.stream.peer_certificate()
-        if cert is None:
+        sha256 = self.stream.peer_certificate_sha256()
+        if sha256 is None:
             return  # optional mode, anonymous client
-        sha256 = cert.fingerprint(hashes.SHA256()).hex()
-        record.identity = self.tls.recall(sha256) or identity_from_cert(cert)
+        record.identity = self.tls.recall(sha256)
+        if record.identity is None and (cert := self.stream.peer_certificate()) is not None:
+            record.identity = identity_from_cert(cert)
 
     async def connect(self, forwarder: Forwarder) -> SocketStream | None:
         """The backend, with the PROXY header sent if the listener wants one; None once a failure is counted."""
