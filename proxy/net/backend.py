@@ -23,11 +23,11 @@ class BackendError(Exception):
 
 async def connect_backend(address: TCPAddress | UnixAddress, timeout: float) -> SocketStream:
     try:
+        if isinstance(address, TCPAddress) and _is_ip_literal(address.host):
+            return await _connect_ip(address.host, address.port, timeout)
         with trio.fail_after(timeout):
             if isinstance(address, UnixAddress):
                 stream = await trio.open_unix_socket(str(address.path))
-            elif _is_ip_literal(address.host):
-                return await _connect_ip(address.host, address.port)
             else:
                 # open_tcp_stream sets TCP_NODELAY: small writes go out at once.
                 stream = await trio.open_tcp_stream(address.host, address.port)
@@ -49,7 +49,7 @@ def _is_ip_literal(host: str) -> bool:
     return True
 
 
-async def _connect_ip(host: str, port: int) -> SocketStream:
+async def _connect_ip(host: str, port: int, timeout: float) -> SocketStream:
     """Connect to an IP address directly: a non-blocking connect, then a wait until the socket is writable.
 
     ``open_tcp_stream`` resolves the name and races the addresses it gets (happy eyeballs) in a nursery of its own:
@@ -60,7 +60,8 @@ async def _connect_ip(host: str, port: int) -> SocketStream:
     A non-blocking connect answers EINPROGRESS even on loopback, where the kernel has often finished the TCP
     handshake by the time the call returns. A ``getpeername`` that succeeds says so, and saves the wait: its trip
     through the scheduler, the registration of the socket in trio's epoll and the ``SO_ERROR`` read (four system
-    calls for one). So this yields to the scheduler only when it waits; it always checks for cancellation first.
+    calls for one), and the timeout's cancel scope, which only the wait needs. So this yields to the scheduler only
+    when it waits; it always checks for cancellation first.
     """
     await trio.lowlevel.checkpoint_if_cancelled()
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -70,7 +71,8 @@ async def _connect_ip(host: str, port: int) -> SocketStream:
             sock.connect((host, port))
         except BlockingIOError:  # EINPROGRESS: the usual answer, loopback included
             if not _connected(sock):
-                await trio.lowlevel.wait_writable(sock)
+                with trio.fail_after(timeout):
+                    await trio.lowlevel.wait_writable(sock)
                 error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if error:
                     raise OSError(error, f"Error connecting to {(host, port)!r}: {os.strerror(error)}") from None

@@ -252,7 +252,7 @@ class Connection:
             self.line.ended_by = CANCELLED  # the drain deadline passed, or the process is stopping
             raise
         finally:
-            await _close_backend(backend)
+            backend.close()
         self.forwarded(result)
 
     async def handshake(self) -> bool:
@@ -337,7 +337,7 @@ class Connection:
             try:
                 await backend.send_all(header)
             except BaseException:
-                await _close_backend(backend)
+                backend.close()
                 raise
         return backend
 
@@ -372,6 +372,8 @@ class Connection:
 
     async def close(self) -> None:
         """Close the client's side: close_notify if we can, within CLOSE_TIMEOUT; at once when cancelled."""
+        if self._session is not None and self.stream.handed_over:
+            return  # the data plane's relay closed it (forward_on_plane)
         cancelled = trio.current_effective_deadline() == -math.inf  # a drain's deadline passed, say
         with trio.move_on_after(CLOSE_TIMEOUT) as scope:
             scope.shield = True  # closing must happen even when we are cancelled
@@ -417,11 +419,6 @@ class Connection:
         )
         return proxyproto.encode_v2(source, destination, tls, include_cert=cfg.proxy_protocol_client_cert)
 
-
-async def _close_backend(backend: SocketStream) -> None:
-    with trio.move_on_after(CLOSE_TIMEOUT) as scope:
-        scope.shield = True
-        await backend.aclose()
 
 
 def _peer_address(transport: trio.abc.Stream) -> tuple[str, int] | str | None:

@@ -157,6 +157,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         # _handshake_on_socket). Until the session moves on, _on_socket says that it is still there.
         self.handshake_on_socket = handshake_on_socket
         self._on_socket = False
+        self._handed_over = False
         # See _retry. Over a real socket there is a buffer and no deadlock, and
         # sending the tickets at once also acknowledges the client's last
         # handshake flight: a client that runs Nagle's algorithm would
@@ -542,6 +543,11 @@ class TLSStream(trio.abc.HalfCloseableStream):
             self._state = _State.CLOSED
             await self._close_transport()
 
+    @property
+    def handed_over(self) -> bool:
+        """Whether ``hand_over()`` gave the session and its socket away (their new owner closes them)."""
+        return self._handed_over
+
     async def hand_over(self) -> tuple[SocketSession, bytes, bool] | None:
         """Give the session to OpenSSL's socket BIO (see proxy.tls.established); None if that cannot be exact.
 
@@ -563,6 +569,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             return None
         if self._on_socket:  # the handshake ran there: nothing is buffered, and what came behind it is in the kernel
             self._state = _State.CLOSED
+            self._handed_over = True
             return SocketSession.adopt(self.connection), b"", False
         pending = self._delayed_outgoing + bytes(self._drain_outgoing())
         self._delayed_outgoing = b""
@@ -577,6 +584,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         if session is None:  # cannot happen once SSL_read wanted more: the incoming BIO is empty then
             raise RuntimeError("the TLS session could not be moved onto its socket")
         self._state = _State.CLOSED
+        self._handed_over = True
         return session, early, eof
 
     def _decrypt_waiting(self) -> tuple[bytes | None, bool]:
