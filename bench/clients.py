@@ -181,6 +181,57 @@ def first_response(port: int, pki: Path, count: int, nodelay: bool) -> dict[str,
     return {"handshake_ms": handshakes[count // 2] * 1e3, "first_response_ms": responses[count // 2] * 1e3}
 
 
+def paced(port: int, pki: Path | None, rate: float, seconds: float, conns: int = 8) -> dict[str, float]:
+    """Latency of ``PING`` → ``PONG`` at a fixed rate far below saturation: p50 and p99 in µs.
+
+    ``conns`` kept-alive connections (mTLS with the client certificate; plain TCP when ``pki`` is None, for the
+    backend alone) take the requests in turn, one every 1/``rate`` s on a fixed schedule. A request is timed from
+    when it was due, or from the end of the one before if that ended later: so a slow answer also counts against
+    the requests it held up, and this client's own sleep does not.
+    """
+    ctx = context(pki) if pki is not None else None
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(conns):
+            if ctx is None:
+                raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                socks.append(raw)
+            else:
+                socks.append(connect(port, ctx))
+        for sock in socks:  # the first request of each connection is not timed (it may still set things up)
+            _ping(sock)
+        interval = 1 / rate
+        count = int(rate * seconds)
+        times = []
+        start = previous_end = time.perf_counter() + 0.01
+        for i in range(count):
+            due = start + i * interval
+            while (left := due - time.perf_counter()) > 0:
+                if left > 0.0002:
+                    time.sleep(left - 0.0002)  # sleep most of the gap, spin the last 200 µs
+            begin = max(due, previous_end)
+            _ping(socks[i % conns])
+            previous_end = time.perf_counter()
+            times.append(previous_end - begin)
+    finally:
+        for sock in socks:
+            sock.close()
+    times.sort()
+    return {"requests": count, "rate": rate, "p50_us": times[len(times) // 2] * 1e6,
+            "p99_us": times[min(len(times) - 1, int(len(times) * 0.99))] * 1e6}
+
+
+def _ping(sock: socket.socket) -> None:
+    sock.sendall(b"PING\n")
+    answer = b""
+    while not answer.endswith(b"PONG\n"):
+        chunk = sock.recv(16)
+        if not chunk:
+            raise RuntimeError("the connection closed before PONG")
+        answer += chunk
+
+
 def bulk(port: int, pki: Path, direction: str, count: int) -> dict[str, float]:
     t0 = time.perf_counter()
     sock = connect(port, context(pki), timeout=120)

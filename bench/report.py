@@ -124,6 +124,42 @@ def latency_table(data: dict[str, Any]) -> str:
                   "same, client without TCP_NODELAY"], rows)
 
 
+def paced_section(data: dict[str, Any]) -> str:
+    s = data["settings"]
+    if not data.get("paced_backend"):
+        return ""
+    return (
+        f"\n## Added latency at a fixed rate ({s['paced_rate']:.0f} requests/s, far below saturation)\n\n"
+        f"`PING` → `PONG` on 8 kept-alive mTLS connections (the mandatory-auth port, the client certificate) taken in "
+        f"turn, one request every {1e6 / s['paced_rate']:.0f} µs for {s['paced_seconds']:g} s, timed from when each "
+        "was due (or from the end of the one before, if that ended later), by a Python `ssl` client on the load "
+        "core; the same to the backend alone over plain TCP is the base that \"added\" subtracts.\n\n"
+        + paced_table(data)
+    )
+
+
+def paced_table(data: dict[str, Any]) -> str:
+    """p50/p99 of PING → PONG at a fixed rate through each peer, and what the peer adds to the backend alone."""
+    direct = data.get("paced_backend")
+    if not direct:
+        return "not measured in this run\n"
+    base = data["peers"].get(BASE, {}).get("latency", {}).get("paced")
+    rows = [["backend alone (plain TCP)", f"{direct['p50_us']:.0f} µs", f"{direct['p99_us']:.0f} µs", "–", "–", "–"]]
+    for spec, peer in data["peers"].items():
+        paced = peer.get("latency", {}).get("paced")
+        if not paced:
+            rows.append([spec, "–", "–", "–", "–", "–"])
+            continue
+        added50, added99 = paced["p50_us"] - direct["p50_us"], paced["p99_us"] - direct["p99_us"]
+        against = "–"
+        if base:
+            base50, base99 = base["p50_us"] - direct["p50_us"], base["p99_us"] - direct["p99_us"]
+            against = f"{added50 - base50:+.0f} / {added99 - base99:+.0f} µs"
+        rows.append([spec, f"{paced['p50_us']:.0f} µs", f"{paced['p99_us']:.0f} µs", f"{added50:.0f} µs",
+                     f"{added99:.0f} µs", against])
+    return table(["peer", "p50", "p99", "added p50", "added p99", "added, against nginx's (p50 / p99)"], rows)
+
+
 def memory_table(data: dict[str, Any]) -> str:
     rows = []
     for spec, peer in data["peers"].items():
@@ -649,6 +685,7 @@ def render(data: dict[str, Any], *, with_profiles: bool = True) -> str:
         "client's last handshake flight; a server that sends its session tickets at once acknowledges it "
         "immediately, a silent one lets the 40 ms delayed-ACK timer run.\n",
         latency_table(data),
+        paced_section(data),
         "\n## Memory\n",
         "Idle RSS: after start, before any load. Peak under load: VmHWM after the load runs, before the idle "
         "connections. Per idle connection: (RSS with N idle mTLS connections open through to the backend − RSS "

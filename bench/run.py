@@ -78,6 +78,8 @@ class Settings:
     profile_seconds: int
     settle: float  # seconds to let a peer settle before reading its memory
     latency_conns: int  # sequential connections for the first-response latency
+    paced_rate: float  # requests per second of the fixed-rate latency run (far below any peer's saturation)
+    paced_seconds: float
     backend_ceiling: bool
     proxy_cpu: int
     load_cpu: int
@@ -87,12 +89,12 @@ FULL = Settings(
     reps=3, hs_seconds=10, hs_clients=4, bulk_bytes=1024 * 2**20, wrk_seconds=10, wrk_connections=32,
     h2_connections=8, h2_streams=32, idle_conns=5000, memprof_conns=2000, retries=2, foreign_limit=0.05,
     quiet_wait=30.0, patience=1200.0, profile_seconds=10, settle=1.0, latency_conns=21, backend_ceiling=True,
-    proxy_cpu=1, load_cpu=0,
+    proxy_cpu=1, load_cpu=0, paced_rate=1000.0, paced_seconds=5.0,
 )
 QUICK = replace(
     FULL, reps=1, hs_seconds=1, bulk_bytes=8 * 2**20, wrk_seconds=1, wrk_connections=16, idle_conns=16,
     memprof_conns=0, retries=0, quiet_wait=0.0, patience=0.0, profile_seconds=0, settle=0.2, latency_conns=3,
-    backend_ceiling=False,
+    backend_ceiling=False, paced_rate=200.0, paced_seconds=0.5,
 )
 
 
@@ -265,6 +267,10 @@ class Bench:
                 log(f"no HTTP/2 row: {exc}")
         self.backend = Backend(self.s.load_cpu)
         log(f"backend on port {self.backend.port} (pid {self.backend.pid}, CPU {self.s.load_cpu})")
+        paced = self.data["paced_backend"] = clients.paced(self.backend.port, None, self.s.paced_rate,
+                                                            self.s.paced_seconds)
+        log(f"backend alone at {self.s.paced_rate:.0f} requests/s: p50 {paced['p50_us']:.0f} µs, "
+            f"p99 {paced['p99_us']:.0f} µs")
         launched = []
         for spec in self.specs:
             entry = self.data["peers"][spec] = {"runs": {}, "summary": {}, "memory": {}}
@@ -349,10 +355,13 @@ class Bench:
                 "count": count,
                 "nodelay": clients.first_response(peer.require_port, self.pki, count, nodelay=True),
                 "no_nodelay": clients.first_response(peer.require_port, self.pki, count, nodelay=False),
+                "paced": clients.paced(peer.require_port, self.pki, self.s.paced_rate, self.s.paced_seconds),
             }
             self.data["peers"][peer.spec]["latency"] = latency
             log(f"{peer.spec}: first response (median of {count}): {latency['nodelay']['first_response_ms']:.1f} ms "
-                f"with TCP_NODELAY, {latency['no_nodelay']['first_response_ms']:.1f} ms without")
+                f"with TCP_NODELAY, {latency['no_nodelay']['first_response_ms']:.1f} ms without; at "
+                f"{self.s.paced_rate:.0f} requests/s: p50 {latency['paced']['p50_us']:.0f} µs, "
+                f"p99 {latency['paced']['p99_us']:.0f} µs")
         verdict = "ok" if checks["ok"] else "MISCONFIGURED"
         log(f"{peer.spec}: checks {verdict}: no cert -> {no_cert[1]}; other CA -> {other[1]}; good -> {good[1]}; "
             f"optional/no cert -> {anon[1]}; refused clients at the backend: {leaked} ({silent} without a byte)")

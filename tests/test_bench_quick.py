@@ -62,7 +62,7 @@ def test_quick_benchmark_measures_every_peer(tmp_path: Path) -> None:
 
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "bench/run.py", "--quick", "--no-install", "--peers", ",".join([*peers, workers_row]),
-           "--json", str(out)]
+           "--json", str(out), "--results", str(tmp_path / "RESULTS.md")]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=100, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-4000:]}"
     data = json.loads(out.read_text())
@@ -102,6 +102,12 @@ def test_quick_benchmark_measures_every_peer(tmp_path: Path) -> None:
 
         latency = entry["latency"]
         assert latency["nodelay"]["first_response_ms"] > 0
+        paced = latency["paced"]
+        assert paced["requests"] == int(data["settings"]["paced_rate"] * data["settings"]["paced_seconds"])
+        assert 0 < paced["p50_us"] <= paced["p99_us"]
+
+    assert 0 < data["paced_backend"]["p50_us"] <= data["paced_backend"]["p99_us"]
+    assert "## Added latency at a fixed rate" in (tmp_path / "RESULTS.md").read_text()
 
     # The HTTP identity mode: nginx's http {} module and mtls-proxy's backend.protocol: http, checked and measured.
     for spec in http_peers:
