@@ -133,7 +133,8 @@ def paced_section(data: dict[str, Any]) -> str:
         f"`PING` → `PONG` on 8 kept-alive mTLS connections (the mandatory-auth port, the client certificate) taken in "
         f"turn, one request every {1e6 / s['paced_rate']:.0f} µs for {s['paced_seconds']:g} s, timed from when each "
         "was due (or from the end of the one before, if that ended later), by a Python `ssl` client on the load "
-        "core; the same to the backend alone over plain TCP is the base that \"added\" subtracts.\n\n"
+        "core; the same to the backend alone over plain TCP (the lower of two runs, after the peers' checks) is "
+        "the base that \"added\" subtracts. A multi-worker row spans the load core too.\n\n"
         + paced_table(data)
     )
 
