@@ -88,6 +88,39 @@ async def test_accept_is_a_checkpoint_even_with_a_connection_waiting() -> None:
         client.close()
 
 
+async def test_accepted_streams_know_their_peer_from_the_accept() -> None:
+    async with listening() as listener:
+        client = socket.create_connection(listener.socket.getsockname())
+        address = client.getsockname()
+        server = await listener.accept()
+        assert server.peer_address == address  # what accept() said: no getpeername needed
+        other = SocketStream(socket.socket())
+        assert other.peer_address is None  # a stream made otherwise does not know it
+        other.close()
+        await server.aclose()
+        client.close()
+
+
+async def test_accept_after_an_empty_backlog_waits_for_the_next_connection() -> None:
+    async with listening() as listener:
+        assert listener.accept_waiting() is None  # nothing waits: the next accept() waits before it tries
+        async with trio.open_nursery() as nursery:
+            accepted: list[SocketStream] = []
+
+            async def accept() -> None:
+                accepted.append(await listener.accept())
+
+            nursery.start_soon(accept)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not accepted
+            client = socket.create_connection(listener.socket.getsockname())
+        (server,) = accepted
+        client.sendall(b"hello")
+        assert await server.receive_some(10) == b"hello"
+        await server.aclose()
+        client.close()
+
+
 async def test_aclose_wakes_a_blocked_accept() -> None:
     listener = listening()
     port = listener.socket.getsockname()[1]
