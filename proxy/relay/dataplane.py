@@ -26,7 +26,8 @@ remains the path for transports that are not sockets:
   clean close_notify (``PumpResult.backend_cut``);
 - the idle timeout fires between ``timeout`` and ``timeout + granularity`` after the last byte in either direction.
 
-One read per direction per wake: a busy connection cannot starve the others served by the same wake.
+One read per direction per poll of the epoll (up to four polls per wake): a busy connection cannot starve the others
+served by the same poll.
 """
 
 from __future__ import annotations
