@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import resource
 import shutil
 import signal
@@ -77,10 +78,35 @@ class PeerError(RuntimeError):
     """A peer could not be configured or started: its row has no numbers."""
 
 
+def _ephemeral_start(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> int:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+# The peers' listening ports come from below the kernel's ephemeral range (ip_local_port_range). A port that
+# bind(0) picked is one the kernel may also give to the next outgoing connection of a client or a peer, and the peer
+# that binds it a moment later then fails with "Address already in use" (seen in CI). Each port is handed out once
+# per process, from a random point of the range, so that two benchmark processes do not walk it in step.
+_LOW_PORTS = list(range(10000, _ephemeral_start()))
+random.shuffle(_LOW_PORTS)
+_next_ports = iter(_LOW_PORTS)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port no one listens on, never handed out before by this process."""
+    for port in _next_ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # an ephemeral range that starts low: the kernel's choice, as a last resort
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 @dataclass
