@@ -169,9 +169,7 @@ def first_response(port: int, pki: Path, count: int, nodelay: bool) -> dict[str,
         sock = connect(port, ctx, nodelay=nodelay)
         t1 = time.perf_counter()
         try:
-            sock.sendall(b"PING\n")
-            if sock.recv(16) != b"PONG\n":
-                raise RuntimeError("no PONG")
+            _ping(sock)
         finally:
             sock.close()
         handshakes.append(t1 - t0)
@@ -223,13 +221,16 @@ def paced(port: int, pki: Path | None, rate: float, seconds: float, conns: int =
 
 
 def _ping(sock: socket.socket) -> None:
+    """``PING``, and the backend's line back, which must be ``PONG`` (RuntimeError otherwise)."""
     sock.sendall(b"PING\n")
     answer = b""
-    while not answer.endswith(b"PONG\n"):
+    while not answer.endswith(b"\n"):
         chunk = sock.recv(16)
         if not chunk:
-            raise RuntimeError("the connection closed before PONG")
+            break
         answer += chunk
+    if answer != b"PONG\n":
+        raise RuntimeError(f"no PONG: {answer!r}")
 
 
 def bulk(port: int, pki: Path, direction: str, count: int) -> dict[str, float]:
@@ -273,10 +274,11 @@ def idle(port: int, pki: Path, count: int, hold: float) -> None:
             if time.monotonic() > deadline:
                 raise SystemExit(f"opened only {i} of {count} connections in time")
             sock = connect(port, ctx)
-            sock.sendall(b"PING\n")
-            if sock.recv(16) != b"PONG\n":
-                raise SystemExit(f"connection {i} did not reach the backend")
             socks.append(sock)
+            try:
+                _ping(sock)
+            except RuntimeError:
+                raise SystemExit(f"connection {i} did not reach the backend") from None
         print(f"READY {len(socks)}", flush=True)
         select.select([sys.stdin], [], [], hold)
     finally:
