@@ -39,6 +39,9 @@ mtls-proxy ``workers:``; stunnel and Traefik have none) and ``log`` (mtls-proxy 
 out the HTTP identity-mode listeners of nginx, Traefik and mtls-proxy, the HTTP/2 one too) and ``tests`` (the runs
 this row takes part in, ``+``-separated, e.g. ``tests=full+resumed``; default: all of them).
 A ``--workers N`` variant of mtls-proxy is one more spec: ``mtls-proxy:workers=2:cpus=0-1:tests=full+resumed``.
+
+``floor`` (bench/floor.py, :class:`Floor`) is no proxy anyone runs: mtls-proxy's data-plane design with nothing else,
+a reference row for what Python and trio cost at the least. It is not among the default peers.
 """
 
 from __future__ import annotations
@@ -742,7 +745,43 @@ class MtlsProxy(Peer):
         super().wait_ready(deadline)
 
 
-KINDS: dict[str, type[Peer]] = {cls.name: cls for cls in (Nginx, HAProxy, Stunnel, Traefik, MtlsProxy)}
+class Floor(Peer):
+    """bench/floor.py: mtls-proxy's data-plane design with nothing else, the least Python on trio costs here.
+
+    Not a product and not in the default peers: a reference row (``--peers nginx,mtls-proxy,floor``) that splits
+    mtls-proxy's cost into what Python and trio take at the least and what mtls-proxy does per connection on top.
+    """
+
+    name = "floor"
+    binary = "python"
+    SCRIPT = Path(__file__).resolve().parent / "floor.py"
+
+    @classmethod
+    def missing(cls) -> list[str]:
+        return []
+
+    def version(self) -> str:
+        import OpenSSL
+        from cryptography.hazmat.backends.openssl import backend
+
+        return (f"bench/floor.py, python {sys.version.split()[0]} trio {_module_version('trio')} "
+                f"pyOpenSSL {OpenSSL.__version__} {backend.openssl_version_text()}")
+
+    def write_config(self) -> list[str]:
+        return [sys.executable, str(self.SCRIPT), "--require-port", str(self.require_port), "--optional-port",
+                str(self.optional_port), "--backend-port", str(self.backend_port), "--pki", str(self.pki)]
+
+
+def _module_version(name: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+KINDS: dict[str, type[Peer]] = {cls.name: cls for cls in (Nginx, HAProxy, Stunnel, Traefik, MtlsProxy, Floor)}
 
 
 def parse_spec(spec: str) -> tuple[type[Peer], dict[str, str]]:

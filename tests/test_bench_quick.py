@@ -51,7 +51,8 @@ def test_quick_benchmark_measures_every_peer(tmp_path: Path) -> None:
         pytest.skip("the benchmark pins the proxy and the load generator to two different CPUs")
     for tool in ("openssl", "taskset"):
         assert shutil.which(tool), f"{tool} is needed by the benchmark"
-    peers = [p for p in ("nginx", "haproxy", "stunnel", "mtls-proxy") if _installed(p)]
+    # floor (bench/floor.py) is the reference row: it must pass the same checks and relay every load.
+    peers = [p for p in ("nginx", "haproxy", "stunnel", "mtls-proxy", "floor") if _installed(p)]
     workers_row = "mtls-proxy:workers=2:cpus=0-1:tests=full"
     absent = [p for p in ("nginx", "haproxy", "stunnel") if p not in peers]
     has_wrk = shutil.which("wrk") is not None
