@@ -189,8 +189,8 @@ async def test_a_reconnecting_client_is_verified_again_but_its_chain_parsed_once
         result = await exchange(p.port, client_context(test_pki, who), b"hi")  # a new session each time
         assert result.ok, result.error
     assert p.metric("mtls_proxy_handshakes_total", result="success") == 3
-    assert len(tls.chain_identities) == 2  # alice's chain and bob's
-    subjects = sorted(identity.subject for identity in tls.chain_identities.values())
+    assert len(tls.chains) == 2  # alice's chain and bob's
+    subjects = sorted(facts.identity.subject for facts in tls.chains.values())
     assert subjects == sorted([ALICE_DN, "CN=bob,OU=support,O=Acme"])
 
 

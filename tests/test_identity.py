@@ -405,36 +405,61 @@ def test_peer_identity_can_be_built_from_plain_values() -> None:
     assert identity.remaining_seconds(NOT_BEFORE) == (NOT_AFTER - NOT_BEFORE).total_seconds()
 
 
-# ---- the per-listener cache of chain identities (proxy.tls.context) ----------------------------------------------
+# ---- the per-listener cache of what verified chains say (proxy.tls.context) ---------------------------------------
 
 
-def _server_tls():
+def _server_tls(strict: bool = True):
     from proxy.tls.context import ServerTLS
 
-    return ServerTLS(context=None, materials=None, policy=None, client_auth="require")
+    return ServerTLS(context=None, materials=None, policy=None, client_auth="require", strict=strict)
 
 
-def test_a_chain_seen_again_reuses_its_identity_and_another_chain_gets_its_own(pki: Pki, full_leaf) -> None:
+def _examine(tls, chain: list[x509.Certificate], loads: list[int] | None = None):
+    """``tls.examine_chain`` as the verify callback calls it: the certificates' SHA-256, and a loader."""
+
+    def load() -> list[x509.Certificate]:
+        if loads is not None:
+            loads.append(1)
+        return [x509.load_der_x509_certificate(der(cert)) for cert in chain]  # fresh objects, as from OpenSSL
+
+    return tls.examine_chain(tuple(hashlib.sha256(der(cert)).digest() for cert in chain), load)
+
+
+def test_a_chain_seen_again_reuses_its_facts_and_another_chain_gets_its_own(pki: Pki, full_leaf) -> None:
     tls = _server_tls()
-    first = tls.identity_of_chain(pki.chain(full_leaf))
-    assert first == identity_from_chain(pki.chain(full_leaf))
-    # Fresh objects with the same bytes, as the client's next handshake brings them.
-    again = tls.identity_of_chain([x509.load_der_x509_certificate(der(cert)) for cert in pki.chain(full_leaf)])
-    assert again is first
-    other_chain = tls.identity_of_chain([full_leaf, pki.intermediate])  # the same leaf, a shorter chain
-    assert other_chain is not first
-    assert other_chain.chain_issuers == ("CN=Acme Clients CA,O=Acme",)
+    loads: list[int] = []
+    first = _examine(tls, pki.chain(full_leaf), loads)
+    assert first.identity == identity_from_chain(pki.chain(full_leaf)) and first.refusal is None
+    again = _examine(tls, pki.chain(full_leaf), loads)
+    assert again is first and len(loads) == 1, "the same chain was parsed again"
+    other_chain = _examine(tls, [full_leaf, pki.intermediate], loads)  # the same leaf, a shorter chain
+    assert other_chain is not first and len(loads) == 2
+    assert other_chain.identity.chain_issuers == ("CN=Acme Clients CA,O=Acme",)
 
 
-def test_the_chain_identity_cache_is_bounded(pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_strict_refusal_is_a_fact_of_the_chain_and_names_the_leaf(pki: Pki) -> None:
+    no_signing = x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=True,
+                               data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+                               encipher_only=False, decipher_only=False)
+    leaf = pki.leaf(dn((NameOID.COMMON_NAME, "cannot-sign")), no_signing, serial=77)
+    tls = _server_tls()
+    facts = _examine(tls, pki.chain(leaf))
+    assert facts.identity is None and facts.refusal == "client certificate keyUsage lacks digitalSignature"
+    assert facts.leaf.serial_number == 77  # for the access log
+    assert _examine(tls, pki.chain(leaf)) is facts
+    lenient = _examine(_server_tls(strict=False), pki.chain(leaf))  # client_auth.strict: false
+    assert lenient.refusal is None and lenient.identity.serial == format(77, "x")
+
+
+def test_the_chain_cache_is_bounded(pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
     from proxy.tls import context
 
     monkeypatch.setattr(context, "IDENTITY_CACHE_SIZE", 2)
     tls = _server_tls()
     leaves = [pki.leaf(dn((NameOID.COMMON_NAME, f"client-{i}")), serial=i + 1) for i in range(3)]
-    built = [tls.identity_of_chain(pki.chain(leaf)) for leaf in leaves]
-    assert len(tls.chain_identities) == 2
-    assert tls.identity_of_chain(pki.chain(leaves[2])) is built[2]
-    rebuilt = tls.identity_of_chain(pki.chain(leaves[0]))  # the oldest was dropped: built again
+    built = [_examine(tls, pki.chain(leaf)) for leaf in leaves]
+    assert len(tls.chains) == 2
+    assert _examine(tls, pki.chain(leaves[2])) is built[2]
+    rebuilt = _examine(tls, pki.chain(leaves[0]))  # the oldest was dropped: built again
     assert rebuilt is not built[0] and rebuilt == built[0]
-    assert len(tls.chain_identities) == 2
+    assert len(tls.chains) == 2

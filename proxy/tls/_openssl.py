@@ -1,7 +1,7 @@
 """The one place that reaches into pyOpenSSL's private cffi bindings.
 
-pyOpenSSL is pinned (pyproject.toml) because of this module. Six needs have no
-public API:
+pyOpenSSL is pinned (pyproject.toml) because of this module. These needs have
+no public API:
 
 - ``SSL_session_reused``: whether a handshake resumed a session.
 - How many bytes wait in a Connection's memory BIOs. pyOpenSSL only says so
@@ -23,6 +23,10 @@ public API:
   ``X509_V_OK``, which OpenSSL reports to the client as "internal error". With
   the store context we can name the leaf even when a CA above it failed
   (for the log), and set the error that picks the alert the client receives.
+- A certificate's SHA-256 from the X509 that OpenSSL holds (``X509_digest``),
+  with no certificate object made: the key of what a verified chain says
+  (proxy.tls.context) and a resumed client's fingerprint. pyOpenSSL's
+  ``X509.digest`` needs its wrapper object and answers in colon-separated hex.
 - A look at the client certificate behind a session that is being resumed,
   with the power to refuse it (``set_resumption_check``, below).
 - The X509_V_ERR_* numbers and OpenSSL's words for them (``x509_error``, ``verify_error_text``): they change
@@ -177,6 +181,30 @@ def _to_cryptography(ptr: CData) -> x509.Certificate:
     return crypto.X509._from_raw_x509_ptr(ptr).to_cryptography()
 
 
+_SHA256: CData = _lib.EVP_get_digestbyname(b"sha256")
+
+
+def _sha256(ptr: CData) -> bytes:
+    """The SHA-256 of an X509's DER, computed by OpenSSL: no certificate object, no DER copy in Python."""
+    digest = _ffi.new("unsigned char[]", _lib.EVP_MAX_MD_SIZE)
+    size = _ffi.new("unsigned int *")
+    if not _lib.X509_digest(ptr, _SHA256, digest, size):
+        raise ValueError("OpenSSL could not hash the certificate")
+    sha256: bytes = _ffi.buffer(digest, size[0])[:]
+    return sha256
+
+
+def peer_certificate_sha256(conn: SSL.Connection) -> bytes | None:
+    """The SHA-256 of the peer's certificate (its DER), or None if it presented none; also after a resumption."""
+    ptr = _lib.SSL_get_peer_certificate(conn._ssl)  # a reference of our own (SSL_get1_peer_certificate)
+    if ptr == _ffi.NULL:
+        return None
+    try:
+        return _sha256(ptr)
+    finally:
+        _lib.X509_free(ptr)
+
+
 class VerifyStep:
     """One call of OpenSSL's verify callback: a certificate, its depth, OpenSSL's verdict."""
 
@@ -195,14 +223,28 @@ class VerifyStep:
         depth: int = _lib.X509_STORE_CTX_get_error_depth(self._store_ctx)
         return depth
 
-    def current_cert(self) -> x509.Certificate | None:
+    def current_sha256(self) -> bytes | None:
+        """The SHA-256 of the current certificate's DER (see ``_sha256``)."""
         ptr = _lib.X509_STORE_CTX_get_current_cert(self._store_ctx)
-        return None if ptr == _ffi.NULL else _to_cryptography(ptr)
+        return None if ptr == _ffi.NULL else _sha256(ptr)
 
     def leaf(self) -> x509.Certificate | None:
         """The certificate being verified (the client's leaf), at any depth."""
         ptr = _lib.X509_STORE_CTX_get0_cert(self._store_ctx)
         return None if ptr == _ffi.NULL else _to_cryptography(ptr)
+
+    def chain(self) -> list[x509.Certificate]:
+        """The chain OpenSSL built, leaf first, up to the trust anchor: whole by the time depth 0 is verified."""
+        stack = _lib.X509_STORE_CTX_get1_chain(self._store_ctx)  # its own reference to each certificate
+        if stack == _ffi.NULL:
+            return []
+        try:
+            count: int = _lib.sk_X509_num(stack)
+            # Each wrapper takes over the reference the copied stack holds, and frees it when collected.
+            wrapped = [crypto.X509._from_raw_x509_ptr(_lib.sk_X509_value(stack, i)) for i in range(count)]
+        finally:
+            _lib.sk_X509_free(stack)
+        return [cert.to_cryptography() for cert in wrapped]
 
     def set_error(self, code: int) -> None:
         _lib.X509_STORE_CTX_set_error(self._store_ctx, code)

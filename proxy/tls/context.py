@@ -6,13 +6,17 @@ in a new ``ServerTLS`` (new connections take the current one).
 
 Client verification happens inside OpenSSL; our verify callback only watches
 it. For each certificate of the client's chain OpenSSL calls the callback
-(root first, leaf last) with its own verdict. We keep the client's leaf (to
-log it even when it is refused), the verified chain, every error code (so a
-failure has a precise reason), and on the leaf, once the whole chain is
-verified, we apply the strict leaf rules (``client_auth.strict``) and the
-allow rules. Refusing there makes the handshake itself fail: the client gets
-an alert instead of a session that is then cut, and a refused client never
-sends a byte of application data.
+(root first, leaf last) with its own verdict. We keep every error code (so a
+failure has a precise reason) and the client's leaf when something fails (to
+log it), the fingerprint of each verified certificate, and on the leaf, once
+the whole chain is verified, we apply the strict leaf rules
+(``client_auth.strict``) and the allow rules. Refusing there makes the
+handshake itself fail: the client gets an alert instead of a session that is
+then cut, and a refused client never sends a byte of application data.
+
+What a chain says (the identity, and whether the leaf breaks a strict rule)
+depends on its bytes alone, so it is worked out once per distinct chain
+(``ServerTLS.examine_chain``); OpenSSL still verifies every chain, every time.
 
 ``build_server_tls`` is the one failure boundary of a listener's TLS setup:
 anything OpenSSL, cryptography or the allow-pattern compiler refuses while
@@ -34,7 +38,6 @@ from typing import TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from OpenSSL import SSL, crypto
 
@@ -77,17 +80,38 @@ _E = TypeVar("_E", bound=x509.ExtensionType)
 IDENTITY_CACHE_SIZE = 10_000
 
 
+@dataclass(frozen=True, slots=True)
+class ChainFacts:
+    """What a verified chain says by its bytes alone."""
+
+    identity: PeerIdentity | None  # None when the leaf breaks a strict rule
+    refusal: str | None = None  # the strict leaf rule the leaf breaks (client_auth.strict)
+    leaf: x509.Certificate | None = None  # kept with a refusal only, to name the client in the log
+
+
+def chain_facts(chain: list[x509.Certificate], *, strict: bool) -> ChainFacts:
+    """The strict leaf rules (when ``strict``), then the identity of ``chain`` (leaf first)."""
+    if strict and (refusal := strict_leaf_refusal(chain[0])) is not None:
+        return ChainFacts(identity=None, refusal=refusal, leaf=chain[0])
+    return ChainFacts(identity=identity_from_chain(chain))
+
+
+def examine_chain(fingerprints: tuple[bytes, ...], load: Callable[[], list[x509.Certificate]]) -> ChainFacts:
+    """A verified chain's facts, strict rules on: ``ServerTLS.examine_chain`` without the cache."""
+    return chain_facts(load(), strict=True)
+
+
 @dataclass
 class HandshakeRecord:
     """What the verify callback saw during one handshake (one per Connection)."""
 
     policy: Policy
-    # Turns the verified chain (leaf first) into the identity: ServerTLS.identity_of_chain.
-    identify: Callable[[list[x509.Certificate]], PeerIdentity] = identity_from_chain
-    leaf: x509.Certificate | None = None  # the client's certificate, also when rejected
-    chain: dict[int, x509.Certificate] = field(default_factory=dict)  # depth -> verified cert
+    # What the verified chain says, from the SHA-256 of each certificate (leaf first) and, if that chain is not
+    # known yet, the certificates themselves: ServerTLS.examine_chain.
+    examine: Callable[[tuple[bytes, ...], Callable[[], list[x509.Certificate]]], ChainFacts] = examine_chain
+    leaf: x509.Certificate | None = None  # the client's certificate when it was refused, for the log
+    fingerprints: dict[int, bytes] = field(default_factory=dict)  # depth -> SHA-256 of the verified cert
     errors: list[tuple[int, int]] = field(default_factory=list)  # (X509 error, depth)
-    strict: bool = True  # client_auth.strict: apply the strict leaf rules
     refusal: str | None = None  # the strict leaf rule the client's certificate broke
     identity: PeerIdentity | None = None
     decision: Decision | None = None
@@ -97,18 +121,18 @@ class HandshakeRecord:
         return self.decision is not None and not self.decision.allowed
 
     def release_certificates(self) -> None:
-        """Drop the parsed certificates once the identity is known: an open
+        """Drop what the verification kept once the identity is known: an open
         connection should not hold a chain it will never look at again."""
-        self.chain = {}
+        self.fingerprints = {}
         self.leaf = None
 
 
 def _verify_callback(conn: SSL.Connection, step: VerifyStep, ok: bool) -> bool:
     record: HandshakeRecord = conn.get_app_data()
-    if record.leaf is None:
-        record.leaf = step.leaf()  # named in the log even if a CA above it fails
     depth = step.depth
     if not ok:
+        if record.leaf is None:
+            record.leaf = step.leaf()  # named in the log, also when it is a CA above it that fails
         if step.error == X509_V_ERR_UNABLE_TO_GET_CRL:
             # CRL checking covers every CA in the chain, but only where a CRL
             # was given (`check` names the CAs without one).
@@ -116,25 +140,26 @@ def _verify_callback(conn: SSL.Connection, step: VerifyStep, ok: bool) -> bool:
             return True
         record.errors.append((step.error, depth))
         return False
-    cert = step.current_cert()
-    if cert is None:
+    fingerprint = step.current_sha256()
+    if fingerprint is None:
         return False
-    record.chain[depth] = cert
-    return True if depth != 0 else _accept_leaf(record, step, cert)
+    record.fingerprints[depth] = fingerprint
+    return True if depth != 0 else _accept_leaf(record, step)
 
 
-def _accept_leaf(record: HandshakeRecord, step: VerifyStep, leaf: x509.Certificate) -> bool:
+def _accept_leaf(record: HandshakeRecord, step: VerifyStep) -> bool:
     """The leaf, once its whole chain verified: the strict rules, then the allow rules."""
-    if record.strict and (refusal := strict_leaf_refusal(leaf)) is not None:
-        record.refusal = refusal
-        # Measured with this OpenSSL: "certificate rejected" is answered with a
-        # bad_certificate alert; the closer codes (invalid non-CA, keyUsage
-        # without digitalSignature) get "certificate unknown".
-        step.set_error(X509_V_ERR_CERT_REJECTED)
-        return False
     try:
-        record.identity = record.identify([record.chain[d] for d in sorted(record.chain)])
-        record.decision = record.policy.authorize(record.identity)
+        facts = record.examine(tuple(record.fingerprints[d] for d in sorted(record.fingerprints)), step.chain)
+        if facts.identity is None:  # the leaf broke a strict rule
+            record.refusal, record.leaf = facts.refusal, facts.leaf
+            # Measured with this OpenSSL: "certificate rejected" is answered with a
+            # bad_certificate alert; the closer codes (invalid non-CA, keyUsage
+            # without digitalSignature) get "certificate unknown".
+            step.set_error(X509_V_ERR_CERT_REJECTED)
+            return False
+        record.identity = facts.identity
+        record.decision = record.policy.authorize(facts.identity)
     except Exception:
         log.exception("could not evaluate the allow rules; denying")
         record.decision = Decision(allowed=False, rule=None)
@@ -186,8 +211,8 @@ class ServerTLS:
     # Identities of recently verified clients by leaf fingerprint: a resumed
     # session skips verification, so this is how it gets its chain back.
     identities: OrderedDict[str, PeerIdentity] = field(default_factory=OrderedDict)
-    # Identities by the SHA-256 of their verified chain's DER; see identity_of_chain.
-    chain_identities: OrderedDict[bytes, PeerIdentity] = field(default_factory=OrderedDict)
+    # What each recently verified chain says, by its certificates' SHA-256; see examine_chain.
+    chains: OrderedDict[bytes, ChainFacts] = field(default_factory=OrderedDict)
 
     def remember(self, identity: PeerIdentity) -> PeerIdentity:
         """Cache ``identity``; return the cached equal one if there is one,
@@ -204,29 +229,30 @@ class ServerTLS:
     def recall(self, sha256: str) -> PeerIdentity | None:
         return self.identities.get(sha256)
 
-    def identity_of_chain(self, chain: list[x509.Certificate]) -> PeerIdentity:
-        """The identity of a verified chain (leaf first), built once per distinct chain.
+    def examine_chain(self, fingerprints: tuple[bytes, ...], load: Callable[[], list[x509.Certificate]]) -> ChainFacts:
+        """What a verified chain says, worked out once per distinct chain.
 
-        A client that reconnects presents the same chain, and building its
-        PeerIdentity again from fresh certificate objects (names, SANs,
-        fingerprint) cost about 75 µs, 3% of a new connection's CPU. The key
-        covers every certificate of the chain, so a leaf that arrives with
-        another chain gets an entry of its own. OpenSSL still verifies every
-        chain; only the parsing is saved.
+        ``fingerprints`` are the SHA-256 of each certificate's DER, leaf first, which OpenSSL computes without a
+        certificate object; ``load`` gives the certificates themselves, called only for a chain not seen lately.
+        A client that reconnects presents the same chain, and building its facts again from fresh certificate
+        objects (three certificates, the strict rules, names, SANs, fingerprint) cost about 75 µs, a few
+        percent of a new connection's CPU. The key covers every certificate of the chain, so a leaf that
+        arrives with another chain gets an entry of its own. OpenSSL still verifies every chain; only the
+        parsing is saved.
         """
-        key = hashlib.sha256(b"".join(cert.public_bytes(serialization.Encoding.DER) for cert in chain)).digest()
-        identity = self.chain_identities.get(key)
-        if identity is None:
-            identity = self.chain_identities[key] = identity_from_chain(chain)
-            while len(self.chain_identities) > IDENTITY_CACHE_SIZE:
-                self.chain_identities.popitem(last=False)
+        key = b"".join(fingerprints)  # fixed-size digests: the concatenation is unambiguous
+        facts = self.chains.get(key)
+        if facts is None:
+            facts = self.chains[key] = chain_facts(load(), strict=self.strict)
+            while len(self.chains) > IDENTITY_CACHE_SIZE:
+                self.chains.popitem(last=False)
         else:
-            self.chain_identities.move_to_end(key)
-        return identity
+            self.chains.move_to_end(key)
+        return facts
 
     def new_connection(self) -> tuple[SSL.Connection, HandshakeRecord]:
         conn = SSL.Connection(self.context, None)
-        record = HandshakeRecord(policy=self.policy, identify=self.identity_of_chain, strict=self.strict)
+        record = HandshakeRecord(policy=self.policy, examine=self.examine_chain)
         conn.set_app_data(record)
         conn.set_accept_state()
         return conn, record
