@@ -186,3 +186,13 @@ def test_the_stream_micro_benchmark_runs():
     assert result.returncode == 0, result.stderr
     assert re.fullmatch(r"client to server: [\d.]+ CPU-s/GiB, server to client: [\d.]+ CPU-s/GiB \(2 MiB\)\n",
                         result.stdout), result.stdout
+
+
+@pytest.mark.parametrize("kind", ["full", "resumed"])
+def test_the_handshake_micro_benchmark_runs(kind):
+    args = ["--handshakes", "20"] + (["--resumed"] if kind == "resumed" else [])
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "handshake.py"), *args],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(rf"[\d.]+ µs of CPU per {kind} handshake on the server side \(median of 20\)\n",
+                        result.stdout), result.stdout
