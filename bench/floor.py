@@ -1,8 +1,11 @@
-"""The floor: what a TLS-terminating TCP proxy in Python on trio costs at the least, per connection and per byte.
+"""The floor: what a new connection through a TLS-terminating TCP proxy in Python on trio costs at the least.
 
 A reference point for the benchmark, not a product: bench/run.py runs it as the peer ``floor`` beside nginx and
-mtls-proxy (``--peers nginx,mtls-proxy,floor``), so the tables show how much of mtls-proxy's cost is Python and
-trio themselves, and how much is what mtls-proxy does for each connection on top.
+mtls-proxy (``--peers nginx,mtls-proxy,floor``), so the handshake rows show how much of mtls-proxy's cost per
+connection is Python and trio themselves, and how much is what mtls-proxy does for each connection on top. Its
+relay is the plain one (a ``bytes`` object per record, one poll per wake): mtls-proxy's data plane, which reads
+into buffers it keeps and polls again within a wake, costs less per request and per byte, so the floor's
+kept-alive and bulk rows are no floor.
 
 It has mtls-proxy's data-plane design (proxy.relay.dataplane) and nothing else: one trio task waits on a nested
 epoll and, on each wake, drives every ready socket in a loop. It accepts, runs each handshake with OpenSSL on the

@@ -41,7 +41,7 @@ this row takes part in, ``+``-separated, e.g. ``tests=full+resumed``; default: a
 A ``--workers N`` variant of mtls-proxy is one more spec: ``mtls-proxy:workers=2:cpus=0-1:tests=full+resumed``.
 
 ``floor`` (bench/floor.py, :class:`Floor`) is no proxy anyone runs: mtls-proxy's data-plane design with nothing else,
-a reference row for what Python and trio cost at the least. It is not among the default peers.
+a reference row for what a connection costs Python and trio at the least. It is not among the default peers.
 """
 
 from __future__ import annotations
@@ -746,10 +746,11 @@ class MtlsProxy(Peer):
 
 
 class Floor(Peer):
-    """bench/floor.py: mtls-proxy's data-plane design with nothing else, the least Python on trio costs here.
+    """bench/floor.py: mtls-proxy's data-plane design with nothing else, what a connection costs Python on trio here.
 
     Not a product and not in the default peers: a reference row (``--peers nginx,mtls-proxy,floor``) that splits
-    mtls-proxy's cost into what Python and trio take at the least and what mtls-proxy does per connection on top.
+    mtls-proxy's cost per handshake into what Python and trio take at the least and what mtls-proxy does per
+    connection on top. Its relay is plain: per request and per byte mtls-proxy costs less.
     """
 
     name = "floor"
