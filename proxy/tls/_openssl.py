@@ -223,11 +223,6 @@ class VerifyStep:
         depth: int = _lib.X509_STORE_CTX_get_error_depth(self._store_ctx)
         return depth
 
-    def current_sha256(self) -> bytes | None:
-        """The SHA-256 of the current certificate's DER (see ``_sha256``)."""
-        ptr = _lib.X509_STORE_CTX_get_current_cert(self._store_ctx)
-        return None if ptr == _ffi.NULL else _sha256(ptr)
-
     def leaf(self) -> x509.Certificate | None:
         """The certificate being verified (the client's leaf), at any depth."""
         ptr = _lib.X509_STORE_CTX_get0_cert(self._store_ctx)
@@ -245,6 +240,23 @@ class VerifyStep:
         finally:
             _lib.sk_X509_free(stack)
         return [cert.to_cryptography() for cert in wrapped]
+
+    def chain_sha256(self) -> tuple[bytes, ...]:
+        """The SHA-256 of each certificate's DER in the chain OpenSSL built, leaf first (see ``_sha256``): the
+        same chain as ``chain()``, with no certificate object made."""
+        stack = _lib.X509_STORE_CTX_get1_chain(self._store_ctx)  # its own reference to each certificate
+        if stack == _ffi.NULL:
+            return ()
+        try:
+            count: int = _lib.sk_X509_num(stack)
+            certs = [_lib.sk_X509_value(stack, i) for i in range(count)]
+            try:
+                return tuple(_sha256(cert) for cert in certs)
+            finally:
+                for cert in certs:
+                    _lib.X509_free(cert)
+        finally:
+            _lib.sk_X509_free(stack)
 
     def set_error(self, code: int) -> None:
         _lib.X509_STORE_CTX_set_error(self._store_ctx, code)

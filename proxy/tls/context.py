@@ -8,9 +8,8 @@ Client verification happens inside OpenSSL; our verify callback only watches
 it. For each certificate of the client's chain OpenSSL calls the callback
 (root first, leaf last) with its own verdict. We keep every error code (so a
 failure has a precise reason) and the client's leaf when something fails (to
-log it), the fingerprint of each verified certificate, and on the leaf, once
-the whole chain is verified, we apply the strict leaf rules
-(``client_auth.strict``) and the allow rules. Refusing there makes the
+log it), and on the leaf, once the whole chain is verified, we apply the
+strict leaf rules (``client_auth.strict``) and the allow rules. Refusing there makes the
 handshake itself fail: the client gets an alert instead of a session that is
 then cut, and a refused client never sends a byte of application data.
 
@@ -110,7 +109,6 @@ class HandshakeRecord:
     # known yet, the certificates themselves: ServerTLS.examine_chain.
     examine: Callable[[tuple[bytes, ...], Callable[[], list[x509.Certificate]]], ChainFacts] = examine_chain
     leaf: x509.Certificate | None = None  # the client's certificate when it was refused, for the log
-    fingerprints: dict[int, bytes] = field(default_factory=dict)  # depth -> SHA-256 of the verified cert
     errors: list[tuple[int, int]] = field(default_factory=list)  # (X509 error, depth)
     refusal: str | None = None  # the strict leaf rule the client's certificate broke
     identity: PeerIdentity | None = None
@@ -121,9 +119,8 @@ class HandshakeRecord:
         return self.decision is not None and not self.decision.allowed
 
     def release_certificates(self) -> None:
-        """Drop what the verification kept once the identity is known: an open
-        connection should not hold a chain it will never look at again."""
-        self.fingerprints = {}
+        """Drop the client's certificate once the identity is known: an open
+        connection should not hold a certificate it will never look at again."""
         self.leaf = None
 
 
@@ -140,17 +137,16 @@ def _verify_callback(conn: SSL.Connection, step: VerifyStep, ok: bool) -> bool:
             return True
         record.errors.append((step.error, depth))
         return False
-    fingerprint = step.current_sha256()
-    if fingerprint is None:
-        return False
-    record.fingerprints[depth] = fingerprint
     return True if depth != 0 else _accept_leaf(record, step)
 
 
 def _accept_leaf(record: HandshakeRecord, step: VerifyStep) -> bool:
     """The leaf, once its whole chain verified: the strict rules, then the allow rules."""
     try:
-        facts = record.examine(tuple(record.fingerprints[d] for d in sorted(record.fingerprints)), step.chain)
+        fingerprints = step.chain_sha256()  # the whole verified chain, read from OpenSSL at once
+        if not fingerprints:
+            raise ValueError("OpenSSL holds no verified chain")
+        facts = record.examine(fingerprints, step.chain)
         if facts.identity is None:  # the leaf broke a strict rule
             record.refusal, record.leaf = facts.refusal, facts.leaf
             # Measured with this OpenSSL: "certificate rejected" is answered with a
