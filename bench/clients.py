@@ -68,12 +68,7 @@ def probe(port: int, pki: Path, cert: str | None, timeout: float = 5.0) -> tuple
         return False, f"handshake failed: {exc}"
     try:
         sock.sendall(b"PING\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            piece = sock.recv(64)
-            if not piece:
-                break
-            data += piece
+        data = read_line(sock, 64)
     except (ssl.SSLError, OSError) as exc:
         return False, f"refused after the handshake: {exc}"
     finally:
@@ -220,15 +215,21 @@ def paced(port: int, pki: Path | None, rate: float, seconds: float, conns: int =
             "p99_us": times[min(len(times) - 1, int(len(times) * 0.99))] * 1e6}
 
 
+def read_line(sock: socket.socket, piece: int) -> bytes:
+    """What ``sock`` sends up to and including a newline, read ``piece`` bytes at a time; less if it closes first."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(piece)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def _ping(sock: socket.socket) -> None:
     """``PING``, and the backend's line back, which must be ``PONG`` (RuntimeError otherwise)."""
     sock.sendall(b"PING\n")
-    answer = b""
-    while not answer.endswith(b"\n"):
-        chunk = sock.recv(16)
-        if not chunk:
-            break
-        answer += chunk
+    answer = read_line(sock, 16)
     if answer != b"PONG\n":
         raise RuntimeError(f"no PONG: {answer!r}")
 

@@ -223,12 +223,7 @@ class Backend:
 
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
             sock.sendall(b"STATS\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                piece = sock.recv(4096)
-                if not piece:
-                    break
-                data += piece
+            data = clients.read_line(sock, 4096)
         return json.loads(data)
 
     def stop(self) -> None:
