@@ -420,7 +420,6 @@ class Connection:
         return proxyproto.encode_v2(source, destination, tls, include_cert=cfg.proxy_protocol_client_cert)
 
 
-
 def _peer_address(transport: trio.abc.Stream) -> tuple[str, int] | str | None:
     """The client's address: (host, port) over TCP, a path over a Unix socket; None if unknown."""
     if not isinstance(transport, SocketStream):

@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
@@ -56,6 +56,7 @@ log = logging.getLogger("proxy.tls")
 # passed back to ``lib``. Every ``lib`` result that is a plain number is given its type where it is read, so
 # nothing outside this module sees an ``Any``.
 CData = Any
+_T = TypeVar("_T")
 
 X509_V_OK: int = _lib.X509_V_OK
 X509_V_ERR_UNABLE_TO_GET_CRL = 3
@@ -230,32 +231,25 @@ class VerifyStep:
 
     def chain(self) -> list[x509.Certificate]:
         """The chain OpenSSL built, leaf first, up to the trust anchor: whole by the time depth 0 is verified."""
-        stack = _lib.X509_STORE_CTX_get1_chain(self._store_ctx)  # its own reference to each certificate
-        if stack == _ffi.NULL:
-            return []
-        try:
-            count: int = _lib.sk_X509_num(stack)
-            # Each wrapper takes over the reference the copied stack holds, and frees it when collected.
-            wrapped = [crypto.X509._from_raw_x509_ptr(_lib.sk_X509_value(stack, i)) for i in range(count)]
-        finally:
-            _lib.sk_X509_free(stack)
-        return [cert.to_cryptography() for cert in wrapped]
+        return self._each_of_chain(_to_cryptography)
 
     def chain_sha256(self) -> tuple[bytes, ...]:
         """The SHA-256 of each certificate's DER in the chain OpenSSL built, leaf first (see ``_sha256``): the
         same chain as ``chain()``, with no certificate object made."""
-        stack = _lib.X509_STORE_CTX_get1_chain(self._store_ctx)  # its own reference to each certificate
+        return tuple(self._each_of_chain(_sha256))
+
+    def _each_of_chain(self, each: Callable[[CData], _T]) -> list[_T]:
+        """``each`` of the X509 pointers of the chain OpenSSL built, leaf first, while a copy of the chain holds a
+        reference to them; the copy and its references are given back after."""
+        stack = _lib.X509_STORE_CTX_get1_chain(self._store_ctx)
         if stack == _ffi.NULL:
-            return ()
+            return []
+        certs = [_lib.sk_X509_value(stack, i) for i in range(_lib.sk_X509_num(stack))]
         try:
-            count: int = _lib.sk_X509_num(stack)
-            certs = [_lib.sk_X509_value(stack, i) for i in range(count)]
-            try:
-                return tuple(_sha256(cert) for cert in certs)
-            finally:
-                for cert in certs:
-                    _lib.X509_free(cert)
+            return [each(cert) for cert in certs]
         finally:
+            for cert in certs:
+                _lib.X509_free(cert)
             _lib.sk_X509_free(stack)
 
     def set_error(self, code: int) -> None:
